@@ -1,0 +1,21 @@
+-- extend.lua: push an open reservation's lease expiry forward (a heartbeat
+-- for long calls).
+--
+-- KEYS[1]  tenant base key "<prefix>:{<tenant>}"
+-- ARGV[1]  reservation id
+-- ARGV[2]  new TTL in ms, counted from now
+--
+-- Reply: {1, lease_expiry_ms} when extended, {0, state} otherwise (state is
+-- 'committed', 'released', 'expired' or 'unknown').
+
+local id, ttl = ARGV[1], tonumber(ARGV[2])
+local wake = {}
+purge_leases(NOW, wake)
+publish_wake(wake)
+local state = redis.call('HGET', B .. ':r:' .. id, 's')
+if not state then return {0, 'unknown'} end
+if state ~= 'open' then return {0, state} end
+local expiry = NOW + ttl
+redis.call('HSET', B .. ':r:' .. id, 'x', fmt(expiry))
+redis.call('ZADD', B .. ':leases', 'XX', expiry, id)
+return {1, expiry}

@@ -1,0 +1,265 @@
+-- lib.lua: shared prelude, prepended (after a clock) to every script.
+--
+-- KEYS[1] of every script is the tenant base key, "<prefix>:{<tenant>}". Every
+-- other key is derived from it, so all of one tenant's keys share one hash
+-- tag and one cluster slot.
+--
+-- Key layout under base B (LK = limit key "<scope>:<dimension>:<window_ms>",
+-- scope "T" for the tenant or "A:<agent>" for one agent):
+--   B:limits        hash   "T" | "D" | "A:<agent>" -> JSON list of limits
+--   B:agents        set    agents that ever had a window of their own
+--   B:w:<LK>        hash   window: t (total), r (reserved part of t), o (oldest
+--                          bucket index kept), g (generation), th (last
+--                          threshold announced), ov (overrun), b<i>/r<i> buckets
+--   B:b:<LK>        zset   waiters blocked on that limit, scored by queue rank
+--   B:q             hash   ticket -> "score|created_ms|LK LK ..."
+--   B:qexp          zset   ticket -> expiry of its place in the queue (ms)
+--   B:seq           string ticket sequence
+--   B:r:<id>        hash   reservation: s (state), a (agent), c (charges),
+--                          e (estimates), t0 (admitted ms), x (lease expiry)
+--   B:leases        zset   open reservation id -> lease expiry (ms)
+--   B:ledger        stream one entry per commit
+-- Channels: B:wake (tickets to retry, or "*"), B:events (JSON events).
+--
+-- Amounts are integers in the dimension's unit (usd in nano-dollars). Lua
+-- numbers are doubles, exact to 2^53; they are written back with fmt().
+
+local B = KEYS[1]
+local BUCKETS = 60
+local THRESHOLDS = {50, 75, 90, 100}
+local EXHAUSTED = 101
+
+local function fmt(x) return string.format('%d', x) end
+
+local function split(s, sep)
+  local out = {}
+  if s == nil or s == '' then return out end
+  for part in string.gmatch(s, '([^' .. sep .. ']+)') do out[#out + 1] = part end
+  return out
+end
+
+local function publish_event(kind, fields)
+  fields['type'] = kind
+  fields['ts'] = NOW
+  redis.call('PUBLISH', B .. ':events', cjson.encode(fields))
+end
+
+local function publish_wake(tickets)
+  if #tickets > 0 then redis.call('PUBLISH', B .. ':wake', table.concat(tickets, ' ')) end
+end
+
+-- limits ------------------------------------------------------------------
+
+local function decode_limits(json, scope)
+  local out = {}
+  if not json then return out end
+  for _, spec in ipairs(cjson.decode(json)) do
+    local lk = scope .. ':' .. spec.d .. ':' .. fmt(spec.w)
+    out[#out + 1] = {lk = lk, key = B .. ':w:' .. lk, d = spec.d, a = spec.a, w = spec.w,
+                     n = BUCKETS, scope = scope}
+  end
+  return out
+end
+
+-- The limits that apply to one agent ('' for none): the tenant's, then the
+-- agent's own or, when it has none, the tenant's default for every agent.
+local function applicable_limits(agent)
+  local out = {}
+  local cfg = redis.call('HMGET', B .. ':limits', 'T', 'A:' .. agent, 'D')
+  for _, L in ipairs(decode_limits(cfg[1], 'T')) do out[#out + 1] = L end
+  if agent ~= '' then
+    local own = cfg[2]
+    if not own then own = cfg[3] end
+    for _, L in ipairs(decode_limits(own, 'A:' .. agent)) do out[#out + 1] = L end
+  end
+  return out
+end
+
+local function limit_from_charge(lk, w)
+  local scope, dim = string.match(lk, '^(.*):([%a_]+):%d+$')
+  return {lk = lk, key = B .. ':w:' .. lk, d = dim, w = tonumber(w), n = BUCKETS, scope = scope}
+end
+
+-- windows -----------------------------------------------------------------
+
+local function bucket_width(L) return math.ceil(L.w / L.n) end
+
+-- Drop the buckets that left the window (each bucket is dropped once, so the
+-- cost is O(1) amortized) and return the window's running totals.
+-- Returns t, r, g (generation, nil when the window does not exist).
+local function advance(L, now, write)
+  local v = redis.call('HMGET', L.key, 't', 'r', 'o', 'g')
+  local t, r, o, g = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]), v[4]
+  if L.w == 0 or o == nil then return t, r, g end
+  local width = bucket_width(L)
+  local first = math.floor(now / width) - L.n
+  if o >= first then return t, r, g end
+  local stop = math.min(first - 1, o + L.n)
+  local dead = {}
+  for i = o, stop do
+    local b = redis.call('HMGET', L.key, 'b' .. i, 'r' .. i)
+    if b[1] then t = t - tonumber(b[1]); dead[#dead + 1] = 'b' .. i end
+    if b[2] then r = r - tonumber(b[2]); dead[#dead + 1] = 'r' .. i end
+  end
+  if write then
+    if #dead > 0 then redis.call('HDEL', L.key, unpack(dead)) end
+    redis.call('HSET', L.key, 't', fmt(t), 'r', fmt(r), 'o', fmt(first))
+  end
+  return t, r, g
+end
+
+-- Charge `amt` (all of it reserved) to the current bucket. Returns the bucket
+-- index and the window generation, which settle() needs to find it again.
+local function charge(L, amt, now, agent)
+  local idx = 0
+  if L.w > 0 then idx = math.floor(now / bucket_width(L)) end
+  if redis.call('HSETNX', L.key, 'g', fmt(now)) == 1 then
+    if agent ~= '' and L.scope ~= 'T' then redis.call('SADD', B .. ':agents', agent) end
+  end
+  if L.w > 0 then
+    redis.call('HSETNX', L.key, 'o', fmt(idx))
+    redis.call('HINCRBY', L.key, 'b' .. idx, fmt(amt))
+    redis.call('HINCRBY', L.key, 'r' .. idx, fmt(amt))
+    redis.call('PEXPIRE', L.key, L.w + 2 * bucket_width(L))
+  end
+  local t = redis.call('HINCRBY', L.key, 't', fmt(amt))
+  redis.call('HINCRBY', L.key, 'r', fmt(amt))
+  return idx, redis.call('HGET', L.key, 'g'), t
+end
+
+-- Apply a settlement to the bucket a reservation was charged to: `dt` to the
+-- total, `dr` to the reserved part. A bucket that already left the window, or
+-- a window reset since (another generation), is left alone. Returns true when
+-- the adjustment was applied.
+local function adjust(L, gen, idx, dt, dr, now)
+  local _, _, g = advance(L, now, true)
+  if g == nil or g ~= gen then return false end
+  if L.w > 0 then
+    if idx < math.floor(now / bucket_width(L)) - L.n then return false end
+    if dt ~= 0 then redis.call('HINCRBY', L.key, 'b' .. idx, fmt(dt)) end
+    if dr ~= 0 then redis.call('HINCRBY', L.key, 'r' .. idx, fmt(dr)) end
+  end
+  if dt ~= 0 then redis.call('HINCRBY', L.key, 't', fmt(dt)) end
+  if dr ~= 0 then redis.call('HINCRBY', L.key, 'r', fmt(dr)) end
+  return true
+end
+
+-- The earliest time at which `need` units of the window will have expired;
+-- nil for a lifetime limit (only a settlement or a reset frees it).
+local function refill_at(L, need, now)
+  if L.w == 0 then return nil end
+  local width = bucket_width(L)
+  local cur = math.floor(now / width)
+  local freed = 0
+  for i = cur - L.n, cur do
+    local b = redis.call('HGET', L.key, 'b' .. i)
+    if b then
+      freed = freed + tonumber(b)
+      if freed >= need then return (i + L.n + 1) * width end
+    end
+  end
+  return (cur + L.n + 1) * width
+end
+
+-- Announce threshold crossings (50/75/90/100 %, each once per crossing); a
+-- window that slid back below a level re-arms it.
+local function thresholds(L, t, agent)
+  if L.a == nil or L.a <= 0 then return end
+  local level = 0
+  for _, th in ipairs(THRESHOLDS) do
+    if t * 100 >= th * L.a then level = th end
+  end
+  local last = tonumber(redis.call('HGET', L.key, 'th')) or 0
+  if level > last and last ~= EXHAUSTED then
+    for _, th in ipairs(THRESHOLDS) do
+      if th > last and th <= level then
+        publish_event('threshold', {agent = agent, limit = L.lk, dimension = L.d,
+                                    level = th, used = t, amount = L.a})
+      end
+    end
+    redis.call('HSET', L.key, 'th', level)
+  elseif level < last and (last ~= EXHAUSTED or level < 100) then
+    redis.call('HSET', L.key, 'th', level)
+  end
+end
+
+-- queue -------------------------------------------------------------------
+
+local function queue_head(lk)
+  local h = redis.call('ZRANGE', B .. ':b:' .. lk, 0, 0)
+  return h[1]
+end
+
+-- Remove a ticket from the queue and from every blocked set it sits in; the
+-- tickets that became the head of one of those sets are appended to `wake`.
+local function drop_ticket(ticket, wake)
+  local info = redis.call('HGET', B .. ':q', ticket)
+  redis.call('HDEL', B .. ':q', ticket)
+  redis.call('ZREM', B .. ':qexp', ticket)
+  if not info then return end
+  local parts = split(info, '|')
+  for _, lk in ipairs(split(parts[3] or '', ' ')) do
+    local was_head = queue_head(lk) == ticket
+    redis.call('ZREM', B .. ':b:' .. lk, ticket)
+    if was_head then
+      local nxt = queue_head(lk)
+      if nxt then wake[#wake + 1] = nxt end
+    end
+  end
+end
+
+local function purge_tickets(now, wake)
+  local dead = redis.call('ZRANGEBYSCORE', B .. ':qexp', '-inf', now, 'LIMIT', 0, 64)
+  for _, ticket in ipairs(dead) do drop_ticket(ticket, wake) end
+end
+
+-- Wake the head waiter of each limit in `lks`.
+local function heads_of(lks, wake)
+  for _, lk in ipairs(lks) do
+    local h = queue_head(lk)
+    if h then wake[#wake + 1] = h end
+  end
+end
+
+-- reservations --------------------------------------------------------------
+
+-- A charge is "<LK>|<window_ms>|<generation>|<bucket>|<amount>", joined by ' '.
+local function parse_charges(s)
+  local out = {}
+  for _, c in ipairs(split(s, ' ')) do
+    local p = split(c, '|')
+    local L = limit_from_charge(p[1], p[2])
+    out[#out + 1] = {L = L, gen = p[3], idx = tonumber(p[4]), amt = tonumber(p[5])}
+  end
+  return out
+end
+
+local function parse_amounts(s)
+  local out = {}
+  for _, kv in ipairs(split(s, ' ')) do
+    local k, v = string.match(kv, '^([%a_]+)=(-?%d+)$')
+    out[k] = tonumber(v)
+  end
+  return out
+end
+
+-- Expire leases whose TTL ran out: the concurrency slot returns, the money
+-- stays charged at the estimate (a dead worker may have spent it).
+local function purge_leases(now, wake)
+  local ids = redis.call('ZRANGEBYSCORE', B .. ':leases', '-inf', now, 'LIMIT', 0, 64)
+  for _, id in ipairs(ids) do
+    local key = B .. ':r:' .. id
+    local rs = redis.call('HMGET', key, 'c', 'a')
+    for _, c in ipairs(parse_charges(rs[1])) do
+      if c.L.d == 'concurrency' then
+        if adjust(c.L, c.gen, c.idx, -c.amt, -c.amt, now) then heads_of({c.L.lk}, wake) end
+      else
+        adjust(c.L, c.gen, c.idx, 0, -c.amt, now)
+      end
+    end
+    redis.call('HSET', key, 's', 'expired')
+    redis.call('PEXPIRE', key, 3600000)
+    redis.call('ZREM', B .. ':leases', id)
+    publish_event('lease_expired', {agent = rs[2] or '', reservation = id})
+  end
+end

@@ -1,0 +1,33 @@
+-- reset.lua: forget the usage of a tenant's windows and wake every waiter.
+-- Reservations still open when the windows are reset settle against nothing
+-- (their windows are a new generation).
+--
+-- KEYS[1]  tenant base key "<prefix>:{<tenant>}"
+-- ARGV[1]  agent: '' resets the tenant's own windows and every agent's;
+--          a name resets only that agent's windows
+-- ARGV[2]  dimension: '' for every dimension except concurrency (calls in
+--          flight are real; reset them by naming 'concurrency')
+--
+-- Reply: the number of windows deleted.
+
+local agent, dim = ARGV[1], ARGV[2]
+local agents
+if agent == '' then
+  agents = {''}
+  for _, a in ipairs(redis.call('SMEMBERS', B .. ':agents')) do agents[#agents + 1] = a end
+else
+  agents = {agent}
+end
+
+local deleted = 0
+for _, a in ipairs(agents) do
+  for _, L in ipairs(applicable_limits(a)) do
+    local mine = (agent == '') or (L.scope ~= 'T')
+    local match = (dim == '' and L.d ~= 'concurrency') or L.d == dim
+    if mine and match then deleted = deleted + redis.call('DEL', L.key) end
+  end
+end
+
+publish_event('reset', {agent = agent, dimension = dim, windows = deleted})
+redis.call('PUBLISH', B .. ':wake', '*')
+return deleted

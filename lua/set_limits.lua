@@ -1,0 +1,45 @@
+-- set_limits.lua: replace the limits of one scope, wake every waiter of the
+-- tenant (a raised or removed limit may let them in) and announce the change.
+-- Windows of limits that no longer apply are deleted; the usage of a limit
+-- that stays (same dimension and window) is kept, so lowering an amount
+-- takes effect against what was already spent.
+--
+-- KEYS[1]  tenant base key "<prefix>:{<tenant>}"
+-- ARGV[1]  scope field: 'T' (tenant), 'D' (default for every agent) or
+--          'A:<agent>'
+-- ARGV[2]  JSON list of {"d": dimension, "a": integer amount, "w": window ms
+--          (0 for a lifetime cap)}, validated by the client; '' clears
+--
+-- Reply: the number of windows deleted.
+
+local field, json = ARGV[1], ARGV[2]
+
+-- The agents whose applicable limits this change touches.
+local agents = {}
+if field == 'T' then agents = {''}
+elseif field == 'D' then
+  for _, a in ipairs(redis.call('SMEMBERS', B .. ':agents')) do agents[#agents + 1] = a end
+else agents = {string.sub(field, 3)} end
+
+local before = {}
+for _, a in ipairs(agents) do
+  for _, L in ipairs(applicable_limits(a)) do before[L.lk] = L end
+end
+if json == '' then
+  redis.call('HDEL', B .. ':limits', field)
+else
+  redis.call('HSET', B .. ':limits', field, json)
+end
+local after = {}
+for _, a in ipairs(agents) do
+  for _, L in ipairs(applicable_limits(a)) do after[L.lk] = true end
+end
+
+local deleted = 0
+for lk, L in pairs(before) do
+  if not after[lk] then deleted = deleted + redis.call('DEL', L.key) end
+end
+
+publish_event('limits_changed', {scope = field, limits = json})
+redis.call('PUBLISH', B .. ':wake', '*')
+return deleted

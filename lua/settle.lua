@@ -1,0 +1,126 @@
+-- settle.lua: commit a reservation's actual cost, or release it (refund).
+-- Idempotent: a reservation is settled once; later calls change nothing.
+--
+-- KEYS[1]  tenant base key "<prefix>:{<tenant>}"
+-- ARGV[1]  reservation id
+-- ARGV[2]  'commit' or 'release'
+-- ARGV[3]  actual amounts "dim=int ..." (commit); a reserved dimension left
+--          out keeps its estimate. Concurrency is always returned.
+-- ARGV[4]  ledger stream max length (approximate trim); 0 writes no entry
+-- ARGV[5]  model name for the ledger ('' if none)
+-- ARGV[6]  outcome for the ledger ('' -> 'ok', or 'overrun' when an actual
+--          exceeded its estimate; a release writes an entry only when given)
+-- ARGV[7]  caller metadata, a JSON object as a string ('' for none)
+--
+-- Reply:
+--   {1, state, overrun, ledger_id}  settled now; state 'committed' or
+--                                   'released'; overrun "dim=int ..." charged
+--                                   beyond the estimate; ledger_id or ''
+--   {0, state}                      nothing changed: state is 'committed',
+--                                   'released', 'expired' (a release after the
+--                                   lease ran out refunds nothing) or 'unknown'
+--
+-- A lease that already expired may still be committed: the actual cost
+-- replaces the estimate that stayed charged.
+
+local id, kind = ARGV[1], ARGV[2]
+local actual = parse_amounts(ARGV[3])
+local maxlen, model, outcome, meta = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
+local rkey = B .. ':r:' .. id
+
+local wake = {}
+purge_leases(NOW, wake)
+
+local rs = redis.call('HMGET', rkey, 's', 'a', 'c', 'e')
+local state, agent = rs[1], rs[2] or ''
+if not state then publish_wake(wake); return {0, 'unknown'} end
+if state ~= 'open' and state ~= 'expired' then publish_wake(wake); return {0, state} end
+if state == 'expired' and kind == 'release' then publish_wake(wake); return {0, 'expired'} end
+local expired = state == 'expired'
+
+local estimate = parse_amounts(rs[4])
+local final = {}
+for dim, est in pairs(estimate) do
+  if kind == 'release' or dim == 'concurrency' then final[dim] = 0
+  elseif actual[dim] ~= nil then final[dim] = actual[dim]
+  else final[dim] = est end
+end
+if kind == 'commit' then
+  for dim, v in pairs(actual) do if final[dim] == nil then final[dim] = v end end
+end
+
+local refunded, overrun, charged = {}, {}, {}
+local config = nil
+local function current_limits()
+  if config == nil then
+    config = {}
+    for _, L in ipairs(applicable_limits(agent)) do config[L.lk] = L end
+  end
+  return config
+end
+
+for _, c in ipairs(parse_charges(rs[3])) do
+  local dim = c.L.d
+  charged[c.L.lk] = true
+  local dt, dr = final[dim] - c.amt, -c.amt
+  if expired then
+    dr = 0
+    if dim == 'concurrency' then dt = 0 end
+  end
+  if adjust(c.L, c.gen, c.idx, dt, dr, NOW) then
+    if dt < 0 then refunded[#refunded + 1] = c.L.lk end
+    if dt > 0 then
+      redis.call('HINCRBY', c.L.key, 'ov', fmt(dt))
+      local L = current_limits()[c.L.lk]
+      if L then thresholds(L, tonumber(redis.call('HGET', L.key, 't')), agent) end
+    end
+  end
+end
+
+-- Usage in a dimension that was not reserved at all is charged now, to the
+-- current bucket: an estimate that was too low is still charged.
+local unreserved = false
+for dim, v in pairs(final) do
+  if v > 0 and (estimate[dim] or 0) == 0 then unreserved = true end
+end
+if kind == 'commit' and unreserved then
+  for lk, L in pairs(current_limits()) do
+    local v = final[L.d] or 0
+    if not charged[lk] and v > 0 and L.d ~= 'concurrency' then
+      local idx, gen, t = charge(L, v, NOW, agent)
+      adjust(L, gen, idx, 0, -v, NOW)
+      redis.call('HINCRBY', L.key, 'ov', fmt(v))
+      thresholds(L, t, agent)
+    end
+  end
+end
+if kind == 'commit' then
+  for dim, v in pairs(final) do
+    local est = estimate[dim] or 0
+    if dim ~= 'concurrency' and v > est then overrun[#overrun + 1] = dim .. '=' .. fmt(v - est) end
+  end
+end
+
+state = kind == 'commit' and 'committed' or 'released'
+redis.call('HSET', rkey, 's', state)
+redis.call('PEXPIRE', rkey, 600000)
+redis.call('ZREM', B .. ':leases', id)
+
+local ledger_id = ''
+if maxlen > 0 and (kind == 'commit' or outcome ~= '') then
+  if outcome == '' then outcome = (#overrun > 0) and 'overrun' or 'ok' end
+  local function amount(dim) return fmt(final[dim] or 0) end
+  ledger_id = redis.call('XADD', B .. ':ledger', 'MAXLEN', '~', maxlen, '*',
+    'ts', fmt(NOW), 'agent', agent, 'model', model,
+    'usd', amount('usd'), 'input_tokens', amount('input_tokens'),
+    'output_tokens', amount('output_tokens'), 'tokens', amount('tokens'),
+    'requests', amount('requests'), 'est_usd', fmt(estimate['usd'] or 0),
+    'reservation', id, 'outcome', outcome, 'late', expired and '1' or '0', 'meta', meta)
+end
+
+if #overrun > 0 then
+  publish_event('overrun', {agent = agent, reservation = id, overrun = table.concat(overrun, ' ')})
+end
+heads_of(refunded, wake)
+publish_wake(wake)
+return {1, state, table.concat(overrun, ' '), ledger_id}

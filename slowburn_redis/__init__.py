@@ -1,0 +1,56 @@
+"""slowburn-redis: fleet-wide LLM budgets in Redis that pause workers instead of killing them.
+
+    from slowburn_redis import Budget, Limit
+
+    budget = Budget.embedded()            # or Budget.from_url("redis://localhost:6379/0")
+    await budget.set_limits("acme", ["usd 5/day", "requests 60/min", "concurrency 8"])
+    async with budget.acquire("acme", usd=0.02, tokens=1500) as r:
+        ...                               # the paid call
+        await r.commit(usd=0.013, tokens=1210)
+"""
+
+from slowburn_redis.budget import Budget
+from slowburn_redis.errors import (
+    BudgetDenied,
+    BudgetExhausted,
+    BudgetTimeout,
+    InvalidInput,
+    InvalidLimit,
+    InvalidName,
+    RedisUnavailable,
+    RequestTooLarge,
+    ReservationError,
+    SlowburnError,
+)
+from slowburn_redis.events import Event
+from slowburn_redis.limits import Limit
+from slowburn_redis.names import EVERY_AGENT
+from slowburn_redis.reservation import Reservation, Settlement
+from slowburn_redis.status import LimitStatus, Status
+from slowburn_redis.sync import SyncBudget, SyncReservation
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EVERY_AGENT",
+    "Budget",
+    "BudgetDenied",
+    "BudgetExhausted",
+    "BudgetTimeout",
+    "Event",
+    "InvalidInput",
+    "InvalidLimit",
+    "InvalidName",
+    "Limit",
+    "LimitStatus",
+    "RedisUnavailable",
+    "RequestTooLarge",
+    "Reservation",
+    "ReservationError",
+    "Settlement",
+    "SlowburnError",
+    "Status",
+    "SyncBudget",
+    "SyncReservation",
+    "__version__",
+]

@@ -1,0 +1,77 @@
+"""The exceptions slowburn-redis raises. Every one derives from SlowburnError."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from slowburn_redis.status import Status
+
+
+class SlowburnError(Exception):
+    """Base class of every error this package raises."""
+
+
+class InvalidInput(SlowburnError, ValueError):
+    """An argument was rejected before anything was sent to Redis."""
+
+
+class InvalidLimit(InvalidInput):
+    """A limit string or value is malformed; `part` names the offending piece."""
+
+    def __init__(self, message: str, *, part: str = "") -> None:
+        super().__init__(message)
+        self.part = part
+
+
+class InvalidName(InvalidInput):
+    """A tenant, agent or prefix name breaks the naming rules."""
+
+
+class BudgetDenied(SlowburnError):
+    """An acquire was not admitted. `limit` is the key of the limit that denied it."""
+
+    def __init__(self, message: str, *, tenant: str, agent: str | None, limit: str) -> None:
+        super().__init__(message)
+        self.tenant = tenant
+        self.agent = agent
+        self.limit = limit
+
+
+class RequestTooLarge(BudgetDenied):
+    """The request is larger than a limit itself, so it can never be admitted."""
+
+    def __init__(
+        self, message: str, *, tenant: str, agent: str | None, limit: str, amount: int, requested: int
+    ) -> None:
+        super().__init__(message, tenant=tenant, agent=agent, limit=limit)
+        self.amount = amount
+        self.requested = requested
+
+
+class BudgetExhausted(BudgetDenied):
+    """Raised at once in ``mode="reject"``; `retry_after` is in seconds (None: unknown)."""
+
+    def __init__(
+        self, message: str, *, tenant: str, agent: str | None, limit: str, retry_after: float | None
+    ) -> None:
+        super().__init__(message, tenant=tenant, agent=agent, limit=limit)
+        self.retry_after = retry_after
+
+
+class BudgetTimeout(BudgetDenied):
+    """A wait ran past its `timeout`; `status` is the budget as it stood then."""
+
+    def __init__(
+        self, message: str, *, tenant: str, agent: str | None, limit: str, status: Status | None
+    ) -> None:
+        super().__init__(message, tenant=tenant, agent=agent, limit=limit)
+        self.status = status
+
+
+class ReservationError(SlowburnError):
+    """A reservation cannot be used as asked (for instance, used before it was admitted)."""
+
+
+class RedisUnavailable(SlowburnError):
+    """Redis could not be reached; the message names the URL without credentials."""

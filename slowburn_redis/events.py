@@ -1,0 +1,52 @@
+"""Events published on a tenant's event channel by the scripts.
+
+Types: ``threshold`` (50/75/90/100 % of a limit, once per crossing),
+``exhausted`` (a request was denied by a spent limit), ``waiting``,
+``resumed``, ``overrun``, ``lease_expired``, ``reset``, ``limits_changed``.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+EVENT_TYPES = (
+    "threshold",
+    "exhausted",
+    "waiting",
+    "resumed",
+    "overrun",
+    "lease_expired",
+    "reset",
+    "limits_changed",
+)
+
+
+class Event(BaseModel):
+    """One event; fields beyond these depend on the type (`level`, `waited_ms`, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    tenant: str
+    ts: int
+    """Server time in milliseconds."""
+    agent: str | None = None
+    limit: str | None = None
+
+    @property
+    def at(self) -> datetime:
+        """The server time of the event."""
+        return datetime.fromtimestamp(self.ts / 1000, tz=timezone.utc)
+
+    @classmethod
+    def from_message(cls, tenant: str, data: str | bytes) -> Event:
+        """Parse a message from the event channel."""
+        fields: dict[str, Any] = json.loads(data)
+        if not fields.get("agent"):
+            fields["agent"] = None
+        fields["tenant"] = tenant
+        return cls.model_validate(fields)

@@ -1,0 +1,254 @@
+"""The limits model: a dimension, an amount, and a sliding window or none.
+
+``Limit.parse("usd 5/day")`` and ``Limit(dimension="usd", amount=5, window="1d")``
+are the same limit. Amounts are kept as Decimal and stored in Redis as
+integers of the dimension's unit (`UNITS`): nano-dollars for ``usd``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from slowburn_redis.errors import InvalidInput, InvalidLimit
+
+Dimension = Literal["usd", "tokens", "input_tokens", "output_tokens", "requests", "concurrency"]
+DIMENSIONS: tuple[str, ...] = get_args(Dimension)
+
+UNITS: dict[str, int] = {dim: 1 for dim in DIMENSIONS} | {"usd": 10**9}
+"""Integer units per 1 of each dimension as stored in Redis (usd: nano-dollars)."""
+
+MAX_UNITS = 2**53 - 1
+"""Largest integer amount Lua (doubles) handles exactly: about $9M, or 9e15 tokens."""
+
+MIN_WINDOW = 1.0
+MAX_WINDOW = 366 * 86400.0
+
+_WINDOW_UNITS: dict[str, float] = {}
+for _names, _seconds in (
+    (("s", "sec", "secs", "second", "seconds"), 1.0),
+    (("m", "min", "mins", "minute", "minutes"), 60.0),
+    (("h", "hr", "hrs", "hour", "hours"), 3600.0),
+    (("d", "day", "days"), 86400.0),
+    (("w", "week", "weeks"), 7 * 86400.0),
+):
+    for _name in _names:
+        _WINDOW_UNITS[_name] = _seconds
+
+_SUFFIXES = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "B": 10**9}
+_AMOUNT = re.compile(r"\$?(?P<number>[0-9][0-9_]*(?:\.[0-9]+)?|\.[0-9]+)(?P<suffix>[A-Za-z]?)")
+_WINDOW = re.compile(r"(?P<count>[0-9]+(?:\.[0-9]+)?)?\s*(?P<unit>[A-Za-z]+)")
+_NAMED_WINDOWS = {86400.0: "day", 3600.0: "hour", 60.0: "min", 1.0: "s", 7 * 86400.0: "week"}
+
+
+def parse_window(text: str | float | int | None) -> float | None:
+    """Seconds in a window given as ``"10s"``, ``"5 min"``, ``"day"``, or a number of seconds."""
+    if text is None:
+        return None
+    if isinstance(text, bool):
+        raise InvalidLimit(f"window must be a duration, not {text!r}", part=str(text))
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        match = _WINDOW.fullmatch(text.strip())
+        if not match or match["unit"] not in _WINDOW_UNITS:
+            raise InvalidLimit(
+                f"bad window {text!r}: use a duration such as 10s, 5m, 1h, 1d, day, hour or min",
+                part=text,
+            )
+        count = float(match["count"]) if match["count"] else 1.0
+        seconds = count * _WINDOW_UNITS[match["unit"]]
+    if not math.isfinite(seconds) or seconds < MIN_WINDOW or seconds > MAX_WINDOW:
+        raise InvalidLimit(
+            f"window {text!r} is out of range: between {MIN_WINDOW:g}s and {MAX_WINDOW / 86400:g} days",
+            part=str(text),
+        )
+    if round(seconds * 1000) != seconds * 1000:
+        raise InvalidLimit(f"window {text!r} must be a whole number of milliseconds", part=str(text))
+    return seconds
+
+
+def format_window(seconds: float | None) -> str:
+    """The shortest readable form of a window: ``day``, ``hour``, ``10s``..."""
+    if seconds is None:
+        return ""
+    if seconds in _NAMED_WINDOWS:
+        return _NAMED_WINDOWS[seconds]
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0)):
+        if seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def to_units(dimension: str, amount: object, *, round_up: bool = False) -> int:
+    """An amount of `dimension` as the integer stored in Redis.
+
+    Raises InvalidInput for NaN, infinities, negatives, bools, amounts too
+    large for Redis, and fractions of an indivisible unit (a token). With
+    `round_up`, usd fractions of a nano-dollar round up (for estimates);
+    otherwise to the nearest.
+    """
+    if dimension not in UNITS:
+        raise InvalidInput(f"unknown dimension {dimension!r}: one of {', '.join(DIMENSIONS)}")
+    if isinstance(amount, bool) or not isinstance(amount, (int, float, Decimal, str)):
+        raise InvalidInput(f"{dimension} amount must be a number, not {type(amount).__name__}")
+    try:
+        value = Decimal(str(amount)) if isinstance(amount, float) else Decimal(amount)
+    except InvalidOperation:
+        raise InvalidInput(f"{dimension} amount {amount!r} is not a number") from None
+    if not value.is_finite():
+        raise InvalidInput(f"{dimension} amount must be finite, not {amount!r}")
+    if value < 0:
+        raise InvalidInput(f"{dimension} amount must not be negative, got {amount}")
+    scaled = value * UNITS[dimension]
+    if UNITS[dimension] == 1 and scaled != scaled.to_integral_value():
+        raise InvalidInput(f"{dimension} amount must be a whole number, got {amount}")
+    units = int(scaled.to_integral_value(rounding=ROUND_CEILING) if round_up else scaled.to_integral_value())
+    if units > MAX_UNITS:
+        raise InvalidInput(f"{dimension} amount {amount} is too large (at most {MAX_UNITS // UNITS[dimension]})")
+    return units
+
+
+def from_units(dimension: str, units: int) -> float:
+    """The human amount of an integer stored in Redis."""
+    return units / UNITS[dimension]
+
+
+class Limit(BaseModel):
+    """An amount of one dimension over a sliding window, or a lifetime cap (no window).
+
+    In every interval of length `window`, the amount admitted under this limit
+    never exceeds `amount` (when actual costs stay within their estimates).
+    ``concurrency`` counts calls in flight and takes no window.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    dimension: Dimension
+    amount: Decimal
+    window: float | None = None
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise _as_invalid_limit(exc) from None
+
+    @field_validator("dimension", mode="before")
+    @classmethod
+    def _known_dimension(cls, value: Any) -> Any:
+        if value not in DIMENSIONS:
+            raise InvalidLimit(
+                f"unknown dimension {value!r}: one of {', '.join(DIMENSIONS)}", part=str(value)
+            )
+        return value
+
+    @field_validator("amount", mode="before")
+    @classmethod
+    def _decimal_amount(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise InvalidLimit(f"amount must be a number, not {value!r}", part=str(value))
+        if isinstance(value, float):
+            return Decimal(str(value))
+        return value
+
+    @field_validator("window", mode="before")
+    @classmethod
+    def _window_seconds(cls, value: Any) -> float | None:
+        return parse_window(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Limit:
+        try:
+            to_units(self.dimension, self.amount)
+        except InvalidInput as exc:
+            raise InvalidLimit(str(exc), part=str(self.amount)) from None
+        if self.dimension == "concurrency" and self.window is not None:
+            raise InvalidLimit("concurrency counts calls in flight and takes no window", part="window")
+        return self
+
+    @classmethod
+    def parse(cls, text: str) -> Limit:
+        """Parse ``"usd 5/day"``, ``"tokens 1M/hour"``, ``"requests 60/min"``, ``"concurrency 8"``, ``"tokens 50k"``.
+
+        Raises InvalidLimit naming the part that is wrong.
+        """
+        if not isinstance(text, str):
+            raise InvalidLimit(f"a limit is a string like 'usd 5/day', not {type(text).__name__}")
+        body, _, window = text.strip().partition("/")
+        parts = body.split()
+        if len(parts) != 2:
+            raise InvalidLimit(
+                f"bad limit {text!r}: expected '<dimension> <amount>[/<window>]', e.g. 'usd 5/day'",
+                part=text,
+            )
+        dimension, amount_text = parts
+        if dimension not in DIMENSIONS:
+            raise InvalidLimit(
+                f"unknown dimension {dimension!r} in {text!r}: one of {', '.join(DIMENSIONS)}",
+                part=dimension,
+            )
+        match = _AMOUNT.fullmatch(amount_text)
+        if not match or match["suffix"] not in _SUFFIXES:
+            raise InvalidLimit(
+                f"bad amount {amount_text!r} in {text!r}: a number, optionally with k, M or B",
+                part=amount_text,
+            )
+        amount = Decimal(match["number"].replace("_", "")) * _SUFFIXES[match["suffix"]]
+        if "/" in text and not window.strip():
+            raise InvalidLimit(f"missing window after '/' in {text!r}", part="/")
+        return cls(dimension=dimension, amount=amount, window=window.strip() or None)  # type: ignore[arg-type]
+
+    @property
+    def units(self) -> int:
+        """The amount as the integer stored in Redis."""
+        return to_units(self.dimension, self.amount)
+
+    @property
+    def window_ms(self) -> int:
+        """The window in milliseconds; 0 for a lifetime cap."""
+        return 0 if self.window is None else round(self.window * 1000)
+
+    @property
+    def key(self) -> str:
+        """``<dimension>:<window_ms>``: one limit per dimension and window in a scope."""
+        return f"{self.dimension}:{self.window_ms}"
+
+    def __str__(self) -> str:
+        amount = format(self.amount.normalize(), "f")
+        return f"{self.dimension} {amount}" + (f"/{format_window(self.window)}" if self.window else "")
+
+
+def _as_invalid_limit(exc: ValidationError) -> InvalidLimit:
+    """The first error of a ValidationError as an InvalidLimit naming its field."""
+    error = exc.errors()[0]
+    original = (error.get("ctx") or {}).get("error")
+    if isinstance(original, InvalidLimit):
+        return original
+    field = ".".join(str(part) for part in error["loc"]) or "limit"
+    return InvalidLimit(f"bad {field}: {error['msg']}", part=field)
+
+
+def coerce_limits(limits: Any) -> list[Limit]:
+    """Turn strings and Limit objects into Limits; refuse two limits with one dimension and window."""
+    if isinstance(limits, (str, Limit)):
+        limits = [limits]
+    try:
+        items = list(limits)
+    except TypeError:
+        raise InvalidLimit(f"limits must be a list of strings or Limit, not {type(limits).__name__}") from None
+    out: list[Limit] = []
+    seen: set[str] = set()
+    for item in items:
+        limit = Limit.parse(item) if isinstance(item, str) else item
+        if not isinstance(limit, Limit):
+            raise InvalidLimit(f"not a limit: {item!r}", part=repr(item))
+        if limit.key in seen:
+            raise InvalidLimit(f"two limits for {limit.dimension} over the same window", part=str(limit))
+        seen.add(limit.key)
+        out.append(limit)
+    return out

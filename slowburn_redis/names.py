@@ -1,0 +1,52 @@
+"""Validation of tenant, agent and prefix names, and the tenant's base key.
+
+Names are restricted to ``[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}``: no name can
+contain ``{``, ``}``, ``:``, ``|``, spaces or glob characters, so no name can
+leave its hash tag, its key, or the separators the Lua scripts parse.
+"""
+
+from __future__ import annotations
+
+import re
+
+from slowburn_redis.errors import InvalidName
+
+MAX_NAME_LENGTH = 64
+EVERY_AGENT = "*"
+"""Pass as ``agent`` to ``set_limits``/``get_limits`` for the default of every agent."""
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]*")
+
+
+def validate_name(kind: str, value: object) -> str:
+    """Return `value` if it is a valid `kind` name ("tenant", "agent"), else raise InvalidName."""
+    if not isinstance(value, str):
+        raise InvalidName(f"{kind} name must be a string, not {type(value).__name__}")
+    if not value:
+        raise InvalidName(f"{kind} name must not be empty")
+    if len(value) > MAX_NAME_LENGTH:
+        raise InvalidName(f"{kind} name is {len(value)} characters long; at most {MAX_NAME_LENGTH}")
+    if not _NAME.fullmatch(value):
+        raise InvalidName(
+            f"{kind} name {value!r} may hold only letters, digits and _ . @ - (and start with a letter or digit)"
+        )
+    return value
+
+
+def validate_agent(agent: str | None) -> str | None:
+    """Validate an optional agent name."""
+    return None if agent is None else validate_name("agent", agent)
+
+
+def base_key(prefix: str, tenant: str) -> str:
+    """The key every other key of `tenant` derives from: ``<prefix>:{<tenant>}``."""
+    return f"{prefix}:{{{validate_name('tenant', tenant)}}}"
+
+
+def scope_field(agent: str | None) -> str:
+    """The field of the limits hash that holds a scope: T, D (every agent) or A:<agent>."""
+    if agent is None:
+        return "T"
+    if agent == EVERY_AGENT:
+        return "D"
+    return "A:" + validate_name("agent", agent)

@@ -1,0 +1,81 @@
+"""Loading the Lua scripts and calling them with EVALSHA.
+
+Each script in ``lua/`` is sent as one source: a clock prelude
+(``clock/server.lua``, or ``clock/test.lua`` for tests that move time),
+``lib.lua``, then the script itself. A NOSCRIPT reply (after ``SCRIPT FLUSH``,
+a restart or a failover) loads the source again and retries once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from functools import cache
+from importlib import resources
+from importlib.abc import Traversable
+from pathlib import Path
+from typing import Any, Literal
+
+from redis.exceptions import NoScriptError
+
+SCRIPT_NAMES = ("acquire", "settle", "extend", "leave", "refresh", "set_limits", "reset", "status")
+Clock = Literal["server", "test"]
+
+
+def lua_dir() -> Traversable:
+    """The folder holding the Lua sources: inside the installed package, else the source tree's ``lua/``."""
+    packaged = resources.files("slowburn_redis") / "lua"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "lua"
+
+
+@cache
+def script_source(name: str, clock: Clock = "server") -> str:
+    """The full source sent to Redis for the script `name`."""
+    if name not in SCRIPT_NAMES:
+        raise KeyError(f"no script named {name!r}")
+    folder = lua_dir()
+    parts = [(folder / "clock" / f"{clock}.lua"), folder / "lib.lua", folder / f"{name}.lua"]
+    return "\n".join(part.read_text(encoding="utf-8") for part in parts)
+
+
+def decode(value: Any) -> Any:
+    """Replies with bytes (a client without decode_responses) as str, recursively."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, list):
+        return [decode(item) for item in value]
+    return value
+
+
+class Script:
+    """One Lua script, run by SHA and reloaded on NOSCRIPT."""
+
+    def __init__(self, name: str, clock: Clock = "server") -> None:
+        self.name = name
+        self.source = script_source(name, clock)
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+    async def __call__(self, client: Any, key: str, args: Sequence[str | int]) -> Any:
+        """Run the script on `client` with KEYS[1] = `key`."""
+        try:
+            reply = await client.evalsha(self.sha, 1, key, *args)
+        except NoScriptError:
+            await client.script_load(self.source)
+            reply = await client.evalsha(self.sha, 1, key, *args)
+        return decode(reply)
+
+
+class Scripts:
+    """Every script, built for one clock."""
+
+    def __init__(self, clock: Clock = "server") -> None:
+        self.acquire = Script("acquire", clock)
+        self.settle = Script("settle", clock)
+        self.extend = Script("extend", clock)
+        self.leave = Script("leave", clock)
+        self.refresh = Script("refresh", clock)
+        self.set_limits = Script("set_limits", clock)
+        self.reset = Script("reset", clock)
+        self.status = Script("status", clock)
