@@ -1,12 +1,34 @@
-"""Helpers for tests of code that uses slowburn-redis."""
+"""Helpers for tests of code that uses slowburn-redis.
+
+A Budget built with ``test_clock=True`` loads scripts whose clock reads
+``<base>:testclock`` when that key exists. `freeze_clock` sets it, after which
+the tenant's time stands still until `advance_clock` moves it.
+"""
 
 from __future__ import annotations
 
 from slowburn_redis.budget import Budget
 
 
-async def advance_clock(budget: Budget, tenant: str, seconds: float) -> None:
-    """Move `tenant`'s clock forward; only for a Budget built with ``test_clock=True``."""
+def _clock_key(budget: Budget, tenant: str) -> str:
     if budget._clock != "test":
-        raise RuntimeError("advance_clock needs a Budget built with test_clock=True")
-    await budget.client.incrby(budget.key(tenant) + ":testclock", round(seconds * 1000))
+        raise RuntimeError("the test clock needs a Budget built with test_clock=True")
+    return budget.key(tenant) + ":testclock"
+
+
+async def freeze_clock(budget: Budget, tenant: str, at_ms: int | None = None) -> int:
+    """Stop `tenant`'s clock at `at_ms` (default: the server's time now); returns it."""
+    key = _clock_key(budget, tenant)
+    if at_ms is None:
+        seconds, micros = await budget.client.time()
+        at_ms = int(seconds) * 1000 + int(micros) // 1000
+    await budget.client.set(key, int(at_ms))
+    return int(at_ms)
+
+
+async def advance_clock(budget: Budget, tenant: str, seconds: float) -> int:
+    """Move `tenant`'s clock forward (freezing it first if it runs); returns the new time in ms."""
+    key = _clock_key(budget, tenant)
+    if await budget.client.get(key) is None:
+        await freeze_clock(budget, tenant)
+    return int(await budget.client.incrby(key, round(seconds * 1000)))
