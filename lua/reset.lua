@@ -9,8 +9,13 @@
 --          flight are real; reset them by naming 'concurrency')
 --
 -- Reply: the number of windows deleted.
+--
+-- Access control: the first write is to B:admin (the last admin action, a
+-- JSON string), a key a worker ACL user cannot write, so a worker's reset
+-- fails with NOPERM before anything changes.
 
 local agent, dim = ARGV[1], ARGV[2]
+redis.call('SET', B .. ':admin', cjson.encode({op = 'reset', agent = agent, dimension = dim, ts = NOW}))
 local agents
 if agent == '' then
   agents = {''}

@@ -11,8 +11,14 @@
 --          (0 for a lifetime cap)}, validated by the client; '' clears
 --
 -- Reply: the number of windows deleted.
+--
+-- Access control: the first write is to B:admin (the last admin action, a
+-- JSON string), a key a worker ACL user cannot write, so a worker's
+-- set_limits fails with NOPERM before anything changes (its access to
+-- B:limits is read-only as well).
 
 local field, json = ARGV[1], ARGV[2]
+redis.call('SET', B .. ':admin', cjson.encode({op = 'set_limits', scope = field, ts = NOW}))
 
 -- The agents whose applicable limits this change touches.
 local agents = {}

@@ -75,3 +75,11 @@ class ReservationError(SlowburnError):
 
 class RedisUnavailable(SlowburnError):
     """Redis could not be reached; the message names the URL without credentials."""
+
+
+class PermissionDenied(SlowburnError):
+    """Redis refused an operation under its ACL (NOPERM): the connected user may not do this.
+
+    A worker user (see ``slowburn-redis acl``) gets it for set_limits, reset
+    and any other tenant's budget.
+    """
