@@ -1,0 +1,181 @@
+"""One metered LLM call: reserve the estimate, keep the lease alive, settle exactly once.
+
+How a call settles:
+
+- success: commit the actual usage and cost (a lower actual frees capacity at once);
+- a timeout (``litellm.Timeout``, ``TimeoutError``): commit at the estimate,
+  outcome ``timeout`` (the provider may have billed);
+- cancelled while the provider was working: commit at the estimate, outcome ``cancelled``;
+- any other provider error: release (refund), outcome ``error``, unless the
+  provider reported usage or tokens were already produced, which are then
+  committed with outcome ``error``.
+
+Settling is shielded from cancellation, so a cancelled caller still settles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from litellm.exceptions import Timeout as ProviderTimeout
+
+from slowburn_redis.budget import Budget, Mode
+from slowburn_redis.llm.estimate import CallEstimate
+from slowburn_redis.llm.pricing import Price
+from slowburn_redis.reservation import Reservation, Settlement
+
+log = structlog.get_logger("slowburn_redis")
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Tokens a call consumed and what they cost; `reported` is False when they were counted locally."""
+
+    input_tokens: int
+    output_tokens: int
+    usd: float
+    reported: bool = True
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """True for a provider or client timeout (not for a budget wait that ran out)."""
+    return isinstance(exc, (TimeoutError, ProviderTimeout))
+
+
+def reported_usage(source: Any) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from a litellm Usage, a dict, or an object carrying ``.usage``."""
+    usage = getattr(source, "usage", source)
+    if usage is None:
+        return None
+    prompt, completion = _field(usage, "prompt_tokens"), _field(usage, "completion_tokens")
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    if prompt == 0 and completion == 0:
+        return None
+    return prompt, completion
+
+
+def _field(source: Any, name: str) -> Any:
+    return source.get(name) if isinstance(source, dict) else getattr(source, name, None)
+
+
+class MeteredCall:
+    """An admitted call: its reservation, estimate and price. Settle it with `succeed` or `fail`."""
+
+    def __init__(self, reservation: Reservation, estimate: CallEstimate, price: Price, metadata: dict[str, Any]):
+        self.reservation = reservation
+        self.estimate = estimate
+        self.price = price
+        self.metadata = metadata
+        self._loop = asyncio.get_running_loop()
+        self.started = self._loop.time()
+        self._keeper: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def settled(self) -> bool:
+        return self.reservation.settled
+
+    def keep_lease(self, ttl: float) -> None:
+        """Extend the lease every ttl/3 seconds until the call settles (for calls longer than the lease)."""
+
+        async def keeper() -> None:
+            while True:
+                await asyncio.sleep(ttl / 3)
+                try:
+                    if not await self.reservation.extend(ttl):
+                        return
+                except Exception as exc:  # the next tick retries; a dead worker's lease simply expires
+                    log.warning("lease.extend_failed", reservation=self.reservation.id, error=str(exc))
+
+        self._keeper = asyncio.ensure_future(keeper())
+
+    def _meta(self, extra: dict[str, Any] | None) -> dict[str, Any]:
+        meta = {
+            "est_input_tokens": self.estimate.input_tokens,
+            "est_output_tokens": self.estimate.output_tokens,
+            "latency_ms": round((self._loop.time() - self.started) * 1000),
+        }
+        meta.update(self.metadata)
+        if extra:
+            meta.update(extra)
+        return meta
+
+    async def succeed(
+        self, usage: Usage, *, outcome: str | None = None, extra: dict[str, Any] | None = None
+    ) -> Settlement:
+        """Commit the actual usage and cost (outcome ``ok``, or ``overrun`` when it exceeded the estimate)."""
+        if not usage.reported:
+            extra = {**(extra or {}), "usage": "counted"}
+        return await self._settle(
+            self.reservation.commit(
+                usd=usage.usd,
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                model=self.estimate.model,
+                outcome=outcome,
+                metadata=self._meta(extra),
+            )
+        )
+
+    async def fail(
+        self, exc: BaseException, *, produced: Usage | None = None, extra: dict[str, Any] | None = None
+    ) -> Settlement:
+        """Settle a call that raised `exc` (see the module docstring for the rules)."""
+        extra = {**(extra or {}), "error": type(exc).__name__}
+        if is_timeout(exc) or isinstance(exc, asyncio.CancelledError):
+            outcome = "timeout" if is_timeout(exc) else "cancelled"
+            meta = self._meta(extra)
+            return await self._settle(
+                self.reservation.commit(model=self.estimate.model, outcome=outcome, metadata=meta)
+            )
+        if produced is None:
+            tokens = reported_usage(exc)
+            if tokens is not None:
+                produced = Usage(tokens[0], tokens[1], self.price.cost(*tokens))
+        if produced is not None:
+            return await self.succeed(produced, outcome="error", extra=extra)
+        return await self._settle(self.reservation.release(outcome="error", metadata=self._meta(extra)))
+
+    async def _settle(self, settle: Any) -> Settlement:
+        if self._keeper is not None:
+            self._keeper.cancel()
+        task: asyncio.Task[Settlement] = asyncio.ensure_future(settle)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            with contextlib.suppress(BaseException):
+                await task  # cancelled while settling: finish the settlement, then let the cancel through
+            raise
+
+
+async def open_call(
+    budget: Budget,
+    tenant: str,
+    agent: str | None,
+    estimate: CallEstimate,
+    price: Price,
+    *,
+    wait_timeout: float | None,
+    priority: int,
+    mode: Mode,
+    metadata: dict[str, Any],
+) -> MeteredCall:
+    """Acquire the estimate (usd, tokens, input/output tokens, one request, one concurrency slot)."""
+    reservation = await budget.acquire(
+        tenant,
+        agent,
+        usd=estimate.usd,
+        input_tokens=estimate.input_tokens,
+        output_tokens=estimate.output_tokens,
+        tokens=estimate.tokens,
+        requests=1,
+        timeout=wait_timeout,
+        priority=priority,
+        mode=mode,
+    )
+    return MeteredCall(reservation, estimate, price, metadata)
