@@ -52,9 +52,7 @@ class RequestTooLarge(BudgetDenied):
 class BudgetExhausted(BudgetDenied):
     """Raised at once in ``mode="reject"``; `retry_after` is in seconds (None: unknown)."""
 
-    def __init__(
-        self, message: str, *, tenant: str, agent: str | None, limit: str, retry_after: float | None
-    ) -> None:
+    def __init__(self, message: str, *, tenant: str, agent: str | None, limit: str, retry_after: float | None) -> None:
         super().__init__(message, tenant=tenant, agent=agent, limit=limit)
         self.retry_after = retry_after
 
@@ -62,9 +60,7 @@ class BudgetExhausted(BudgetDenied):
 class BudgetTimeout(BudgetDenied):
     """A wait ran past its `timeout`; `status` is the budget as it stood then."""
 
-    def __init__(
-        self, message: str, *, tenant: str, agent: str | None, limit: str, status: Status | None
-    ) -> None:
+    def __init__(self, message: str, *, tenant: str, agent: str | None, limit: str, status: Status | None) -> None:
         super().__init__(message, tenant=tenant, agent=agent, limit=limit)
         self.status = status
 

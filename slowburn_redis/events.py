@@ -8,7 +8,7 @@ Types: ``threshold`` (50/75/90/100 % of a limit, once per crossing),
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -40,7 +40,7 @@ class Event(BaseModel):
     @property
     def at(self) -> datetime:
         """The server time of the event."""
-        return datetime.fromtimestamp(self.ts / 1000, tz=timezone.utc)
+        return datetime.fromtimestamp(self.ts / 1000, tz=UTC)
 
     @classmethod
     def from_message(cls, tenant: str, data: str | bytes) -> Event:

@@ -142,9 +142,7 @@ class Limit(BaseModel):
     @classmethod
     def _known_dimension(cls, value: Any) -> Any:
         if value not in DIMENSIONS:
-            raise InvalidLimit(
-                f"unknown dimension {value!r}: one of {', '.join(DIMENSIONS)}", part=str(value)
-            )
+            raise InvalidLimit(f"unknown dimension {value!r}: one of {', '.join(DIMENSIONS)}", part=str(value))
         return value
 
     @field_validator("amount", mode="before")
@@ -201,7 +199,7 @@ class Limit(BaseModel):
         amount = Decimal(match["number"].replace("_", "")) * _SUFFIXES[match["suffix"]]
         if "/" in text and not window.strip():
             raise InvalidLimit(f"missing window after '/' in {text!r}", part="/")
-        return cls(dimension=dimension, amount=amount, window=window.strip() or None)  # type: ignore[arg-type]
+        return cls(dimension=dimension, amount=amount, window=window.strip() or None)
 
     @property
     def units(self) -> int:

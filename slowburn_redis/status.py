@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -78,5 +78,5 @@ class Status(BaseModel):
                     waiters=int(waiters),
                 )
             )
-        at = datetime.fromtimestamp(int(now_ms) / 1000, tz=timezone.utc)
+        at = datetime.fromtimestamp(int(now_ms) / 1000, tz=UTC)
         return cls(tenant=tenant, agent=agent, at=at, queue_length=int(queue_length), limits=limits)

@@ -9,7 +9,6 @@ cleanup leaves no reservation and no queue place behind.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import queue
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Iterator
@@ -37,17 +36,27 @@ class Portal:
         self._thread.start()
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run `coro` on the portal loop and wait for it; an interrupt cancels it and waits for its cleanup."""
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        """Run `coro` on the portal loop and wait for it.
+
+        If the calling thread is interrupted (KeyboardInterrupt), the coroutine
+        is cancelled and this waits (up to 10 s) for its cleanup to finish
+        before re-raising, so a cancelled wait leaves nothing behind in Redis.
+        """
+        finished = threading.Event()
+
+        async def run() -> T:
+            try:
+                return await coro
+            finally:
+                finished.set()
+
+        future = asyncio.run_coroutine_threadsafe(run(), self.loop)
         try:
             return future.result()
         except BaseException:
             if not future.done():
                 future.cancel()
-                try:
-                    future.result()
-                except (concurrent.futures.CancelledError, Exception):
-                    pass
+                finished.wait(timeout=10)
             raise
 
     def stop(self) -> None:

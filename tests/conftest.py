@@ -89,9 +89,7 @@ def prefix() -> str:
 
 
 @pytest.fixture
-def make_budget(
-    backend: str, request: pytest.FixtureRequest, prefix: str
-) -> Iterator[Callable[..., Budget]]:
+def make_budget(backend: str, request: pytest.FixtureRequest, prefix: str) -> Iterator[Callable[..., Budget]]:
     """Builds Budgets sharing one store of the test's backend (as separate clients would)."""
     built: list[Budget] = []
     fake_server = fakeredis.FakeServer(version=7)

@@ -345,9 +345,8 @@ def test_sync_twin_runs_the_same_operations(make_budget: Callable[..., Budget]) 
         assert sync.get_limits("acme")[0] == Limit.parse("usd 1/hour")
         with sync.acquire("acme", usd=0.4) as r:
             r.commit(usd=0.25)
-        with pytest.raises(BudgetExhausted):
-            with sync.acquire("acme", usd=0.1):
-                sync.acquire("acme", usd=0.1, mode="reject")
+        with pytest.raises(BudgetExhausted), sync.acquire("acme", usd=0.1):
+            sync.acquire("acme", usd=0.1, mode="reject")
         status = sync.status("acme")
         assert status.limits[0].used == pytest.approx(0.25)
         assert sync.reset("acme") == 1

@@ -26,7 +26,13 @@ from slowburn_redis.testing import advance_clock, freeze_clock
 BUCKETS = 60
 TENANT = "acme"
 AGENT = "a1"
-TENANT_PRESETS = [[], ["usd 1/10s", "requests 4/10s"], ["usd 2/60s"], ["tokens 300/10s", "concurrency 3"], ["tokens 500"]]
+TENANT_PRESETS = [
+    [],
+    ["usd 1/10s", "requests 4/10s"],
+    ["usd 2/60s"],
+    ["tokens 300/10s", "concurrency 3"],
+    ["tokens 500"],
+]
 DEFAULT_PRESETS = [[], ["usd 0.5/10s"], ["requests 2/10s", "tokens 200"]]
 
 
