@@ -1,0 +1,124 @@
+"""``slowburn-redis limits``: set, show, clear and apply limits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from pydantic import BaseModel
+
+from slowburn_redis.budget import Budget
+from slowburn_redis.cli import params, render
+from slowburn_redis.cli.runtime import BadInput, with_budget
+from slowburn_redis.cli.tenants import limit_scopes
+from slowburn_redis.config import load_limits_file
+from slowburn_redis.errors import InvalidInput
+from slowburn_redis.limits import Limit
+
+
+class ScopeLimits(BaseModel):
+    """The limits set on one scope: agent None is the tenant, "*" every agent."""
+
+    agent: str | None
+    limits: list[Limit]
+
+
+class TenantLimitsView(BaseModel):
+    """What ``limits show --json`` prints."""
+
+    tenant: str
+    scopes: list[ScopeLimits]
+
+
+def _scope_name(agent: str | None) -> str:
+    return "tenant" if agent is None else "every agent" if agent == "*" else f"agent {agent}"
+
+
+class _EveryAgentCommand(click.Command):
+    """A command whose --agent accepts "*" (the default of every agent)."""
+
+    allow_every_agent = True
+
+
+_agent_option = click.option(
+    "--agent",
+    callback=params.agent_name,
+    help='An agent of the tenant; "*" is the default of every agent. Without it: the tenant itself.',
+)
+
+
+@click.group("limits")
+def limits_group() -> None:
+    """Set, show, clear and apply the limits of tenants and agents."""
+
+
+@limits_group.command("set", cls=_EveryAgentCommand)
+@click.argument("tenant", callback=params.tenant_name)
+@click.argument("limits", nargs=-1, required=True, callback=params.limits, metavar="LIMIT...")
+@_agent_option
+@click.pass_context
+def set_command(ctx: click.Context, tenant: str, limits: list[Limit], agent: str | None) -> None:
+    """Replace the limits of TENANT (or of one agent) with LIMIT... such as "usd 5/day" "requests 60/min".
+
+    Every worker sees the change at once and waiters are woken to try again.
+    """
+    with_budget(ctx, lambda budget: budget.set_limits(tenant, limits, agent=agent))
+    click.echo(f"{tenant}: {_scope_name(agent)} limits set: {', '.join(str(lim) for lim in limits)}")
+
+
+@limits_group.command("show", cls=_EveryAgentCommand)
+@click.argument("tenant", callback=params.tenant_name)
+@_agent_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def show_command(ctx: click.Context, tenant: str, agent: str | None, as_json: bool) -> None:
+    """Show the limits set on TENANT: its own, every agent's default and each agent's (or one --agent's)."""
+
+    async def read(budget: Budget) -> list[tuple[str | None, list[Limit]]]:
+        if agent is not None:
+            limits = await budget.get_limits(tenant, agent=agent)
+            return [(agent, limits)] if limits else []
+        return await limit_scopes(budget, tenant)
+
+    scopes = with_budget(ctx, read)
+    if as_json:
+        view = TenantLimitsView(tenant=tenant, scopes=[ScopeLimits(agent=a, limits=lims) for a, lims in scopes])
+        render.print_json(view.model_dump(mode="json"))
+    else:
+        render.console().print(render.limits_table(tenant, scopes))
+
+
+@limits_group.command("clear", cls=_EveryAgentCommand)
+@click.argument("tenant", callback=params.tenant_name)
+@_agent_option
+@click.pass_context
+def clear_command(ctx: click.Context, tenant: str, agent: str | None) -> None:
+    """Remove every limit of TENANT's own scope (or of one --agent, or "*")."""
+    with_budget(ctx, lambda budget: budget.clear_limits(tenant, agent=agent))
+    click.echo(f"{tenant}: {_scope_name(agent)} limits cleared")
+
+
+@limits_group.command("apply")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.pass_context
+def apply_command(ctx: click.Context, file: Path) -> None:
+    """Set the limits of every tenant and agent in FILE (YAML, or TOML if it ends in .toml).
+
+    The whole file is validated before the first write. Scopes the file does
+    not name are left as they are; an empty list clears a scope.
+    """
+    try:
+        config = load_limits_file(file)
+    except InvalidInput as exc:
+        raise BadInput(str(exc)) from None
+    writes = config.assignments()
+
+    async def apply(budget: Budget) -> None:
+        for tenant, agent, limits in writes:
+            await budget.set_limits(tenant, limits, agent=agent)
+
+    with_budget(ctx, apply)
+    for tenant, agent, limits in writes:
+        shown = ", ".join(str(lim) for lim in limits) or "(cleared)"
+        click.echo(f"{tenant}: {_scope_name(agent)}: {shown}")
+    click.echo(f"applied {len(writes)} scope(s) from {file}")

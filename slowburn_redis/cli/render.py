@@ -1,0 +1,113 @@
+"""Rendering for the terminal: amounts, bars, and the tables of limits and status."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from slowburn_redis.limits import Limit
+from slowburn_redis.status import LimitStatus, Status
+
+BAR_WIDTH = 20
+
+
+def console() -> Console:
+    """A console on the current stdout; 120 columns wide when stdout is not a terminal."""
+    out = sys.stdout
+    width = None if out.isatty() else int(os.environ.get("COLUMNS", "120"))
+    return Console(file=out, width=width, soft_wrap=False, highlight=False)
+
+
+def print_json(data: Any) -> None:
+    """Stable JSON on stdout: sorted keys, two-space indent, one trailing newline."""
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def amount(dimension: str, value: float) -> str:
+    """An amount in its unit: ``$0.0123`` for usd, ``1,500`` for counts."""
+    if dimension == "usd":
+        return f"${value:,.4f}"
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.2f}"
+
+
+def seconds(value: float | None) -> str:
+    """``-`` for None, else ``1.2s``, ``3m04s`` or ``2h05m``."""
+    if value is None:
+        return "-"
+    if value < 60:
+        return f"{value:.1f}s"
+    if value < 3600:
+        return f"{int(value // 60)}m{int(value % 60):02d}s"
+    return f"{int(value // 3600)}h{int(value % 3600 // 60):02d}m"
+
+
+def bar(fraction: float, width: int = BAR_WIDTH) -> Text:
+    """A bar of `width` cells filled to `fraction` (green, yellow past 75 %, red when spent), and the percent."""
+    shown = max(0.0, min(1.0, fraction))
+    filled = round(shown * width)
+    style = "red" if fraction >= 1 else "yellow" if fraction >= 0.75 else "green"
+    text = Text("█" * filled, style=style)
+    text.append("░" * (width - filled), style="dim")
+    text.append(f" {fraction * 100:4.0f}%")
+    return text
+
+
+def scope_label(row: LimitStatus) -> str:
+    """``tenant`` or ``agent <name>``."""
+    return "tenant" if row.scope == "tenant" else f"agent {row.agent}"
+
+
+def status_table(status: Status) -> Table:
+    """Every limit of a Status: used, reserved, remaining, a bar, refill time, waiters."""
+    who = status.tenant + (f" / agent {status.agent}" if status.agent else "")
+    table = Table(title=f"{who}  (queue: {status.queue_length} waiting)", title_justify="left")
+    for column in ("scope", "limit", "used", "reserved", "remaining", "usage", "refill in", "waiters"):
+        table.add_column(column, justify="right" if column in ("used", "reserved", "remaining", "waiters") else "left")
+    for row in status.limits:
+        dim = row.limit.dimension
+        table.add_row(
+            scope_label(row),
+            str(row.limit),
+            amount(dim, row.used),
+            amount(dim, row.reserved),
+            amount(dim, row.remaining),
+            bar(row.fraction),
+            seconds(row.refill_in),
+            str(row.waiters),
+        )
+    return table
+
+
+def status_view(status: Status) -> Table | Text:
+    """The status table, or a line saying the scope has no limits."""
+    if not status.limits:
+        who = status.tenant + (f" / agent {status.agent}" if status.agent else "")
+        return Text(f"{who}: no limits set")
+    return status_table(status)
+
+
+def statuses_view(statuses: list[Status]) -> Group:
+    """Several tenants' status, one after the other."""
+    if not statuses:
+        return Group(Text("no tenants with limits found"))
+    return Group(*(status_view(s) for s in statuses))
+
+
+def limits_table(tenant: str, scopes: list[tuple[str | None, list[Limit]]]) -> Table | Text:
+    """The limits set on each scope of a tenant."""
+    if not scopes:
+        return Text(f"{tenant}: no limits set")
+    table = Table(title=tenant, title_justify="left")
+    table.add_column("scope")
+    table.add_column("limit")
+    for agent, limits in scopes:
+        label = "tenant" if agent is None else "every agent (*)" if agent == "*" else f"agent {agent}"
+        for limit in limits:
+            table.add_row(label, str(limit))
+    return table

@@ -1,0 +1,116 @@
+"""What every command shares: the global options, exit codes, and running a coroutine on a Budget.
+
+Exit codes: 0 ok, 1 operational error (Redis unreachable or refusing, named
+by its URL without credentials), 2 bad usage or bad input. Both errors print
+one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+import click
+from redis.exceptions import RedisError
+
+from slowburn_redis.connection import redact_url
+from slowburn_redis.errors import InvalidInput, SlowburnError
+
+if TYPE_CHECKING:
+    from slowburn_redis.budget import Budget
+
+T = TypeVar("T")
+
+DEFAULT_URL = "redis://localhost:6379/0"
+
+
+class BadInput(click.ClickException):
+    """Bad usage or input: exit 2, nothing in Redis changed."""
+
+    exit_code = 2
+
+
+class OperationalError(click.ClickException):
+    """Redis unreachable or refusing: exit 1."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class CliState:
+    """The global options, kept on the click context as ``ctx.obj``."""
+
+    redis_url: str
+    prefix: str
+    url_given: bool
+    """True when --redis-url came from the command line (the demo then leaves the embedded store)."""
+
+    def open_budget(self) -> Budget:
+        """A Budget on --redis-url with --prefix (raises InvalidInput for a bad URL)."""
+        from slowburn_redis.budget import Budget
+
+        return Budget.from_url(self.redis_url, prefix=self.prefix)
+
+
+def quiet_logging(ctx: click.Context) -> None:
+    """Send the library's logs to stderr, warnings and worse only, until the command ends.
+
+    The previous structlog configuration is restored when the context closes,
+    so embedding the CLI (or testing it) leaves logging as it was.
+    """
+    import structlog
+
+    saved = structlog.get_config()
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+    ctx.call_on_close(lambda: structlog.configure(**saved))
+
+
+def state(ctx: click.Context) -> CliState:
+    """The CliState of the running command."""
+    obj = ctx.find_object(CliState)
+    if obj is None:  # pragma: no cover - every command runs under the group
+        raise click.UsageError("slowburn-redis commands run under the slowburn-redis group")
+    return obj
+
+
+def one_line(text: object) -> str:
+    """`text` with its whitespace (newlines included) collapsed to single spaces."""
+    return " ".join(str(text).split())
+
+
+def run_async(url: str, coro: Awaitable[T]) -> T:
+    """Run `coro`, turning errors into exit codes: InvalidInput -> 2, Redis and other library errors -> 1."""
+    try:
+        return asyncio.run(_as_coroutine(coro))
+    except InvalidInput as exc:
+        raise BadInput(one_line(exc)) from None
+    except (RedisError, SlowburnError, OSError) as exc:  # RedisUnavailable, PermissionDenied...
+        raise OperationalError(f"Redis at {redact_url(url)} failed: {one_line(exc) or type(exc).__name__}") from None
+
+
+async def _as_coroutine(awaitable: Awaitable[T]) -> T:
+    return await awaitable
+
+
+def with_budget(ctx: click.Context, action: Callable[[Budget], Awaitable[T]]) -> T:
+    """Open a Budget from the global options, run `action` on it, close it; map errors to exit codes."""
+    cli_state = state(ctx)
+
+    async def go() -> T:
+        budget = cli_state.open_budget()
+        try:
+            return await action(budget)
+        finally:
+            # Closing a dead connection may fail too: the error that matters is already raised.
+            with contextlib.suppress(RedisError, OSError):
+                await budget.aclose()
+
+    return run_async(cli_state.redis_url, go())

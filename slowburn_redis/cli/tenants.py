@@ -1,0 +1,46 @@
+"""Finding tenants and the scopes of their limits, by the key layout in docs/ARCHITECTURE.md.
+
+Tenants are found with SCAN over ``<prefix>:{*}:limits`` (never KEYS, which
+blocks the server): a tenant is listed once it has had limits set.
+"""
+
+from __future__ import annotations
+
+from slowburn_redis.budget import Budget
+from slowburn_redis.errors import InvalidInput
+from slowburn_redis.limits import Limit
+from slowburn_redis.names import EVERY_AGENT, validate_name
+
+
+async def find_tenants(budget: Budget) -> list[str]:
+    """Every tenant with a limits hash under the budget's prefix, sorted, found with SCAN."""
+    head, tail = f"{budget.prefix}:{{", "}:limits"
+    found: set[str] = set()
+    async for key in budget.client.scan_iter(match=f"{head}*{tail}", count=500):
+        name = str(key)[len(head) : -len(tail)]
+        try:
+            found.add(validate_name("tenant", name))
+        except InvalidInput:  # a key that merely looks alike (a name cannot contain '}')
+            continue
+    return sorted(found)
+
+
+def _agent_of(field: str) -> str | None:
+    if field == "T":
+        return None
+    if field == "D":
+        return EVERY_AGENT
+    return field[2:] if field.startswith("A:") else None
+
+
+async def limit_scopes(budget: Budget, tenant: str) -> list[tuple[str | None, list[Limit]]]:
+    """Every scope of `tenant` with limits set: the tenant (None), every agent ("*"), then agents by name."""
+    fields = await budget.client.hkeys(budget.key(tenant) + ":limits")
+    agents = {_agent_of(str(f)) for f in fields if str(f) in ("T", "D") or str(f).startswith("A:")}
+    ordered = sorted(agents, key=lambda a: (a is not None, a != EVERY_AGENT, a or ""))
+    scopes = []
+    for agent in ordered:
+        limits = await budget.get_limits(tenant, agent=agent)
+        if limits:
+            scopes.append((agent, limits))
+    return scopes

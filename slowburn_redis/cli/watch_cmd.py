@@ -1,0 +1,145 @@
+"""``slowburn-redis watch``: a live view of usage and events, redrawn in place.
+
+The view refreshes every --interval seconds: the status of each tenant and
+the latest events from the tenants' event channels. ``--json`` prints one
+JSON object a line instead (``{"type": "status", ...}`` per refresh,
+``{"type": "event", ...}`` per event); ``--once`` draws one frame and exits;
+``--duration`` stops after that many seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+from collections import deque
+from typing import Any
+
+import click
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from slowburn_redis.budget import Budget
+from slowburn_redis.cli import params, render
+from slowburn_redis.cli.runtime import with_budget
+from slowburn_redis.cli.tenants import find_tenants
+from slowburn_redis.events import Event
+from slowburn_redis.status import Status
+
+EVENTS_SHOWN = 12
+
+
+def _json_line(data: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(data, sort_keys=True, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def event_text(event: Event) -> str:
+    """One event as a line: time, tenant/agent, type and its details."""
+    extra = event.model_extra or {}
+    details = " ".join(f"{key}={value}" for key, value in sorted(extra.items()) if value not in ("", None))
+    who = event.tenant + (f"/{event.agent}" if event.agent else "")
+    limit = f" {event.limit}" if event.limit else ""
+    return f"{event.at:%H:%M:%S} {who} {event.type}{limit} {details}".rstrip()
+
+
+def events_table(events: deque[Event]) -> Table:
+    """The latest events, newest last."""
+    table = Table(title="events", title_justify="left", show_header=False, box=None)
+    table.add_column("event")
+    for event in events:
+        style = "red" if event.type in ("exhausted", "waiting") else "green" if event.type == "resumed" else ""
+        table.add_row(Text(event_text(event), style=style))
+    if not events:
+        table.add_row(Text("(no events yet)", style="dim"))
+    return table
+
+
+class Watcher:
+    """Follows the event channels of the watched tenants and draws the view."""
+
+    def __init__(self, budget: Budget, tenant: str | None, *, as_json: bool) -> None:
+        self.budget = budget
+        self.tenant = tenant
+        self.as_json = as_json
+        self.events: deque[Event] = deque(maxlen=EVENTS_SHOWN)
+        self._followers: dict[str, asyncio.Task[None]] = {}
+
+    async def _follow(self, tenant: str) -> None:
+        async for event in self.budget.events(tenant):
+            self.events.append(event)
+            if self.as_json:
+                _json_line({"type": "event", "event": event.model_dump(mode="json")})
+
+    async def refresh(self) -> list[Status]:
+        """Read every watched tenant's status, following the events of tenants seen for the first time."""
+        tenants = [self.tenant] if self.tenant is not None else await find_tenants(self.budget)
+        for name in tenants:
+            if name not in self._followers:
+                self._followers[name] = asyncio.create_task(self._follow(name))
+        return [await self.budget.status(name) for name in tenants]
+
+    def view(self, statuses: list[Status]) -> Group:
+        return Group(render.statuses_view(statuses), events_table(self.events))
+
+    async def stop(self) -> None:
+        for task in self._followers.values():
+            task.cancel()
+        await asyncio.gather(*self._followers.values(), return_exceptions=True)
+
+
+async def watch(
+    budget: Budget, tenant: str | None, *, interval: float, duration: float | None, once: bool, as_json: bool
+) -> None:
+    """Redraw the view every `interval` seconds until `duration` passes (forever if None) or after one frame."""
+    watcher = Watcher(budget, tenant, as_json=as_json)
+    loop = asyncio.get_running_loop()
+    end = None if duration is None else loop.time() + duration
+    console = render.console()
+    try:
+        statuses = await watcher.refresh()
+        if once:
+            if as_json:
+                _json_line({"type": "status", "statuses": [s.model_dump(mode="json") for s in statuses]})
+            else:
+                console.print(watcher.view(statuses))
+            return
+        live = None if as_json else Live(watcher.view(statuses), console=console, auto_refresh=False)
+        if live is not None:
+            live.start(refresh=True)
+        try:
+            while True:
+                if as_json:
+                    _json_line({"type": "status", "statuses": [s.model_dump(mode="json") for s in statuses]})
+                elif live is not None:
+                    live.update(watcher.view(statuses), refresh=True)
+                pause = interval if end is None else min(interval, end - loop.time())
+                if pause <= 0:
+                    break
+                await asyncio.sleep(pause)
+                statuses = await watcher.refresh()
+        finally:
+            if live is not None:
+                live.stop()
+    finally:
+        await watcher.stop()
+
+
+@click.command("watch")
+@click.argument("tenant", required=False, callback=params.tenant_name)
+@click.option(
+    "--interval", type=float, default=1.0, show_default=True, callback=params.positive, help="Seconds between redraws."
+)
+@click.option("--duration", type=float, callback=params.positive, help="Stop after this many seconds.")
+@click.option("--once", is_flag=True, help="Draw one frame and exit.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines: status snapshots and events.")
+@click.pass_context
+def watch_command(
+    ctx: click.Context, tenant: str | None, interval: float, duration: float | None, once: bool, as_json: bool
+) -> None:
+    """A live view of TENANT's usage and events (every tenant's without TENANT), redrawn in place."""
+    with contextlib.suppress(KeyboardInterrupt):
+        with_budget(ctx, lambda b: watch(b, tenant, interval=interval, duration=duration, once=once, as_json=as_json))
