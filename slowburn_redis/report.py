@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -242,7 +243,7 @@ async def build_report(budget: Budget, tenant: str, *, since: float | str | None
             first = first or entry_id
             last = entry_id
             totals.add(fields)
-            agent, model = fields.get("agent", ""), fields.get("model", "")
+            agent, model = fields.get("agent", ""), fields.get("model") or _meta_model(fields.get("meta"))
             agents.setdefault(agent, Row(name=agent or None)).add(fields)
             models.setdefault(model, Row(name=model or None)).add(fields)
         if len(page) < PAGE:
@@ -301,6 +302,17 @@ def _latex_row(first: str, cells: list[str]) -> str:
 
 def _ordered(rows: Iterable[Row]) -> list[Row]:
     return sorted(rows, key=lambda r: (-r.usd_nano, r.name or ""))
+
+
+def _meta_model(meta: str | None) -> str:
+    """A release writes no model field; the LLM layer names the model in the entry's metadata."""
+    if not meta or '"model"' not in meta:
+        return ""
+    try:
+        model = json.loads(meta).get("model")
+    except (ValueError, AttributeError):
+        return ""
+    return model if isinstance(model, str) else ""
 
 
 def _int(entry: dict[str, str], name: str) -> int:

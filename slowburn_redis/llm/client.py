@@ -236,7 +236,9 @@ class BudgetedLLM:
         return portal.call(twin.abatch(list_of_messages, **kwargs))
 
     def close(self) -> None:
-        """Close the sync twin this object opened for its blocking methods (if any)."""
+        """Stop litellm's background logging on the blocking side's loop; close the twin this object opened."""
+        if self._portal is not None:
+            self._portal.call(stop_litellm_worker())
         if self._own_sync is not None:
             self._own_sync.close()
             self._own_sync = None
@@ -246,6 +248,20 @@ class BudgetedLLM:
     def __repr__(self) -> str:
         who = self.tenant + (f"/{self.agent}" if self.agent else "")
         return f"<BudgetedLLM {self.model} {who}>"
+
+
+async def stop_litellm_worker() -> None:
+    """Stop litellm's background logging task if it runs on this loop.
+
+    litellm starts one on every loop it is used from; on a private loop that
+    is about to stop, a pending task would otherwise be left behind.
+    """
+    try:
+        from litellm.litellm_core_utils.logging_worker import GLOBAL_LOGGING_WORKER
+    except ImportError:  # another litellm version: nothing to stop
+        return
+    if getattr(GLOBAL_LOGGING_WORKER, "_bound_loop", None) is asyncio.get_running_loop():
+        await GLOBAL_LOGGING_WORKER.stop()
 
 
 def _response_usage(response: Any, plan: _Plan, call: MeteredCall) -> Usage:

@@ -83,7 +83,8 @@ def output_cap(params: Mapping[str, Any], default_max_tokens: int) -> int:
             break
     if isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0:
         raise InvalidInput(f"max_tokens must be a positive integer, not {cap!r}")
-    n = params.get("n") or 1
+    n = params.get("n")
+    n = 1 if n is None else n
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise InvalidInput(f"n must be a positive integer, not {n!r}")
     return cap * n

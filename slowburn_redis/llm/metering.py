@@ -96,6 +96,7 @@ class MeteredCall:
 
     def _meta(self, extra: dict[str, Any] | None) -> dict[str, Any]:
         meta = {
+            "admitted_ms": self.reservation.admitted_at_ms,
             "est_input_tokens": self.estimate.input_tokens,
             "est_output_tokens": self.estimate.output_tokens,
             "latency_ms": round((self._loop.time() - self.started) * 1000),
@@ -139,7 +140,9 @@ class MeteredCall:
                 produced = Usage(tokens[0], tokens[1], self.price.cost(*tokens))
         if produced is not None:
             return await self.succeed(produced, outcome="error", extra=extra)
-        return await self._settle(self.reservation.release(outcome="error", metadata=self._meta(extra)))
+        # A release writes no model field: name the model in the metadata for the report.
+        meta = {**self._meta(extra), "model": self.estimate.model}
+        return await self._settle(self.reservation.release(outcome="error", metadata=meta))
 
     async def _settle(self, settle: Any) -> Settlement:
         if self._keeper is not None:
