@@ -66,8 +66,8 @@ local retry_at, wait_forever = 0, false
 local first_lk, reason = '', ''
 local over = {}
 for _, n in ipairs(needed) do
-  local t = advance(n.L, NOW, true)
-  n.t = t
+  local t, _, _, exhausted = advance(n.L, NOW, true)
+  n.t, n.exhausted = t, exhausted
   local full = t + n.amt > n.L.a
   local behind = false
   if mode ~= 'advisory' then
@@ -103,7 +103,8 @@ if #blocked == 0 then
   for _, n in ipairs(needed) do
     local idx, gen, t = charge(n.L, n.amt, NOW, agent)
     charges[#charges + 1] = n.L.lk .. '|' .. fmt(n.L.w) .. '|' .. gen .. '|' .. fmt(idx) .. '|' .. fmt(n.amt)
-    thresholds(n.L, t, agent)
+    thresholds(n.L, t - n.amt, t, agent)
+    if n.exhausted then redis.call('HDEL', n.L.key, 'th') end  -- capacity returned: re-arm
   end
   local expiry = NOW + lease_ttl
   local est = {}
@@ -121,8 +122,8 @@ if #blocked == 0 then
 end
 
 for _, n in ipairs(capacity_blocked) do
-  if tonumber(redis.call('HGET', n.L.key, 'th') or '0') ~= EXHAUSTED then
-    redis.call('HSET', n.L.key, 'th', EXHAUSTED)
+  if not n.exhausted then
+    redis.call('HSET', n.L.key, 'th', '1')
     publish_event('exhausted', {agent = agent, limit = n.L.lk, dimension = n.L.d,
                                 used = n.t, amount = n.L.a, requested = n.amt})
   end

@@ -9,8 +9,9 @@
 --   B:limits        hash   "T" | "D" | "A:<agent>" -> JSON list of limits
 --   B:agents        set    agents that ever had a window of their own
 --   B:w:<LK>        hash   window: t (total), r (reserved part of t), o (oldest
---                          bucket index kept), g (generation), th (last
---                          threshold announced), ov (overrun), b<i>/r<i> buckets
+--                          bucket index kept), g (generation), th (1 once
+--                          'exhausted' was announced, until the next
+--                          admission), ov (overrun), b<i>/r<i> buckets
 --   B:b:<LK>        zset   waiters blocked on that limit, scored by queue rank
 --   B:q             hash   ticket -> "score|created_ms|LK LK ..."
 --   B:qexp          zset   ticket -> expiry of its place in the queue (ms)
@@ -27,7 +28,6 @@
 local B = KEYS[1]
 local BUCKETS = 60
 local THRESHOLDS = {50, 75, 90, 100}
-local EXHAUSTED = 101
 
 local function fmt(x) return string.format('%d', x) end
 
@@ -86,14 +86,15 @@ local function bucket_width(L) return math.ceil(L.w / L.n) end
 
 -- Drop the buckets that left the window (each bucket is dropped once, so the
 -- cost is O(1) amortized) and return the window's running totals.
--- Returns t, r, g (generation, nil when the window does not exist).
+-- Returns t, r, g (generation, nil when the window does not exist) and th
+-- (the 'exhausted' mark, false when not set).
 local function advance(L, now, write)
-  local v = redis.call('HMGET', L.key, 't', 'r', 'o', 'g')
-  local t, r, o, g = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]), v[4]
-  if L.w == 0 or o == nil then return t, r, g end
+  local v = redis.call('HMGET', L.key, 't', 'r', 'o', 'g', 'th')
+  local t, r, o, g, th = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]), v[4], v[5]
+  if L.w == 0 or o == nil then return t, r, g, th end
   local width = bucket_width(L)
   local first = math.floor(now / width) - L.n
-  if o >= first then return t, r, g end
+  if o >= first then return t, r, g, th end
   local stop = math.min(first - 1, o + L.n)
   local dead = {}
   for i = o, stop do
@@ -105,7 +106,7 @@ local function advance(L, now, write)
     if #dead > 0 then redis.call('HDEL', L.key, unpack(dead)) end
     redis.call('HSET', L.key, 't', fmt(t), 'r', fmt(r), 'o', fmt(first))
   end
-  return t, r, g
+  return t, r, g, th
 end
 
 -- Charge `amt` (all of it reserved) to the current bucket. Returns the bucket
@@ -150,36 +151,31 @@ local function refill_at(L, need, now)
   if L.w == 0 then return nil end
   local width = bucket_width(L)
   local cur = math.floor(now / width)
+  local fields = {}
+  for i = cur - L.n, cur do fields[#fields + 1] = 'b' .. i end
+  local buckets = redis.call('HMGET', L.key, unpack(fields))  -- one command, not one per bucket
   local freed = 0
-  for i = cur - L.n, cur do
-    local b = redis.call('HGET', L.key, 'b' .. i)
+  for k, b in ipairs(buckets) do
     if b then
       freed = freed + tonumber(b)
-      if freed >= need then return (i + L.n + 1) * width end
+      -- bucket i = cur - n + k - 1 leaves the window at (i + n + 1) * width
+      if freed >= need then return (cur + k) * width end
     end
   end
   return (cur + L.n + 1) * width
 end
 
--- Announce threshold crossings (50/75/90/100 %, each once per crossing); a
--- window that slid back below a level re-arms it.
-local function thresholds(L, t, agent)
+-- Announce the thresholds (50/75/90/100 % of the amount) that the window's
+-- total crossed on its way up from `before` to `t`: each level once per
+-- crossing, so a window that slid (or was refunded) back below a level
+-- announces it again when it next rises past it.
+local function thresholds(L, before, t, agent)
   if L.a == nil or L.a <= 0 then return end
-  local level = 0
   for _, th in ipairs(THRESHOLDS) do
-    if t * 100 >= th * L.a then level = th end
-  end
-  local last = tonumber(redis.call('HGET', L.key, 'th')) or 0
-  if level > last and last ~= EXHAUSTED then
-    for _, th in ipairs(THRESHOLDS) do
-      if th > last and th <= level then
-        publish_event('threshold', {agent = agent, limit = L.lk, dimension = L.d,
-                                    level = th, used = t, amount = L.a})
-      end
+    if before * 100 < th * L.a and t * 100 >= th * L.a then
+      publish_event('threshold', {agent = agent, limit = L.lk, dimension = L.d,
+                                  level = th, used = t, amount = L.a})
     end
-    redis.call('HSET', L.key, 'th', level)
-  elseif level < last and (last ~= EXHAUSTED or level < 100) then
-    redis.call('HSET', L.key, 'th', level)
   end
 end
 

@@ -14,20 +14,31 @@ local ttl = tonumber(ARGV[1])
 local wake = {}
 purge_leases(NOW, wake)
 purge_tickets(NOW, wake)
-local first, missing = {}, {}
-for i = 2, #ARGV do
-  local ticket = ARGV[i]
-  local info = redis.call('HGET', B .. ':q', ticket)
-  if not info then
-    missing[#missing + 1] = ticket
-  else
-    redis.call('ZADD', B .. ':qexp', 'XX', NOW + ttl, ticket)
-    local ahead = false
-    for _, lk in ipairs(split(split(info, '|')[3] or '', ' ')) do
-      if queue_head(lk) ~= ticket then ahead = true end
+-- A fixed number of commands whatever the number of tickets: one HMGET and
+-- one ZADD per chunk of tickets, one ZRANGE per queue.
+local CHUNK = 500
+local first, missing, heads = {}, {}, {}
+for start = 2, #ARGV, CHUNK do
+  local tickets = {}
+  for i = start, math.min(#ARGV, start + CHUNK - 1) do tickets[#tickets + 1] = ARGV[i] end
+  local infos = redis.call('HMGET', B .. ':q', unpack(tickets))
+  local expiry = {}
+  for k, ticket in ipairs(tickets) do
+    local info = infos[k]
+    if not info then
+      missing[#missing + 1] = ticket
+    else
+      expiry[#expiry + 1] = NOW + ttl
+      expiry[#expiry + 1] = ticket
+      local ahead = false
+      for _, lk in ipairs(split(split(info, '|')[3] or '', ' ')) do
+        if heads[lk] == nil then heads[lk] = queue_head(lk) or false end
+        if heads[lk] ~= ticket then ahead = true end
+      end
+      if not ahead then first[#first + 1] = ticket end
     end
-    if not ahead then first[#first + 1] = ticket end
   end
+  if #expiry > 0 then redis.call('ZADD', B .. ':qexp', 'XX', unpack(expiry)) end
 end
 publish_wake(wake)
 return {first, missing}

@@ -72,7 +72,10 @@ for _, c in ipairs(parse_charges(rs[3])) do
     if dt > 0 then
       redis.call('HINCRBY', c.L.key, 'ov', fmt(dt))
       local L = current_limits()[c.L.lk]
-      if L then thresholds(L, tonumber(redis.call('HGET', L.key, 't')), agent) end
+      if L then
+        local t = tonumber(redis.call('HGET', L.key, 't'))
+        thresholds(L, t - dt, t, agent)
+      end
     end
   end
 end
@@ -90,7 +93,7 @@ if kind == 'commit' and unreserved then
       local idx, gen, t = charge(L, v, NOW, agent)
       adjust(L, gen, idx, 0, -v, NOW)
       redis.call('HINCRBY', L.key, 'ov', fmt(v))
-      thresholds(L, t, agent)
+      thresholds(L, t - v, t, agent)
     end
   end
 end

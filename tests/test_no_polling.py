@@ -1,0 +1,135 @@
+"""Waiting costs Redis (almost) nothing: 50 waiters on a spent budget, commands counted.
+
+A redis-server of this test's own, so that INFO commandstats counts nothing
+but this test. Waiters sit in two worker processes on a budget spent for an
+hour, with a 1 s heartbeat. By design, while nothing changes, each process
+sends one `refresh` per tenant per heartbeat, and the waiter standing first
+in the queue is woken by that heartbeat and retries once; nobody else sends
+anything. commandstats also counts the commands a script runs inside Redis,
+so the bound is built from the measured cost of one refresh (which must not
+grow with the number of waiters) and of one retry. A polling loop (50
+waiters retrying every second) would send more than that by far.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from slowburn_redis import Budget
+from slowburn_redis.scripts import Script
+from tests.servers import RedisServer, redis_server_available
+from tests.workers import Worker
+
+T = "acme"
+PROCESSES = 2
+PER_PROCESS = 25
+HEARTBEAT = 1.0
+QUIET = 3.0  # seconds of measurement
+
+
+REFRESH, ACQUIRE = Script("refresh"), Script("acquire")
+AMOUNTS = "concurrency=1 requests=1 usd=10000000"
+# Commands the scripts run inside Redis (counted by commandstats like any other).
+SCRIPT_ONLY = {"evalsha", "time", "hget", "hmget", "hset", "hsetnx", "hdel", "zadd", "zrange", "zrangebyscore", "zrem"}
+
+
+def cost(client: redis.Redis, script: Script, base: str, *args: str | int) -> int:
+    """How many commands (its own included) one run of `script` costs, by commandstats."""
+    before, _ = total_calls(client)
+    client.evalsha(script.sha, 1, base, *args)
+    after, _ = total_calls(client)
+    return after - before - 1  # minus the first INFO
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    if not redis_server_available():
+        pytest.skip("needs redis-server on PATH")
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def total_calls(client: redis.Redis) -> tuple[int, dict[str, int]]:
+    stats = client.info("commandstats")
+    calls = {name.removeprefix("cmdstat_"): int(entry["calls"]) for name, entry in stats.items()}
+    return sum(calls.values()), calls
+
+
+@pytest.mark.realredis
+def test_fifty_waiters_send_almost_nothing_while_nothing_changes(own_redis: RedisServer) -> None:
+    url, prefix = own_redis.url, "np"
+    base = f"{prefix}:{{{T}}}"
+    control = Budget.from_url(url, prefix=prefix).sync()
+    client = redis.Redis.from_url(url, decode_responses=True)
+    workers: list[Worker] = []
+    try:
+        control.set_limits(T, ["usd 1/hour"])
+        control.acquire(T, usd=1).commit()  # spent for an hour: no retry time falls in the test
+        for p in range(PROCESSES):
+            workers.append(
+                Worker(
+                    "waiters",
+                    url,
+                    prefix,
+                    T,
+                    "--count",
+                    str(PER_PROCESS),
+                    "--usd",
+                    "0.01",
+                    "--heartbeat",
+                    str(HEARTBEAT),
+                    "--label",
+                    f"p{p}w",
+                )
+            )
+        deadline = time.monotonic() + 30
+        while client.hlen(base + ":q") < PROCESSES * PER_PROCESS:
+            assert time.monotonic() < deadline, f"only {client.hlen(base + ':q')} waiters queued"
+            for worker in workers:
+                assert worker.process.poll() is None, worker.describe()
+            time.sleep(0.05)
+        time.sleep(HEARTBEAT)  # let the subscriptions' second tries finish
+
+        before, calls_before = total_calls(client)
+        time.sleep(QUIET)
+        after, calls_after = total_calls(client)
+        delta = after - before - 1  # the first INFO is counted too
+        by_command = {name: calls_after[name] - calls_before.get(name, 0) for name in calls_after}
+        by_command = {name: count for name, count in by_command.items() if count}
+
+        # What each kind of traffic costs, commands run inside the script included.
+        tickets = sorted(client.hkeys(base + ":q"), key=lambda t: int(t[1:]))
+        ttl_ms = round(HEARTBEAT * 3000)
+        refresh_all = cost(client, REFRESH, base, ttl_ms, *tickets[:PER_PROCESS])
+        refresh_one = cost(client, REFRESH, base, ttl_ms, tickets[-1])
+        head_retry = cost(client, ACQUIRE, base, "x1", "p0w0", "wait", 0, tickets[0], 60000, ttl_ms, AMOUNTS)
+        assert refresh_all == refresh_one, "a refresh must cost the same whatever the number of waiters"
+
+        beats = int(QUIET / HEARTBEAT) + 1  # heartbeats that can fall in the interval, per process
+        # By design, per heartbeat: one refresh per tenant per process, and one retry of the
+        # head of the queue (one queue here) by the process that holds it.
+        scripts_bound = beats * (PROCESSES + 1)
+        bound = beats * (PROCESSES * refresh_all + head_retry)
+        assert by_command.get("evalsha", 0) <= scripts_bound, by_command
+        assert set(by_command) - {"info"} <= SCRIPT_ONLY, f"not only scripts: {by_command}"
+        assert delta <= bound, f"{delta} commands in {QUIET}s (bound {bound}): {by_command}"
+        assert bound < PROCESSES * PER_PROCESS * QUIET  # less than one command per waiter per second
+        # The heartbeats did run (so the count measured live waiters), and nobody was admitted.
+        assert by_command.get("evalsha", 0) >= PROCESSES, by_command
+        assert client.hlen(base + ":q") == PROCESSES * PER_PROCESS
+        assert all(worker.process.poll() is None for worker in workers)
+        assert all(worker.lines.empty() or worker.lines.get().get("event") == "started" for worker in workers)
+    finally:
+        for worker in workers:
+            worker.stop()
+        control.close()
+        client.close()
