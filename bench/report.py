@@ -1,0 +1,265 @@
+"""The results as a Markdown table (README / RESULTS.md) and as raw JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+
+
+def num(value: Any, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)):
+        if digits == 0:
+            return f"{round(value):,}"
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def goal(ok: Any) -> str:
+    return "met" if ok else "**not met**"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    out = [
+        "# slowburn-redis benchmark results",
+        "",
+        f"`{results['command']}`, {results['started']}, {results['total_s']} s in all."
+        + (f" **{results['note']}**" if results.get("note") else ""),
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, Redis {results.get('redis_version', '?')} "
+        f"(own server, loopback, no persistence), load average at start {m['load_avg_at_start']}. "
+        f"Every figure is the median of {results['reps']} repetition(s) of {results['duration_s']:g} s runs; "
+        "ratios are taken within the same run on the same server.",
+        "",
+    ]
+    sections = results["sections"]
+    for name, render in (
+        ("ceiling", ceiling),
+        ("peers", peers),
+        ("waiting", waiting),
+        ("memory", memory),
+        ("tenants", tenants),
+    ):
+        if name in sections:
+            data = sections[name]
+            if "error" in data:
+                out += [f"## {name}", "", f"failed: `{data['error']}`", ""]
+            else:
+                out += render(data)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def ceiling(d: dict[str, Any]) -> list[str]:
+    s = d["summary"]
+    rows = []
+    for label, procs in (("1p", "1 process"), ("fleet", "4 processes")):
+        for kind, what in (
+            ("trivial", "trivial EVALSHA (1 HINCRBY)"),
+            ("acquire", "acquire"),
+            ("acquire_commit", "acquire+commit"),
+        ):
+            x = s[label][kind]
+            rows.append(
+                [
+                    procs,
+                    what,
+                    num(x["per_s"]),
+                    num(x["p50_ms"], 2),
+                    num(x["p99_ms"], 2),
+                    "1.00" if kind == "trivial" else num(x["cost_x_trivial"], 2),
+                    "1.00" if kind == "trivial" else num(x["p50_x_trivial"], 2),
+                    num(x["server_us_per_script"], 1),
+                ]
+            )
+    ac1, acf = s["1p"]["acquire_commit"], s["fleet"]["acquire_commit"]
+    return [
+        "## 1. Ceiling: against one trivial round trip",
+        "",
+        f"redis.asyncio, {d['tasks_per_process']} concurrent tasks per process; slowburn checks "
+        + ", ".join(d["limits"])
+        + ". Cost = trivial calls/s over these calls/s.",
+        "",
+        *table(
+            [
+                "processes",
+                "call",
+                "calls/s",
+                "p50 ms",
+                "p99 ms",
+                "cost (x trivial)",
+                "p50 (x trivial)",
+                "server µs/script",
+            ],
+            rows,
+        ),
+        f"- Goal acquire+commit <= 2.5x one trivial round trip (1 process): {num(ac1['cost_x_trivial'], 2)}x, "
+        f"{goal(d['goals']['acquire_commit_at_most_2.5x_trivial'])}.",
+        f"- Goal 4-process fleet >= 40% of the trivial script's throughput: "
+        f"{num(100 * acf['throughput_share_of_trivial'], 0)}%, {goal(d['goals']['fleet_at_least_40pct_of_trivial'])}.",
+        "",
+    ]
+
+
+def peers(d: dict[str, Any]) -> list[str]:
+    tp = d["throughput"]
+    acc = d["accuracy"]
+    rows = []
+    for name, s in tp["summary"].items():
+        a = acc["summary"].get(name)
+        rows.append(
+            [
+                name,
+                d["peers"][name]["algorithm"],
+                num(s["per_s"]),
+                num(s["p50_ms"], 2),
+                num(s["p99_ms"], 2),
+                num(s["x_fastest_peer"], 2),
+                num(a["admitted_over_limit_median"], 2) if a else "",
+                num(a["admitted_over_limit_max"], 2) if a else "",
+            ]
+        )
+    v = d["versions"]
+    return [
+        "## 2. Peers on the same Redis",
+        "",
+        f"Throughput: 1 process, {tp['tasks']} tasks, cost 1; slowburn checks 3 limits + concurrency, each peer one "
+        f"limit ({tp['peer_limit']}). Accuracy: {acc['processes']} processes x {acc['tasks_per_process']} tasks, "
+        f"{acc['limit']}, {acc['costs']}, every limiter in the same {acc['span_s']:g} s run, which straddles a "
+        "multiple of 10 s of the clock (where fixed-window counters reset). Versions: "
+        + ", ".join(f"{k} {val}" for k, val in v.items())
+        + ".",
+        "",
+        *table(
+            ["limiter", "algorithm", "admissions/s", "p50 ms", "p99 ms", "x fastest peer", "admitted/limit", "max"],
+            rows,
+        ),
+        "- Goal slowburn admits exactly the limit, never above: "
+        f"{goal(acc['goal_slowburn_exactly_1.00_never_above'])}.",
+        f"- Goal slowburn within 1.5x of the fastest peer ({tp['fastest_peer']}): acquire "
+        f"{goal(tp['goal_slowburn_acquire_within_1.5x_of_fastest_peer'])}, acquire+commit "
+        f"{goal(tp['goal_slowburn_acquire_commit_within_1.5x_of_fastest_peer'])}.",
+        "",
+    ]
+
+
+def waiting(d: dict[str, Any]) -> list[str]:
+    r, e, idle = d["refund"], d["expiry"], d["idle"]
+    rows = [
+        [
+            "slowburn",
+            f"p50 {num(r['p50_ms'], 2)} / p99 {num(r['p99_ms'], 2)} ms ({r['wakes']} wakes)",
+            f"p50 {num(e['slowburn']['late_vs_ideal_p50_ms'], 1)} / "
+            f"p99 {num(e['slowburn']['late_vs_ideal_p99_ms'], 1)} ms "
+            f"(vs bucket expiry: p50 {num(e['slowburn'].get('late_vs_bucket_expiry_p50_ms'), 1)}, max "
+            f"{num(e['slowburn'].get('late_vs_bucket_expiry_max_ms'), 1)} ms)",
+            num(e["slowburn"]["requests_per_wait"], 1),
+            f"{num(idle['slowburn']['commands_per_s'], 2)} ({idle['slowburn']['waiters']} waiters, "
+            f"{idle['slowburn']['processes']} processes)",
+        ]
+    ]
+    for peer in ("pyrate", "throttled"):
+        pe, pi = e[peer], idle[peer]
+        failed = f", {pi['failed_waits']} waits failed: {pi['first_failure']}" if pi.get("failed_waits") else ""
+        rows.append(
+            [
+                peer,
+                "no wake on refund",
+                f"p50 {num(pe['late_vs_ideal_p50_ms'], 1)} / p99 {num(pe['late_vs_ideal_p99_ms'], 1)} ms",
+                num(pe["requests_per_wait"], 1),
+                f"{num(pi['commands_per_s'], 2)} ({pi['waiters']} waiters, 1 process{failed})",
+            ]
+        )
+    rows.append(["limits", "no blocking wait", "caller polls", "", ""])
+    s = idle["slowburn"]
+    return [
+        "## 3. Waiting",
+        "",
+        f"Refund wake: a holder in one process commits an actual cost of 0; the waiter in another process is "
+        f"admitted ({r['measured_from']}). Expiry wake: a {e['window_s']} s window (slowburn bucket "
+        f"{num(e['slowburn_bucket_ms'], 0)} ms = window/60) is spent, a waiter asks for all of it; lateness is its "
+        "admission minus the moment an exact sliding log would free it (server clock for slowburn). Idle: Redis "
+        "commands per second (INFO commandstats, commands run inside scripts included) while waiters sit on a spent "
+        "budget.",
+        "",
+        *table(
+            ["limiter", "wake after refund", "wake after expiry (late)", "requests per wait", "idle commands/s"], rows
+        ),
+        f"- Goal refund wake p99 < 5 ms: {num(r['p99_ms'], 2)} ms, {goal(r['goal_p99_under_5ms'])}.",
+        f"- Goal < 10 commands/s with 1,000 waiters: {num(s['commands_per_s'], 2)}/s over {s['hold_s']} s "
+        f"({s['commands'] or 'none'}), {goal(s['goal_under_10_per_s'])}.",
+        f"- Queue places left behind after cancelling the 1,000 waiters at once: {s['queue_places_left_after_cancel']} "
+        "(they expire after 3 heartbeats).",
+        "",
+    ]
+
+
+def memory(d: dict[str, Any]) -> list[str]:
+    rows = []
+    for name in ("slowburn", "limits-moving-window", "pyrate-limiter-redis"):
+        for row in d[name]["rows"]:
+            rows.append(
+                [
+                    name,
+                    num(row["admissions"]),
+                    num(row["bytes_per_limit"]),
+                    num(row["used_memory_growth_per_admission"]),
+                ]
+            )
+    return [
+        "## 4. Memory",
+        "",
+        "Bytes per limit: MEMORY USAGE (all elements) of the window keys, divided by the number of limits "
+        "(slowburn: 3 windowed limits, concurrency excluded). used_memory growth per admission includes "
+        "slowburn's reservation records (kept 10 min after settling) and ledger entries.",
+        "",
+        *table(["limiter", "admissions", "bytes per limit", "used_memory growth / admission"], rows),
+        f"- Goal slowburn flat: x{num(d['slowburn']['growth'], 2)} from {num(d['checkpoints'][0])} to "
+        f"{num(d['checkpoints'][-1])} admissions, {goal(d['goal_slowburn_flat'])} (sliding logs: "
+        f"x{num(d['limits-moving-window']['growth'], 1)} and x{num(d['pyrate-limiter-redis']['growth'], 1)}).",
+        "",
+    ]
+
+
+def tenants(d: dict[str, Any]) -> list[str]:
+    s = d["summary"]
+    rows = [
+        [
+            procs,
+            num(s[label]["one_tenant_per_s"]),
+            num(s[label]["all_tenants_per_s"]),
+            num(s[label]["all_over_one"], 2),
+            num(s[label]["all_tenants_p99_ms"], 2),
+        ]
+        for label, procs in (("1p", "1 process"), ("fleet", "4 processes"))
+    ]
+    kinds = ", ".join(f"{k} {num(v)}" for k, v in d["key_bytes_median_by_kind"].items())
+    return [
+        "## 5. Scale of tenants",
+        "",
+        f"{num(d['tenants'])} tenants, each with {', '.join(d['limits'])}; acquire+commit on a random tenant per "
+        "call, against the same three limits on one tenant.",
+        "",
+        *table(["processes", "one tenant calls/s", "random tenant calls/s", "ratio", "p99 ms (random)"], rows),
+        f"- Memory: {num(d['window_bytes_per_tenant_median'])} bytes of windows per tenant "
+        f"({num(d['window_bytes_per_limit_median'])} per limit); "
+        f"limits config {num(d['limits_config_bytes_per_tenant'])} "
+        f"bytes per tenant; used_memory after one call per tenant {num(d['used_memory_per_tenant_after_one_call'])} "
+        f"bytes per tenant. Median bytes by key kind: {kinds}.",
+        "",
+    ]

@@ -1,0 +1,139 @@
+"""Section 5, scale of tenants: throughput and memory with 10,000 tenants of 3 limits each."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import redis
+
+from bench.helpers import Settings, closed_loop, load_dict, median, merge_loads, ratio, used_memory
+
+LIMITS = ["usd 50/day", "tokens 2000000/hour", "requests 600/min"]
+ONE_TENANT = "tn-one"  # the same three limits, never reached: the single-tenant baseline
+ONE_TENANT_LIMITS = ["usd 1000000/day", "tokens 1000000000000/hour", "requests 1000000000/min"]
+
+
+def tenant_name(i: int) -> str:
+    return f"tn{i:05d}"
+
+
+async def setup_job(*, index: int, url: str, first: int, count: int, tasks: int, prime: bool) -> None:
+    """Set the limits of tenants [first, first+count) and, with `prime`, admit and commit one call on each."""
+    from slowburn_redis import Budget
+
+    budget = Budget.from_url(url, prefix="bench")
+    names = [tenant_name(i) for i in range(first, first + count)]
+
+    async def worker(chunk: list[str]) -> None:
+        for name in chunk:
+            if prime:
+                r = await budget.acquire(name, usd=0.01, tokens=500, mode="reject")
+                await r.commit(usd=0.008, tokens=400)
+            else:
+                await budget.set_limits(name, LIMITS)
+
+    try:
+        await asyncio.gather(*(worker(names[i::tasks]) for i in range(tasks)))
+    finally:
+        await budget.aclose()
+
+
+async def load_job(
+    *, index: int, url: str, tenants: int, tasks: int, start_at: float, duration: float
+) -> dict[str, Any]:
+    """acquire+commit on a random tenant among the first `tenants` each call (1: always the same one)."""
+    from slowburn_redis import Budget
+
+    budget = Budget.from_url(url, prefix="bench")
+    rng = random.Random(index)
+
+    def pick() -> str:
+        return ONE_TENANT if tenants == 1 else tenant_name(rng.randrange(tenants))
+
+    async def op(_: int) -> None:
+        r = await budget.acquire(pick(), usd=0.0001, tokens=10, mode="reject")
+        await r.commit(usd=0.0001, tokens=8)
+
+    try:
+        return load_dict(await closed_loop(op, tasks=tasks, start_at=start_at, duration=duration))
+    finally:
+        await budget.aclose()
+
+
+def run(settings: Settings) -> dict[str, Any]:
+    count = 2_000 if settings.quick else 10_000
+    client = redis.Redis.from_url(settings.url)
+    share = count // settings.processes
+    mem0 = used_memory(client)
+    for prime in (False, True):  # limits for every tenant, then one admitted and committed call on each
+        settings.fleet.run(
+            "bench.tenants:setup_job_fleet",
+            url=settings.url,
+            share=share,
+            tasks=settings.tasks,
+            prime=prime,
+            timeout=300,
+        )
+        if not prime:
+            mem_limits = used_memory(client)
+    mem1 = used_memory(client)
+    settings.fleet.run(
+        "bench.peers:set_slowburn_limits", n=1, url=settings.url, tenants=[ONE_TENANT], limits=ONE_TENANT_LIMITS
+    )
+    # one SCAN pass over tenants tn00000..tn00009: bytes of each of their keys, by kind
+    by_tenant: dict[str, dict[str, int]] = {}
+    for raw in client.scan_iter(match="bench:{tn0000?}:*", count=5000):
+        key = raw.decode()
+        tenant, _, rest = key.partition("}:")
+        by_tenant.setdefault(tenant, {})[rest] = int(client.memory_usage(key, samples=0) or 0)
+    breakdown: dict[str, list[int]] = {}
+    window_bytes = []
+    for keys in by_tenant.values():
+        window_bytes.append(sum(v for k, v in keys.items() if k.startswith("w:")))
+        for k, v in keys.items():
+            breakdown.setdefault(k.split(":", 1)[0], []).append(v)
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+        "1p": {"one_tenant": [], "all_tenants": []},
+        "fleet": {"one_tenant": [], "all_tenants": []},
+    }
+    for _ in range(settings.reps):
+        for label, n in (("1p", 1), ("fleet", settings.processes)):
+            for kind, tenants in (("one_tenant", 1), ("all_tenants", count)):
+                results = settings.fleet.run(
+                    "bench.tenants:load_job",
+                    n=n,
+                    url=settings.url,
+                    tenants=tenants,
+                    tasks=settings.tasks,
+                    start_at=settings.start_at(1.0),
+                    duration=settings.duration,
+                )
+                runs[label][kind].append(merge_loads(results))
+    client.close()
+    summary: dict[str, Any] = {}
+    for label, kinds in runs.items():
+        one = median(r["per_s"] for r in kinds["one_tenant"])
+        many = median(r["per_s"] for r in kinds["all_tenants"])
+        summary[label] = {
+            "one_tenant_per_s": one,
+            "all_tenants_per_s": many,
+            "all_over_one": ratio(many, one),
+            "all_tenants_p99_ms": median(r["p99_ms"] for r in kinds["all_tenants"]),
+        }
+    return {
+        "tenants": count,
+        "limits": LIMITS,
+        "limits_config_bytes_per_tenant": (mem_limits - mem0) / count,
+        "used_memory_per_tenant_after_one_call": (mem1 - mem0) / count,
+        "window_bytes_per_tenant_median": median(window_bytes),
+        "window_bytes_per_limit_median": median(window_bytes) / len(LIMITS),
+        "key_bytes_median_by_kind": {kind: median(v) for kind, v in sorted(breakdown.items())},
+        "summary": summary,
+        "runs": runs,
+    }
+
+
+async def setup_job_fleet(*, index: int, url: str, share: int, tasks: int, prime: bool) -> None:
+    await setup_job(index=index, url=url, first=index * share, count=share, tasks=tasks, prime=prime)
