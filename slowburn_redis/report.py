@@ -131,17 +131,21 @@ class Report(BaseModel):
         start = "the start of the ledger" if self.since is None else _stamp(self.since)
         return f"{start} to {_stamp(self.until)}"
 
+    def _digits(self) -> int:
+        """Decimals that show every dollar amount of the report exactly (2 to 9), so the rows add up."""
+        return max([2, *(_decimals(r.usd_nano) for r in [self.totals, *self.agents, *self.models])])
+
     def _table_cells(self, rows: list[Row], label: Any) -> list[list[str]]:
-        return [_cells(label(r.name), r) for r in rows]
+        digits = self._digits()
+        return [_cells(label(r.name), r, digits) for r in rows]
+
+    def _total_cells(self, name: str) -> list[str]:
+        return _cells(name, self.totals, self._digits())
 
     def to_markdown(self) -> str:
         """Two Markdown tables (per agent, per model) with a total line."""
         header = "| {} | Calls | Input tokens | Output tokens | Cost (USD) |\n|---|---:|---:|---:|---:|\n"
-        total = self.totals
-        total_line = (
-            f"| **Total** | **{total.calls}** | **{total.input_tokens:,}** | **{total.output_tokens:,}** "
-            f"| **{total.usd:.6f}** |\n"
-        )
+        total_line = "| " + " | ".join(f"**{cell}**" for cell in self._total_cells("Total")) + " |\n"
         parts = [f"## LLM cost: tenant `{self.tenant}`\n\n", f"{self.entries} ledger entries, {self._period()}.\n\n"]
         for title, rows, label in (("Agent", self.agents, _agent_label), ("Model", self.models, _model_label)):
             parts.append(header.format(title))
@@ -168,7 +172,7 @@ class Report(BaseModel):
             lines += [_latex_row(r"\quad " + latex_escape(cells[0]), cells) for cells in self._table_cells(rows, name)]
         lines += [
             r"\midrule",
-            _latex_row(r"\textbf{Total}", _cells("", self.totals)),
+            _latex_row(r"\textbf{Total}", self._total_cells("")),
             r"\bottomrule",
             r"\end{tabular}",
             r"\end{table}",
@@ -182,10 +186,7 @@ class Report(BaseModel):
         for title, rows, label in (("agent", self.agents, _agent_label), ("model", self.models, _model_label)):
             body.append([f"[{title}]", "", "", "", ""])
             body.extend(self._table_cells(rows, label))
-        total = self.totals
-        body.append(
-            ["TOTAL", str(total.calls), f"{total.input_tokens:,}", f"{total.output_tokens:,}", f"{total.usd:.6f}"]
-        )
+        body.append(self._total_cells("TOTAL"))
         widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
 
         def fmt(cells: list[str]) -> str:
@@ -291,8 +292,21 @@ _LATEX = {
 }
 
 
-def _cells(name: str, row: Row) -> list[str]:
-    return [name, str(row.calls), f"{row.input_tokens:,}", f"{row.output_tokens:,}", f"{row.usd:.6f}"]
+def _cells(name: str, row: Row, digits: int) -> list[str]:
+    money = _usd(row.usd_nano)[: -9 + digits] if digits < 9 else _usd(row.usd_nano)
+    return [name, str(row.calls), f"{row.input_tokens:,}", f"{row.output_tokens:,}", money]
+
+
+def _decimals(nano: int) -> int:
+    """Decimals needed to write `nano` nano-dollars exactly in dollars."""
+    frac = nano % _NANO
+    if frac == 0:
+        return 0
+    digits = 9
+    while frac % 10 == 0:
+        frac //= 10
+        digits -= 1
+    return digits
 
 
 def _latex_row(first: str, cells: list[str]) -> str:

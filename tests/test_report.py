@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 from collections import Counter, defaultdict
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -161,8 +162,19 @@ async def test_exports_parse_and_agree(budget: Budget) -> None:
     _check_latex(latex)
     assert r"claude\_x\&y" in latex and "claude_x&y" not in latex
 
+    # the human tables print dollars exactly, so their rows add up to their totals
+    cost = [
+        Decimal(line.split(" | ")[-1].strip(" |*"))
+        for line in table_lines
+        if not line.startswith(("|---", "| A", "| M"))
+    ]
+    agents_md, models_md = cost[: len(report.agents) + 1], cost[len(report.agents) + 1 :]
+    for block in (agents_md, models_md):
+        assert sum(block[:-1]) == block[-1] == Decimal(report.totals.usd_nano) / 10**9
     text = report.to_table()
-    assert "TOTAL" in text and f"{report.totals.usd:.6f}" in text
+    rows = [line.split() for line in text.splitlines()[2:] if not line.startswith("[")]
+    assert rows[-1][0] == "TOTAL"
+    assert sum(Decimal(r[-1]) for r in rows[: len(report.agents)]) == Decimal(rows[-1][-1])
 
 
 def _check_latex(latex: str) -> None:
