@@ -531,3 +531,21 @@ async def test_sync_completion_on_an_async_budget(budget: Budget, llm: BudgetedL
     llm.close()
     (entry,) = await ledger(budget)
     assert int(entry["usd"]) == nano(litellm.completion_cost(completion_response=response))
+
+
+async def test_a_failed_commit_still_returns_the_response(
+    budget: Budget, llm: BudgetedLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from slowburn_redis.reservation import Reservation
+
+    async def unreachable(self: Reservation, *args: Any, **kwargs: Any) -> Any:
+        raise ConnectionError("redis went away")
+
+    monkeypatch.setattr(Reservation, "commit", unreachable)
+    with capture_logs() as logs:
+        response = await llm.acompletion(QUESTION, max_tokens=50, mock_response=mock_reply(MODEL, QUESTION, "ok"))
+    assert response.choices[0].message.content == "ok"
+    assert [log["event"] for log in logs if log["log_level"] == "warning"] == ["llm.settle_failed"]
+    # nothing was committed: the estimate stays reserved until the lease expires
+    assert await ledger(budget) == []
+    assert (await used(budget, "usd"))[1] > 0

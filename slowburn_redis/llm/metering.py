@@ -80,11 +80,16 @@ class MeteredCall:
     def settled(self) -> bool:
         return self.reservation.settled
 
-    def keep_lease(self, ttl: float) -> None:
-        """Extend the lease every ttl/3 seconds until the call settles (for calls longer than the lease)."""
+    def keep_lease(self, ttl: float, *, horizon: float = 3600.0) -> None:
+        """Extend the lease every ttl/3 seconds until the call settles, for at most `horizon` seconds.
+
+        A call longer than its lease keeps its slot; a call that is never
+        settled (a lost callback) still lets its lease expire after `horizon`.
+        """
 
         async def keeper() -> None:
-            while True:
+            deadline = self._loop.time() + horizon
+            while self._loop.time() < deadline:
                 await asyncio.sleep(ttl / 3)
                 try:
                     if not await self.reservation.extend(ttl):
@@ -145,6 +150,12 @@ class MeteredCall:
         return await self._settle(self.reservation.release(outcome="error", metadata=meta))
 
     async def _settle(self, settle: Any) -> Settlement:
+        """Run a commit or release to the end even if the caller is cancelled meanwhile.
+
+        A settlement that fails (Redis unreachable) is logged, not raised: the
+        call's own result or error matters more, and the lease expiry keeps
+        the estimate charged.
+        """
         if self._keeper is not None:
             self._keeper.cancel()
         task: asyncio.Task[Settlement] = asyncio.ensure_future(settle)
@@ -154,6 +165,9 @@ class MeteredCall:
             with contextlib.suppress(BaseException):
                 await task  # cancelled while settling: finish the settlement, then let the cancel through
             raise
+        except Exception as exc:
+            log.warning("llm.settle_failed", reservation=self.reservation.id, error=str(exc))
+            return Settlement(False, "unsettled")
 
 
 async def open_call(
