@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                 import traceback
 
                 traceback.print_exc()
-                results["sections"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+                last = str(exc).strip().splitlines()[-1:] or [""]
+                results["sections"][name] = {"error": f"{type(exc).__name__}: {last[0]}"}
             results["timings_s"][name] = round(time.monotonic() - t0, 1)
             print(f"[bench] {name} done in {results['timings_s'][name]}s", file=sys.stderr, flush=True)
     results["total_s"] = round(time.monotonic() - t_start, 1)

@@ -133,7 +133,8 @@ class ClientRequests:
     """
 
     def __init__(self, url: str) -> None:
-        self._client = redis.Redis.from_url(url, socket_timeout=0.3)
+        self._url = url
+        self._client = redis.Redis.from_url(url)
         self.counts: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._read, daemon=True)
@@ -145,14 +146,12 @@ class ClientRequests:
             while not self._stop.is_set():
                 try:
                     item = monitor.next_command()
-                except (redis.exceptions.TimeoutError, TimeoutError):
-                    continue
                 except (redis.exceptions.RedisError, OSError, ValueError, AttributeError):
                     return
                 if item.get("client_type") == "lua" or item.get("client_address") == "lua":
                     continue
                 name = str(item.get("command", "")).split(" ", 1)[0].lower().strip('"')
-                if name not in ("info", "hello", "client", "monitor"):  # this harness's own connections
+                if name not in ("info", "hello", "client", "monitor", "echo"):  # this harness's own connections
                     self.counts[name] = self.counts.get(name, 0) + 1
 
     @property
@@ -168,6 +167,11 @@ class ClientRequests:
     def __exit__(self, *exc: object) -> None:
         time.sleep(0.05)
         self._stop.set()
+        poke = redis.Redis.from_url(self._url)  # any command wakes the blocked MONITOR reader
+        try:
+            poke.echo("monitor-stop")
+        finally:
+            poke.close()
         self._thread.join(timeout=2)
         with contextlib.suppress(Exception):
             self._client.close()

@@ -14,23 +14,28 @@ LIMITS = ["usd 1000000/day", "tokens 1000000000000/hour", "requests 1000000000/m
 PEER_AMOUNT, PEER_WINDOW = 10_000_000, 86400  # one day, never reached: every admission stays in the log
 
 
-async def admit_many(*, index: int, url: str, peer: str, key: str, count: int, tasks: int) -> int:
-    """`count` admissions (cost 1) of `peer` on `key`, `tasks` at a time; returns how many were admitted."""
+async def admit_many(*, index: int, url: str, peer: str, key: str, count: int, tasks: int) -> dict[str, Any]:
+    """`count` admissions (cost 1) of `peer` on `key`, `tasks` at a time: how many were admitted, how many failed."""
     admitter = make_admitter(peer, url, PEER_AMOUNT, PEER_WINDOW)
-    admitted = 0
+    admitted = failed = 0
+    first_error = ""
     per_task = [count // tasks + (1 if i < count % tasks else 0) for i in range(tasks)]
 
     async def worker(n: int) -> None:
-        nonlocal admitted
+        nonlocal admitted, failed, first_error
         for _ in range(n):
-            if await admitter.admit(key, 1):
-                admitted += 1
+            try:
+                if await admitter.admit(key, 1):
+                    admitted += 1
+            except Exception as exc:  # reported, not fatal: a slow peer must not lose the section
+                failed += 1
+                first_error = first_error or f"{type(exc).__name__}: {exc}"
 
     try:
         await asyncio.gather(*(worker(n) for n in per_task))
     finally:
         await admitter.close()
-    return admitted
+    return {"admitted": admitted, "failed": failed, "first_error": first_error}
 
 
 def key_bytes(client: redis.Redis, pattern: str) -> dict[str, int]:
@@ -59,7 +64,7 @@ def run(settings: Settings) -> dict[str, Any]:
         mem0 = used_memory(client)
         for target in checkpoints:
             share = (target - done) // settings.processes  # checkpoints are multiples of the fleet size
-            settings.fleet.run(
+            results = settings.fleet.run(
                 "bench.memory:admit_many",
                 url=settings.url,
                 peer=name,
@@ -75,6 +80,8 @@ def run(settings: Settings) -> dict[str, Any]:
             rows.append(
                 {
                     "admissions": target,
+                    "failed_calls": sum(r["failed"] for r in results),
+                    "first_error": next((r["first_error"] for r in results if r["first_error"]), ""),
                     "keys": sizes,
                     "bytes_per_limit": sum(windows.values()) / limits_count,
                     "used_memory_growth_per_admission": (used_memory(client) - mem0) / target,

@@ -216,7 +216,8 @@ def memory(d: dict[str, Any]) -> list[str]:
             rows.append(
                 [
                     name,
-                    num(row["admissions"]),
+                    num(row["admissions"])
+                    + (f" ({row['failed_calls']} calls failed)" if row.get("failed_calls") else ""),
                     num(row["bytes_per_limit"]),
                     num(row["used_memory_growth_per_admission"]),
                 ]
