@@ -175,6 +175,26 @@ def _child(url: str, prefix: str, config: DemoConfig, names: list[str], deadline
     asyncio.run(main())
 
 
+async def cancel_and_wait(tasks: list[asyncio.Task[Any]], *, attempts: int = 100) -> None:
+    """Cancel `tasks` and wait until they are done, cancelling again those still running.
+
+    A cancellation that lands while redis-py subscribes can be lost (an
+    ``asyncio.wait_for`` race in Python 3.11), leaving the task waiting on its
+    socket: a second cancel ends it.
+    """
+    pending = [task for task in tasks if not task.done()]
+    for _ in range(attempts):
+        if not pending:
+            break
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=0.1)
+        pending = [task for task in pending if not task.done()]
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved, so asyncio does not warn about it
+
+
 @contextlib.contextmanager
 def tcp_fake_server() -> Iterator[str]:
     """A fakeredis server on a free local TCP port for the duration (so other processes can share it)."""
@@ -232,16 +252,20 @@ class _Fleet:
 async def _follow_events(budget: Budget, tenant: str, fleet: _Fleet, subscribed: asyncio.Event) -> None:
     channel = budget.key(tenant) + ":events"
     events = budget.events(tenant)
-    first = asyncio.ensure_future(anext(events))
-    for _ in range(200):  # the subscription is made on the first anext(); wait until Redis counts it
-        counts = dict(await budget.client.pubsub_numsub(channel))
-        if counts.get(channel, 0) > 0:
-            break
-        await asyncio.sleep(0.01)
-    subscribed.set()
-    fleet.event(await first)
-    async for event in events:
-        fleet.event(event)
+    first = asyncio.ensure_future(anext(events))  # subscribes, then waits for the first event
+    try:
+        for _ in range(500):  # wait until Redis counts the subscription
+            counts = dict(await budget.client.pubsub_numsub(channel))
+            if counts.get(channel, 0) > 0:
+                break
+            await asyncio.sleep(0.01)
+        subscribed.set()
+        fleet.event(await first)
+        async for event in events:
+            fleet.event(event)
+    finally:
+        await cancel_and_wait([first])
+        await events.aclose()
 
 
 async def run_demo(budget: Budget, config: DemoConfig, view: DemoView, *, url: str | None = None) -> DemoState:
@@ -273,9 +297,7 @@ async def run_demo(budget: Budget, config: DemoConfig, view: DemoView, *, url: s
             await asyncio.wait({runner}, timeout=0.25)
         await runner
     finally:
-        runner.cancel()
-        follower.cancel()
-        await asyncio.gather(runner, follower, return_exceptions=True)
+        await cancel_and_wait([runner, follower])
     fleet.finish()
     fleet.state.status = await budget.status(config.tenant)
     view.tick(fleet.state)

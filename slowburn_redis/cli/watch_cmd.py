@@ -26,6 +26,7 @@ from slowburn_redis.budget import Budget
 from slowburn_redis.cli import params, render
 from slowburn_redis.cli.runtime import with_budget
 from slowburn_redis.cli.tenants import find_tenants
+from slowburn_redis.demo import cancel_and_wait
 from slowburn_redis.events import Event
 from slowburn_redis.status import Status
 
@@ -86,9 +87,7 @@ class Watcher:
         return Group(render.statuses_view(statuses), events_table(self.events))
 
     async def stop(self) -> None:
-        for task in self._followers.values():
-            task.cancel()
-        await asyncio.gather(*self._followers.values(), return_exceptions=True)
+        await cancel_and_wait(list(self._followers.values()))
 
 
 async def watch(

@@ -1,0 +1,159 @@
+"""`slowburn-redis limits set/show/clear/apply` on fakeredis (TCP) and a real Redis."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.cli_support import Cli, assert_bad_input, assert_exit
+
+
+@pytest.fixture
+def run(server_url: str, prefix: str) -> Cli:
+    return Cli(server_url, prefix)
+
+
+def show_json(run: Cli, tenant: str, *extra: str) -> dict[str, object]:
+    result = run("limits", "show", tenant, "--json", *extra)
+    assert_exit(result)
+    data: dict[str, object] = json.loads(result.stdout)
+    return data
+
+
+def limit_texts(data: dict[str, object]) -> dict[str | None, list[str]]:
+    out: dict[str | None, list[str]] = {}
+    for scope in data["scopes"]:  # type: ignore[attr-defined]
+        out[scope["agent"]] = [f"{lim['dimension']} {lim['amount']} {lim['window']}" for lim in scope["limits"]]
+    return out
+
+
+def test_set_then_show_every_scope(run: Cli) -> None:
+    assert_exit(run("limits", "set", "acme", "usd 5/day", "requests 60/min"))
+    assert_exit(run("limits", "set", "acme", "--agent", "*", "usd 1/hour"))
+    result = run("limits", "set", "acme", "--agent", "researcher", "usd", "0.50/hour", "concurrency", "2")
+    assert_exit(result)
+    assert "agent researcher limits set: usd 0.5/hour, concurrency 2" in result.stdout
+
+    data = show_json(run, "acme")
+    assert data["tenant"] == "acme"
+    assert limit_texts(data) == {
+        None: ["usd 5 86400.0", "requests 60 60.0"],
+        "*": ["usd 1 3600.0"],
+        "researcher": ["usd 0.5 3600.0", "concurrency 2 None"],
+    }
+    assert limit_texts(show_json(run, "acme", "--agent", "researcher")) == {
+        "researcher": ["usd 0.5 3600.0", "concurrency 2 None"]
+    }
+
+    table = run("limits", "show", "acme")
+    assert_exit(table)
+    for text in ("usd 5/day", "requests 60/min", "every agent (*)", "usd 1/hour", "agent researcher", "concurrency 2"):
+        assert text in table.stdout
+
+
+def test_set_replaces_and_clear_removes(run: Cli) -> None:
+    assert_exit(run("limits", "set", "acme", "usd 5/day"))
+    assert_exit(run("limits", "set", "acme", "tokens 1M/hour"))
+    assert limit_texts(show_json(run, "acme")) == {None: ["tokens 1000000 3600.0"]}
+    assert_exit(run("limits", "set", "acme", "--agent", "bot", "requests 10/min"))
+    result = run("limits", "clear", "acme")
+    assert_exit(result)
+    assert "tenant limits cleared" in result.stdout
+    assert limit_texts(show_json(run, "acme")) == {"bot": ["requests 10 60.0"]}
+    assert_exit(run("limits", "clear", "acme", "--agent", "bot"))
+    assert show_json(run, "acme") == {"tenant": "acme", "scopes": []}
+    assert "no limits set" in run("limits", "show", "acme").stdout
+
+
+@pytest.mark.parametrize(
+    ("limit", "words"),
+    [
+        ("usd five/day", ["bad amount", "five"]),
+        ("gold 5/day", ["unknown dimension", "gold"]),
+        ("usd -5/day", ["-5"]),
+        ("usd 5/fortnight", ["bad window", "fortnight"]),
+        ("usd", ["bad limit", "usd"]),
+        ("concurrency 2/min", ["concurrency"]),
+    ],
+)
+def test_bad_limit_changes_nothing(run: Cli, limit: str, words: list[str]) -> None:
+    assert_exit(run("limits", "set", "acme", "usd 5/day"))
+    before = run.snapshot()
+    assert_bad_input(run("limits", "set", "acme", "requests 60/min", limit), *words)
+    assert run.snapshot() == before
+
+
+@pytest.mark.parametrize("command", ["set", "show", "clear"])
+def test_bad_tenant_and_agent_names(run: Cli, command: str) -> None:
+    extra = ["usd 5/day"] if command == "set" else []
+    before = run.snapshot()
+    assert_bad_input(run("limits", command, "ac{me}", *extra), "tenant name", "ac{me}")
+    assert_bad_input(run("limits", command, "acme", "--agent", "a b", *extra), "agent name", "a b")
+    assert run.snapshot() == before == {}
+
+
+YAML = """\
+tenants:
+  acme:
+    limits: ["usd 5/day", "requests 60/min"]
+    every_agent: ["usd 1/hour"]
+    agents:
+      researcher: ["usd 0.50/hour"]
+  globex:
+    limits: "tokens 2M/hour"
+"""
+
+TOML = """\
+[tenants.acme]
+limits = ["usd 5/day", "requests 60/min"]
+every_agent = ["usd 1/hour"]
+
+[tenants.acme.agents]
+researcher = ["usd 0.50/hour"]
+
+[tenants.globex]
+limits = ["tokens 2M/hour"]
+"""
+
+
+@pytest.mark.parametrize(("name", "text"), [("limits.yaml", YAML), ("limits.toml", TOML)])
+def test_apply_file(run: Cli, tmp_path: Path, name: str, text: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    result = run("limits", "apply", str(path))
+    assert_exit(result)
+    assert "applied 4 scope(s)" in result.stdout
+    assert limit_texts(show_json(run, "acme")) == {
+        None: ["usd 5 86400.0", "requests 60 60.0"],
+        "*": ["usd 1 3600.0"],
+        "researcher": ["usd 0.5 3600.0"],
+    }
+    assert limit_texts(show_json(run, "globex")) == {None: ["tokens 2000000 3600.0"]}
+
+
+BAD_FILES = [
+    ("bad.yaml", 'tenants:\n  acme: {limits: ["usd 5/day"]\n', ["not valid YAML", "line"]),
+    ("bad.toml", "[tenants.acme\nlimits = 1\n", ["not valid TOML"]),
+    ("later.yaml", YAML + '  initech:\n    limits: ["usd -1/day"]\n', ["tenants.initech.limits", "-1"]),
+    ("dim.yaml", 'tenants:\n  acme:\n    limits: ["gold 5/day"]\n', ["unknown dimension", "gold"]),
+    ("name.yaml", 'tenants:\n  acme:\n    agents: {"a:b": ["usd 1/day"]}\n', ["agent name", "a:b"]),
+    ("tenant.toml", '[tenants."a b"]\nlimits = ["usd 1/day"]\n', ["tenant name", "a b"]),
+    ("typo.yaml", 'tenants:\n  acme:\n    limmits: ["usd 1/day"]\n', ["limmits"]),
+    ("list.yaml", "- usd 5/day\n", ["tenants"]),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "words"), BAD_FILES, ids=[b[0] for b in BAD_FILES])
+def test_apply_validates_the_whole_file_first(run: Cli, tmp_path: Path, name: str, text: str, words: list[str]) -> None:
+    assert_exit(run("limits", "set", "acme", "usd 9/day"))
+    before = run.snapshot()
+    path = tmp_path / name
+    path.write_text(text)
+    assert_bad_input(run("limits", "apply", str(path)), name, *words)
+    assert run.snapshot() == before
+
+
+def test_apply_missing_file(run: Cli, tmp_path: Path) -> None:
+    assert_bad_input(run("limits", "apply", str(tmp_path / "nope.yaml")), "cannot read", "nope.yaml")

@@ -1,0 +1,185 @@
+"""`slowburn-redis status` and `reset` on fakeredis (TCP) and a real Redis."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from slowburn_redis import Budget, SyncBudget
+from tests.cli_support import Cli, assert_bad_input, assert_exit
+
+
+@pytest.fixture
+def run(server_url: str, prefix: str) -> Cli:
+    return Cli(server_url, prefix)
+
+
+@pytest.fixture
+def sync(server_url: str, prefix: str) -> Iterator[SyncBudget]:
+    budget = Budget.from_url(server_url, prefix=prefix).sync()
+    yield budget
+    budget.close()
+
+
+def status_json(run: Cli, *args: str) -> Any:
+    result = run("status", *args, "--json")
+    assert_exit(result)
+    return json.loads(result.stdout)
+
+
+def rows_by_key(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {row["key"]: row for row in status["limits"]}
+
+
+def wait_for_waiters(run: Cli, tenant: str, count: int) -> None:
+    for _ in range(200):
+        if status_json(run, tenant)["queue_length"] == count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"never saw {count} waiter(s)")
+
+
+class Waiter(threading.Thread):
+    """An acquire waiting in a thread; `admitted` once it got in."""
+
+    def __init__(self, sync: SyncBudget, tenant: str, **amounts: Any) -> None:
+        super().__init__(daemon=True)
+        self.sync, self.tenant, self.amounts = sync, tenant, amounts
+        self.admitted = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            reservation = self.sync.acquire(self.tenant, timeout=30, **self.amounts)
+            self.admitted.set()
+            reservation.release()
+        except BaseException as exc:
+            self.error = exc
+
+
+def test_status_shows_used_reserved_remaining_refill_and_waiters(run: Cli, sync: SyncBudget) -> None:
+    assert_exit(run("limits", "set", "acme", "usd 1/min", "requests 100/hour"))
+    with sync.acquire("acme", agent="bot", usd=0.30) as r:
+        r.commit(usd=0.25)
+    open_reservation = sync.acquire("acme", usd=0.5)
+
+    status = status_json(run, "acme")
+    assert status["tenant"] == "acme"
+    rows = rows_by_key(status)
+    usd = rows["T:usd:60000"]
+    assert (usd["used"], usd["reserved"], usd["remaining"]) == (0.25, 0.5, 0.25)
+    assert usd["limit"] == {"dimension": "usd", "amount": "1", "window": 60.0}
+    assert 0 < usd["refill_in"] <= 61  # a window returns capacity up to one bucket (W/60) late
+    assert usd["waiters"] == 0
+    assert (rows["T:requests:3600000"]["used"], rows["T:requests:3600000"]["reserved"]) == (1, 1)
+
+    waiter = Waiter(sync, "acme", usd=0.5)
+    waiter.start()
+    wait_for_waiters(run, "acme", 1)
+    assert rows_by_key(status_json(run, "acme"))["T:usd:60000"]["waiters"] == 1
+
+    table = run("status", "acme")
+    assert_exit(table)
+    for text in ("acme", "usd 1/min", "$0.2500", "$0.5000", "requests 100/hour", "refill in", "█", "75%"):
+        assert text in table.stdout, text
+    assert "queue: 1 waiting" in table.stdout
+
+    open_reservation.release()  # frees 0.5: the waiter gets in
+    assert waiter.admitted.wait(10)
+    waiter.join(10)
+    assert waiter.error is None
+
+
+def test_status_of_one_agent(run: Cli, sync: SyncBudget) -> None:
+    assert_exit(run("limits", "set", "acme", "usd 5/day"))
+    assert_exit(run("limits", "set", "acme", "--agent", "bot", "requests 10/min"))
+    sync.acquire("acme", agent="bot", usd=1).commit(usd=1)
+    status = status_json(run, "acme", "--agent", "bot")
+    assert status["agent"] == "bot"
+    assert sorted(rows_by_key(status)) == ["A:bot:requests:60000", "T:usd:86400000"]
+    assert rows_by_key(status)["A:bot:requests:60000"]["used"] == 1
+
+
+def test_status_without_tenant_lists_every_tenant(run: Cli, sync: SyncBudget) -> None:
+    assert status_json(run) == []
+    assert "no tenants with limits found" in run("status").stdout
+    assert_exit(run("limits", "set", "acme", "usd 5/day"))
+    assert_exit(run("limits", "set", "globex", "requests 9/min"))
+    sync.acquire("globex").commit()
+    statuses = status_json(run)
+    assert [s["tenant"] for s in statuses] == ["acme", "globex"]
+    assert rows_by_key(statuses[1])["T:requests:60000"]["used"] == 1
+    table = run("status").stdout
+    assert "acme" in table and "globex" in table and "requests 9/min" in table
+
+
+def test_status_of_tenant_without_limits(run: Cli) -> None:
+    assert status_json(run, "nobody")["limits"] == []
+    assert "nobody: no limits set" in run("status", "nobody").stdout
+
+
+def test_status_bad_input(run: Cli) -> None:
+    assert_bad_input(run("status", "--agent", "bot"), "--agent needs a TENANT")
+    assert_bad_input(run("status", "a*b"), "tenant name")
+    assert_bad_input(run("status", "acme", "--agent", "*"), "agent name")
+
+
+def test_reset_wakes_waiters_and_forgets_usage(run: Cli, sync: SyncBudget) -> None:
+    assert_exit(run("limits", "set", "acme", "usd 1", "requests 100"))  # lifetime caps: only a reset refills
+    sync.acquire("acme", usd=1).commit(usd=1)
+    waiter = Waiter(sync, "acme", usd=0.5)
+    waiter.start()
+    wait_for_waiters(run, "acme", 1)
+    assert not waiter.admitted.is_set()
+
+    result = run("reset", "acme", "--yes")
+    assert_exit(result)
+    assert "waiters woken" in result.stdout
+    assert waiter.admitted.wait(10)
+    waiter.join(10)
+    assert waiter.error is None
+    rows = rows_by_key(status_json(run, "acme"))
+    assert rows["T:usd:0"]["used"] == 0
+
+
+def test_reset_asks_first(run: Cli, sync: SyncBudget) -> None:
+    assert_exit(run("limits", "set", "acme", "usd 1"))
+    sync.acquire("acme", usd=0.4).commit(usd=0.4)
+    before = run.snapshot()
+    declined = run("reset", "acme", input="n\n")
+    assert declined.exit_code == 1
+    assert "Reset the budget of acme and all its agents?" in declined.output
+    assert run.snapshot() == before
+    accepted = run("reset", "acme", input="y\n")
+    assert_exit(accepted)
+    assert rows_by_key(status_json(run, "acme"))["T:usd:0"]["used"] == 0
+
+
+def test_reset_one_dimension_or_agent(run: Cli, sync: SyncBudget) -> None:
+    assert_exit(run("limits", "set", "acme", "usd 1", "requests 10"))
+    assert_exit(run("limits", "set", "acme", "--agent", "bot", "requests 5"))
+    sync.acquire("acme", agent="bot", usd=0.5).commit(usd=0.5)
+    assert_exit(run("reset", "acme", "--dimension", "usd", "--yes"))
+    rows = rows_by_key(status_json(run, "acme", "--agent", "bot"))
+    assert rows["T:usd:0"]["used"] == 0
+    assert rows["T:requests:0"]["used"] == 1
+    assert rows["A:bot:requests:0"]["used"] == 1
+    assert_exit(run("reset", "acme", "--agent", "bot", "--yes"))
+    rows = rows_by_key(status_json(run, "acme", "--agent", "bot"))
+    assert rows["A:bot:requests:0"]["used"] == 0
+    assert rows["T:requests:0"]["used"] == 1
+
+
+def test_reset_bad_input_changes_nothing(run: Cli, sync: SyncBudget) -> None:
+    assert_exit(run("limits", "set", "acme", "usd 1"))
+    sync.acquire("acme", usd=0.4).commit(usd=0.4)
+    before = run.snapshot()
+    assert_bad_input(run("reset", "acme", "--dimension", "gold", "--yes"), "unknown dimension", "gold")
+    assert_bad_input(run("reset", "acme", "--agent", "*", "--yes"), "agent name")
+    assert_bad_input(run("reset", "ac:me", "--yes"), "tenant name", "ac:me")
+    assert run.snapshot() == before
