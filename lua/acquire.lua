@@ -8,7 +8,8 @@
 -- ARGV[3]  mode: 'wait' (queue when denied), 'reject' (do not queue),
 --          'advisory' (admit and charge whatever the limits say)
 -- ARGV[4]  priority, an integer in [-100, 100], higher first
--- ARGV[5]  ticket held from an earlier denial ('' for a first attempt)
+-- ARGV[5]  ticket held from an earlier denial ('' for a first attempt); a
+--          ticket is the reservation id of the request it queued
 -- ARGV[6]  lease TTL in ms
 -- ARGV[7]  TTL of a queue place in ms (the waiter's process refreshes it)
 -- ARGV[8]  amounts, "dim=int dim=int ..." (usd in nano-dollars)
@@ -137,7 +138,9 @@ end
 
 if ticket == '' then
   local seq = redis.call('INCR', B .. ':seq')
-  ticket = 'q' .. seq
+  -- The ticket is the reservation id, so a client that never read this reply
+  -- (cancelled in flight) can still give up the place.
+  ticket = id
   my_score = (100 - priority) * 2 ^ 44 + seq
   publish_event('waiting', {agent = agent, ticket = ticket, limit = first_lk, reason = reason})
   queued = fmt(my_score) .. '|' .. fmt(NOW) .. '|'

@@ -45,7 +45,7 @@ class Waiter:
             else:
                 await asyncio.wait_for(self._event.wait(), max(0.0, seconds))
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         finally:
             self._event.clear()
@@ -179,6 +179,11 @@ class WakeHub:
             future = self._confirmed.get(channel or "")
             if future is not None and not future.done():
                 future.set_result(None)
+            elif future is not None:
+                # A second confirmation: the client reconnected by itself and
+                # subscribed again. Wakes sent meanwhile were lost: every
+                # waiter of the tenant retries.
+                self._wake_tenant(tenant, None)
             return
         if message.get("type") != "message":
             return

@@ -40,7 +40,7 @@ async def test_commit_and_release_free_the_slot_at_once(short_leases: Budget) ->
     await first.commit()
     await second.release()
     for task in (third, fourth):
-        await (await asyncio.wait_for(task, 10)).commit()
+        await (await asyncio.wait_for(task, 30)).commit()
     status = await budget.status(T)
     assert status.limits[0].used == 0 and status.limits[0].reserved == 0
 
@@ -51,7 +51,7 @@ async def test_expired_lease_frees_the_slot_but_keeps_the_money(short_leases: Bu
     async with Events(budget) as events:
         dead = await budget.acquire(T, "dead", usd=0.3)  # never settled: its worker "died"
         waiter = spawn(budget.acquire(T, "next", usd=0.2, lease_ttl=60))
-        reservation = await asyncio.wait_for(waiter, 10)  # admitted once the 0.5 s lease ran out
+        reservation = await asyncio.wait_for(waiter, 30)  # admitted once the 0.5 s lease ran out
         expired = await events.wait_for("lease_expired")
     assert [e.agent for e in expired] == ["dead"]
     assert expired[0].reservation == dead.id  # type: ignore[attr-defined]
@@ -70,7 +70,7 @@ async def test_late_commit_replaces_the_estimate(short_leases: Budget) -> None:
     await budget.set_limits(T, ["concurrency 1", "usd 1/hour"])
     slow = await budget.acquire(T, usd=0.5)
     waiter = spawn(budget.acquire(T, usd=0.1, lease_ttl=60))
-    other = await asyncio.wait_for(waiter, 10)  # the slow call's lease expired
+    other = await asyncio.wait_for(waiter, 30)  # the slow call's lease expired
     settlement = await slow.commit(usd=0.2)
     assert settlement.settled and settlement.state == "committed"
     await other.commit()
@@ -82,18 +82,18 @@ async def test_late_commit_replaces_the_estimate(short_leases: Budget) -> None:
 async def test_extend_keeps_a_long_calls_slot(short_leases: Budget) -> None:
     budget = short_leases
     await budget.set_limits(T, ["concurrency 1"])
-    long_call = await budget.acquire(T)
+    long_call = await budget.acquire(T, lease_ttl=1.0)
     waiter = spawn(budget.acquire(T, lease_ttl=60))
     await wait_queued(budget, 1)
     first_expiry = long_call.lease_expires_ms
-    for _ in range(8):  # 1.2 s: more than two lease TTLs
-        await asyncio.sleep(0.15)
-        assert await long_call.extend()
+    for _ in range(11):  # 2.2 s: more than two lease TTLs
+        await asyncio.sleep(0.2)
+        assert await long_call.extend(1.0)
         assert not waiter.done()
     assert long_call.lease_expires_ms > first_expiry
     assert await queued(budget) == 1
     await long_call.commit()
-    await (await asyncio.wait_for(waiter, 10)).commit()
+    await (await asyncio.wait_for(waiter, 30)).commit()
     assert not await long_call.extend()  # settled: nothing to extend
 
 
@@ -122,12 +122,12 @@ def fleet(server_url: str, prefix: str) -> Iterator[Fleet]:
 
 def test_sigkilled_holder_keeps_its_slot_while_extending_and_frees_it_after_its_ttl(fleet: Fleet) -> None:
     fleet.budget.set_limits(T, ["concurrency 1", "usd 1/hour"])
-    # A long call in another process: 1 s lease, extended every 0.25 s.
-    holder = fleet.start("acquire", "--usd", "0.3", "--lease-ttl", "1", "--keepalive", "0.25", "--then", "hold")
+    # A long call in another process: 1.5 s lease, extended every 0.2 s.
+    holder = fleet.start("acquire", "--usd", "0.3", "--lease-ttl", "1.5", "--keepalive", "0.2", "--then", "hold")
     reservation_id = holder.expect("admitted")["id"]
     waiter = fleet.start("acquire", "--usd", "0.2", "--then", "stdin", "--label", "waiter")
     fleet.wait_queued(1)
-    deadline = time.monotonic() + 2.5  # more than two lease TTLs: the extensions keep the slot
+    deadline = time.monotonic() + 3.2  # more than two lease TTLs: the extensions keep the slot
     while time.monotonic() < deadline:
         assert holder.expect("extended")["ok"] is True
     assert fleet.queued() == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from structlog.testing import capture_logs
 
 from slowburn_redis import Budget, BudgetExhausted, BudgetTimeout, Event, RequestTooLarge, Reservation, Status
 from slowburn_redis.testing import advance_clock
+from tests.servers import RedisServer, redis_server_available
 
 T = "acme"
 LONG = 60.0  # heartbeat of waiters that must be woken by a notification
@@ -31,7 +33,7 @@ def spawn(acquire: Awaitable[Reservation]) -> asyncio.Task[Reservation]:
     return asyncio.create_task(run())
 
 
-async def eventually(check: Callable[[], Any], within: float = 10.0, what: str = "condition") -> Any:
+async def eventually(check: Callable[[], Any], within: float = 30.0, what: str = "condition") -> Any:
     """Poll `check` (sync or async) until it returns a truthy value; fail after `within` seconds."""
     deadline = time.monotonic() + within
     while True:
@@ -135,7 +137,7 @@ async def test_waiter_resumes_when_holder_commits_lower(waiting_budget: Budget) 
     await wait_queued(budget, 1)
     assert not waiter.done()
     await holder.commit(usd=0.2)
-    reservation = await asyncio.wait_for(waiter, 10)
+    reservation = await asyncio.wait_for(waiter, 30)
     assert isinstance(reservation, Reservation)
     await reservation.commit()
     status = await budget.status(T)
@@ -150,7 +152,7 @@ async def test_release_wakes_waiter(waiting_budget: Budget) -> None:
     waiter = spawn(budget.acquire(T))
     await wait_queued(budget, 1)
     await holder.release()
-    await (await asyncio.wait_for(waiter, 10)).commit()
+    await (await asyncio.wait_for(waiter, 30)).commit()
     assert await queued(budget) == 0
 
 
@@ -161,7 +163,7 @@ async def test_reset_wakes_every_waiter(waiting_budget: Budget) -> None:
     waiters = [spawn(budget.acquire(T, f"w{i}", usd=0.3)) for i in range(3)]
     await wait_queued(budget, 3)
     await budget.reset(T)
-    admitted = await asyncio.wait_for(asyncio.gather(*waiters), 10)
+    admitted = await asyncio.wait_for(asyncio.gather(*waiters), 30)
     assert len({r.id for r in admitted}) == 3
     assert await queued(budget) == 0
 
@@ -173,7 +175,7 @@ async def test_raised_limit_wakes_waiter(waiting_budget: Budget) -> None:
     waiter = spawn(budget.acquire(T, usd=0.5))
     await wait_queued(budget, 1)
     await budget.set_limits(T, ["usd 2/hour"])
-    await (await asyncio.wait_for(waiter, 10)).commit()
+    await (await asyncio.wait_for(waiter, 30)).commit()
 
 
 async def test_window_expiry_admits_waiter_without_notification(make_budget: Callable[..., Budget]) -> None:
@@ -183,7 +185,7 @@ async def test_window_expiry_admits_waiter_without_notification(make_budget: Cal
         await budget.set_limits(T, ["requests 1/1s"])
         await (await budget.acquire(T)).commit()
         started = time.monotonic()
-        reservation = await asyncio.wait_for(budget.acquire(T), 10)
+        reservation = await asyncio.wait_for(budget.acquire(T), 30)
         # The window is 1 s wide (buckets of 17 ms): the second request can only fit once it slid.
         assert time.monotonic() - started > 0.5
         await reservation.commit()
@@ -239,7 +241,7 @@ async def test_large_request_is_not_starved_by_small_ones(waiting_budget: Budget
     await eventually(lambda: len(order) == 2, what="two admissions")
     assert order == ["large", "s0"]
     await budget.reset(T)
-    await asyncio.wait_for(asyncio.gather(large, *smalls), 10)
+    await asyncio.wait_for(asyncio.gather(large, *smalls), 30)
     assert order == ["large", "s0", "s1", "s2"]
 
 
@@ -266,7 +268,7 @@ async def test_timeout_raises_budget_timeout_with_status(waiting_budget: Budget)
     await budget.set_limits(T, ["usd 1/hour"])
     await (await budget.acquire(T, usd=0.9)).commit()
     with pytest.raises(BudgetTimeout) as caught:
-        await asyncio.wait_for(budget.acquire(T, usd=0.5, timeout=0.3), 10)
+        await asyncio.wait_for(budget.acquire(T, usd=0.5, timeout=0.3), 30)
     error = caught.value
     assert error.tenant == T
     assert error.limit == "T:usd:3600000"
@@ -318,7 +320,7 @@ async def test_reject_mode_respects_the_queue(waiting_budget: Budget) -> None:
     with pytest.raises(BudgetExhausted):
         await budget.acquire(T, usd=0.1, mode="reject")
     await holder.release()
-    await (await asyncio.wait_for(waiter, 10)).commit()
+    await (await asyncio.wait_for(waiter, 30)).commit()
 
 
 async def test_advisory_mode_never_blocks_and_emits_events(waiting_budget: Budget) -> None:
@@ -361,7 +363,7 @@ async def test_waiter_fails_when_its_limit_is_lowered_below_its_request(waiting_
     await wait_queued(budget, 1)
     await budget.set_limits(T, ["usd 0.4/hour"])
     with pytest.raises(RequestTooLarge):
-        await asyncio.wait_for(waiter, 10)
+        await asyncio.wait_for(waiter, 30)
     await holder.release()
     assert await leftovers(budget) == {"q": {}, "qexp": [], "blocked": [], "leases": []}
 
@@ -384,7 +386,7 @@ async def test_cancelled_waiter_leaves_no_queue_entry_and_no_reservation(waiting
             await task
     assert await queued(budget) == 1
     await holder.release()
-    survivor = await asyncio.wait_for(waiters[1], 10)  # the cancelled head does not block it
+    survivor = await asyncio.wait_for(waiters[1], 30)  # the cancelled head does not block it
     await survivor.release()
     assert await leftovers(budget) == {"q": {}, "qexp": [], "blocked": [], "leases": []}
     assert await open_reservations(budget) == []
@@ -413,7 +415,7 @@ async def test_cancel_after_the_script_admitted_releases_the_reservation(
     waiter = spawn(budget.acquire(T, usd=0.2))
     await wait_queued(budget, 1)
     await holder.release()
-    await asyncio.wait_for(admitted.wait(), 10)
+    await asyncio.wait_for(admitted.wait(), 30)
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter
@@ -422,6 +424,32 @@ async def test_cancel_after_the_script_admitted_releases_the_reservation(
     assert await leftovers(budget) == {"q": {}, "qexp": [], "blocked": [], "leases": []}
     status = await budget.status(T)
     assert {s.limit.dimension: s.used + s.reserved for s in status.limits} == {"usd": 0, "concurrency": 0}
+
+
+async def test_cancel_before_the_first_denial_was_read_leaves_no_queue_entry(
+    waiting_budget: Budget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The script queued the request, but the client never saw its ticket: the place is still given up."""
+    budget = waiting_budget
+    await budget.set_limits(T, ["usd 1/hour"])
+    await (await budget.acquire(T, usd=1)).commit()
+    real_call = budget._call
+
+    async def slow_reply(script: Any, key: str, args: list[Any], **options: Any) -> Any:
+        reply = await real_call(script, key, args, **options)
+        if script is budget._scripts.acquire:
+            await asyncio.sleep(3600)
+        return reply
+
+    monkeypatch.setattr(budget, "_call", slow_reply)
+    waiter = spawn(budget.acquire(T, usd=0.5))
+    await wait_queued(budget, 1)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    monkeypatch.undo()
+    assert await leftovers(budget) == {"q": {}, "qexp": [], "blocked": [], "leases": []}
+    assert await open_reservations(budget) == []
 
 
 async def test_timed_out_head_wakes_the_next_waiter(waiting_budget: Budget) -> None:
@@ -434,8 +462,8 @@ async def test_timed_out_head_wakes_the_next_waiter(waiting_budget: Budget) -> N
     second = spawn(budget.acquire(T, "second", usd=0.4))
     await wait_queued(budget, 2)
     with pytest.raises(BudgetTimeout):
-        await asyncio.wait_for(head, 10)
-    await (await asyncio.wait_for(second, 10)).commit()
+        await asyncio.wait_for(head, 30)
+    await (await asyncio.wait_for(second, 30)).commit()
     assert await queued(budget) == 0
 
 
@@ -451,7 +479,7 @@ async def test_events_arrive_through_budget_events(waiting_budget: Budget) -> No
         waiter = spawn(budget.acquire(T, "bot", usd=0.2))
         await events.wait_for("waiting")
         await budget.reset(T)
-        await (await asyncio.wait_for(waiter, 10)).commit()
+        await (await asyncio.wait_for(waiter, 30)).commit()
         await events.wait_for("resumed")
         await budget.set_limits(T, ["usd 2/hour"])
         await events.wait_for("limits_changed", 2)
@@ -515,7 +543,7 @@ async def test_pause_and_resume_are_logged(waiting_budget: Budget) -> None:
         await wait_queued(budget, 1)
         await asyncio.sleep(0.05)
         await holder.commit(usd=0.1)
-        await (await asyncio.wait_for(waiter, 10)).commit()
+        await (await asyncio.wait_for(waiter, 30)).commit()
     paused = [entry for entry in logs if entry["event"] == "budget.paused"]
     resumed = [entry for entry in logs if entry["event"] == "budget.resumed"]
     assert len(paused) == 1 and len(resumed) == 1
@@ -539,4 +567,26 @@ async def test_pause_behind_the_queue_is_logged_with_reason_queue(waiting_budget
     assert [e["reason"] for e in logs if e["event"] == "budget.paused"] == ["queue"]
     await holder.release()
     for task in (big, small):
-        await (await asyncio.wait_for(task, 10)).commit()
+        await (await asyncio.wait_for(task, 30)).commit()
+
+
+async def test_a_lost_pubsub_connection_only_delays_the_waiter(tmp_path: Path) -> None:
+    """The hub reconnects, and every waiter of the process retries, so a wake sent meanwhile is not lost for good."""
+    if not redis_server_available():
+        pytest.skip("needs redis-server on PATH")
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    budget = Budget.from_url(server.url, prefix="lost", heartbeat=LONG)
+    try:
+        await budget.set_limits(T, ["usd 1/hour"])
+        holder = await budget.acquire(T, usd=1)
+        waiter = spawn(budget.acquire(T, usd=0.5))
+        await wait_queued(budget, 1)
+        killed = await budget.client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        assert int(killed) == 1
+        await holder.commit(usd=0.2)  # published while the waiter's process may be unsubscribed
+        await (await asyncio.wait_for(waiter, 30)).commit()
+        assert await queued(budget) == 0
+    finally:
+        await budget.aclose()
+        server.stop()

@@ -27,7 +27,7 @@ from tests.workers import Worker
 T = "acme"
 
 
-def eventually(check: Callable[[], Any], within: float = 20.0, what: str = "condition") -> Any:
+def eventually(check: Callable[[], Any], within: float = 60.0, what: str = "condition") -> Any:
     """Poll `check` until it returns a truthy value; fail after `within` seconds."""
     deadline = time.monotonic() + within
     while True:
@@ -169,11 +169,13 @@ def test_fifo_order_across_processes_higher_priority_first(fleet: Fleet, events:
     for count, (name, priority) in enumerate(arrivals, start=1):
         workers.append(fleet.start("acquire", "--agent", name, "--priority", str(priority), "--then", "release"))
         fleet.wait_queued(count)
+    eventually(lambda: len(events.agents("waiting")) == 5, what="five waiting events")
     assert events.agents("waiting") == ["a", "b", "hi", "c", "lo"]
     holder.release()
     for worker in workers:
         worker.expect("settled")
         assert worker.wait() == 0
+    eventually(lambda: len(events.agents("resumed")) == 5, what="five resumed events")
     assert events.agents("resumed") == ["hi", "a", "b", "c", "lo"]
     assert fleet.leftovers() == {"q": {}, "qexp": [], "blocked": [], "leases": []}
 

@@ -218,7 +218,7 @@ class Worker:
             with contextlib.suppress(json.JSONDecodeError):
                 self.lines.put(json.loads(line))
 
-    def expect(self, event: str, timeout: float = 20.0) -> dict[str, Any]:
+    def expect(self, event: str, timeout: float = 60.0) -> dict[str, Any]:
         """The next line whose event is `event` (other lines are kept in `seen`); fails after `timeout`."""
         deadline = time.monotonic() + timeout
         while True:
@@ -249,7 +249,7 @@ class Worker:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(timeout=10)
 
-    def wait(self, timeout: float = 20.0) -> int:
+    def wait(self, timeout: float = 60.0) -> int:
         return self.process.wait(timeout=timeout)
 
     def describe(self) -> str:
