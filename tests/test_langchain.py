@@ -150,11 +150,13 @@ async def test_chat_models_wait_on_the_shared_budget(budget: Budget) -> None:
             *(chat.ainvoke(f"{PROMPT} ({i})", config={"callbacks": [handler]}) for i in range(6))
         )
     assert [a.content for a in answers] == [REPLY] * 6
-    assert sum(1 for log in logs if log["event"] == "budget.paused") >= 4
+    paused = [log for log in logs if log["event"] == "budget.paused"]
+    assert len(paused) >= 1, logs
     admitted = sorted(e["meta"]["admitted_ms"] for e in await ledger(budget))
     assert len(admitted) == 6
     for start in admitted:  # never more than 2 admissions in any 2 s
-        assert sum(1 for t in admitted if start <= t < start + 2000) <= 2
+        assert sum(1 for t in admitted if start <= t < start + 2000) <= 2, admitted
+    assert admitted[-1] - admitted[0] >= 2 * 2000 * 59 / 60, admitted  # 6 calls at 2 per window: 3 windows
 
 
 async def test_budget_errors_stop_the_call(budget: Budget) -> None:
