@@ -25,6 +25,7 @@ from slowburn_redis.events import Event
 from slowburn_redis.limits import UNITS, Limit, coerce_limits, from_units
 from slowburn_redis.names import EVERY_AGENT, base_key, scope_field, validate_agent, validate_name
 from slowburn_redis.reservation import Reservation
+from slowburn_redis.resilience import Backoff, OnUnavailable, Resilience
 from slowburn_redis.scripts import Clock, Script, Scripts
 from slowburn_redis.status import Status
 from slowburn_redis.waiting import WakeHub
@@ -48,6 +49,13 @@ class Budget:
     which expire after three heartbeats. `ledger_maxlen` bounds each tenant's
     ledger stream (approximately). `test_clock` loads scripts whose clock can
     be moved forward (see `slowburn_redis.testing`); never use it in production.
+
+    `on_unavailable` says what happens when Redis cannot be reached (see
+    `slowburn_redis.resilience`): ``"wait"`` retries with `backoff` until the
+    acquire's timeout (other operations: `retry_timeout`, None for no bound)
+    and then raises RedisUnavailable; ``"raise"`` raises RedisUnavailable at
+    once; ``"allow"`` fails open (the acquire is admitted unchecked, its
+    Reservation has ``backed == False``, logged at error level).
     """
 
     def __init__(
@@ -62,6 +70,9 @@ class Budget:
         ledger_maxlen: int = 100_000,
         test_clock: bool = False,
         description: str = "redis",
+        on_unavailable: OnUnavailable = "wait",
+        retry_timeout: float | None = None,
+        backoff: Backoff | None = None,
     ) -> None:
         validate_name("prefix", prefix)
         if not lease_ttl > 0 or not heartbeat > 0:
@@ -82,7 +93,13 @@ class Budget:
             "ledger_maxlen": ledger_maxlen,
             "test_clock": test_clock,
             "description": description,
+            "on_unavailable": on_unavailable,
+            "retry_timeout": retry_timeout,
+            "backoff": backoff,
         }
+        self._resilience = Resilience(
+            on_unavailable, backoff=backoff, retry_timeout=retry_timeout, description=description
+        )
         self._clock: Clock = "test" if test_clock else "server"
         self._scripts = Scripts(self._clock)
         self._open_pubsub = open_pubsub or (lambda: client.pubsub())
@@ -99,7 +116,10 @@ class Budget:
     def from_url(cls, url: str, *, cluster: bool = False, **options: Any) -> Budget:
         """A Budget on the Redis at `url` (``redis://``, ``rediss://``, ``unix://``).
 
-        With ``cluster=True`` the URL names any node of a Redis Cluster.
+        With ``cluster=True``, or a ``redis+cluster://`` / ``rediss+cluster://``
+        URL, the URL names any node of a Redis Cluster. `options` are those of
+        `Budget` (prefix, lease_ttl, on_unavailable...). Nothing is sent to
+        Redis here: an unreachable server shows at the first call.
         """
         from slowburn_redis.connection import connect_url
 
@@ -140,9 +160,17 @@ class Budget:
         """The base key of `tenant`; every key of the tenant starts with it."""
         return base_key(self.prefix, tenant)
 
-    async def _call(self, script: Script, key: str, args: list[Any]) -> Any:
-        """Run one script: the single path every operation takes to Redis."""
-        return await script(self.client, key, args)
+    async def _call(self, script: Script, key: str, args: list[Any], *, deadline: float | None = None) -> Any:
+        """Run one script: the single path every operation takes to Redis.
+
+        A failure to reach Redis is handled by the ``on_unavailable`` policy
+        (`slowburn_redis.resilience`); a ``"wait"`` retry gives up at
+        `deadline` (event-loop time), else after ``retry_timeout``. Retries
+        resend the same arguments, which every script treats idempotently.
+        """
+        return await self._resilience.call(
+            script.name, lambda: script(self.client, key, args), args, deadline=deadline
+        )
 
     # limits ------------------------------------------------------------------
 
@@ -250,7 +278,7 @@ class Budget:
         try:
             while True:
                 args = [rid, agent or "", mode, priority, ticket, lease_ms, queue_ms, amounts]
-                reply = await self._call(self._scripts.acquire, key, args)
+                reply = await self._call(self._scripts.acquire, key, args, deadline=deadline)
                 if reply[0] == 1:
                     ticket = ""
                     if paused_at is not None:

@@ -73,6 +73,11 @@ class Reservation:
     def settled(self) -> bool:
         return self.settlement is not None
 
+    @property
+    def backed(self) -> bool:
+        """False when admitted without Redis (``on_unavailable="allow"``): nothing was charged; settling only logs."""
+        return self._budget._resilience.is_backed(self.id)
+
     async def commit(
         self,
         usd: float | str | None = None,
