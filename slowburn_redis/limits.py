@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from decimal import MAX_EMAX, MIN_EMIN, ROUND_CEILING, Decimal, InvalidOperation, localcontext
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
@@ -49,10 +49,13 @@ def parse_window(text: str | float | int | None) -> float | None:
     """Seconds in a window given as ``"10s"``, ``"5 min"``, ``"day"``, or a number of seconds."""
     if text is None:
         return None
-    if isinstance(text, bool):
-        raise InvalidLimit(f"window must be a duration, not {text!r}", part=str(text))
-    if isinstance(text, (int, float)):
-        seconds = float(text)
+    if isinstance(text, bool) or not isinstance(text, (int, float, Decimal, str)):
+        raise InvalidLimit(f"window must be a duration, not {type(text).__name__}", part=_shown(text))
+    if not isinstance(text, str):
+        try:
+            seconds = float(text)
+        except (OverflowError, ValueError):  # an int too large for a float, a signaling NaN
+            seconds = math.inf
     else:
         match = _WINDOW.fullmatch(text.strip())
         if not match or match["unit"] not in _WINDOW_UNITS:
@@ -64,8 +67,8 @@ def parse_window(text: str | float | int | None) -> float | None:
         seconds = count * _WINDOW_UNITS[match["unit"]]
     if not math.isfinite(seconds) or seconds < MIN_WINDOW or seconds > MAX_WINDOW:
         raise InvalidLimit(
-            f"window {text!r} is out of range: between {MIN_WINDOW:g}s and {MAX_WINDOW / 86400:g} days",
-            part=str(text),
+            f"window {_shown(text)} is out of range: between {MIN_WINDOW:g}s and {MAX_WINDOW / 86400:g} days",
+            part=text if isinstance(text, str) else _shown(text),
         )
     if round(seconds * 1000) != seconds * 1000:
         raise InvalidLimit(f"window {text!r} must be a whole number of milliseconds", part=str(text))
@@ -99,18 +102,34 @@ def to_units(dimension: str, amount: object, *, round_up: bool = False) -> int:
     try:
         value = Decimal(str(amount)) if isinstance(amount, float) else Decimal(amount)
     except InvalidOperation:
-        raise InvalidInput(f"{dimension} amount {amount!r} is not a number") from None
+        raise InvalidInput(f"{dimension} amount {_shown(amount)} is not a number") from None
     if not value.is_finite():
-        raise InvalidInput(f"{dimension} amount must be finite, not {amount!r}")
+        raise InvalidInput(f"{dimension} amount must be finite, not {_shown(amount)}")
     if value < 0:
-        raise InvalidInput(f"{dimension} amount must not be negative, got {amount}")
-    scaled = value * UNITS[dimension]
-    if UNITS[dimension] == 1 and scaled != scaled.to_integral_value():
-        raise InvalidInput(f"{dimension} amount must be a whole number, got {amount}")
-    units = int(scaled.to_integral_value(rounding=ROUND_CEILING) if round_up else scaled.to_integral_value())
+        raise InvalidInput(f"{dimension} amount must not be negative, got {_shown(amount)}")
+    if value > MAX_UNITS:  # before scaling: a huge exponent would overflow the decimal context
+        raise InvalidInput(
+            f"{dimension} amount {_shown(amount)} is too large (at most {MAX_UNITS // UNITS[dimension]})"
+        )
+    # Exact arithmetic whatever the number of digits or the exponent (the default context rounds to 28 digits).
+    with localcontext(prec=len(value.as_tuple().digits) + 20, Emax=MAX_EMAX, Emin=MIN_EMIN):
+        scaled = value * UNITS[dimension]
+        if UNITS[dimension] == 1 and scaled != scaled.to_integral_value():
+            raise InvalidInput(f"{dimension} amount must be a whole number, got {_shown(amount)}")
+        units = int(scaled.to_integral_value(rounding=ROUND_CEILING) if round_up else scaled.to_integral_value())
     if units > MAX_UNITS:
-        raise InvalidInput(f"{dimension} amount {amount} is too large (at most {MAX_UNITS // UNITS[dimension]})")
+        raise InvalidInput(
+            f"{dimension} amount {_shown(amount)} is too large (at most {MAX_UNITS // UNITS[dimension]})"
+        )
     return units
+
+
+def _shown(value: object, limit: int = 40) -> str:
+    """`value` for an error message: short, on one line, and never failing (a 5000-digit int has no str)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"{Decimal(value):.6e}"
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def from_units(dimension: str, units: int) -> float:
@@ -126,7 +145,7 @@ class Limit(BaseModel):
     ``concurrency`` counts calls in flight and takes no window.
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     dimension: Dimension
     amount: Decimal
