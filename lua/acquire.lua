@@ -31,7 +31,8 @@ local amounts = parse_amounts(ARGV[8])
 
 local wake = {}
 purge_leases(NOW, wake)
-purge_tickets(NOW, wake)
+local waiting = anyone_waiting()
+if waiting then purge_tickets(NOW, wake) end
 
 local existing = redis.call('HMGET', B .. ':r:' .. id, 't0', 'x')
 if existing[1] then
@@ -67,11 +68,12 @@ local retry_at, wait_forever = 0, false
 local first_lk, reason = '', ''
 local over = {}
 for _, n in ipairs(needed) do
-  local t, _, _, exhausted = advance(n.L, NOW, true)
-  n.t, n.exhausted = t, exhausted
+  n.state = advance(n.L, NOW, true)
+  local t = n.state.t
+  n.t, n.exhausted = t, n.state.th
   local full = t + n.amt > n.L.a
   local behind = false
-  if mode ~= 'advisory' then
+  if mode ~= 'advisory' and waiting then
     local head = redis.call('ZRANGE', B .. ':b:' .. n.L.lk, 0, 0, 'WITHSCORES')
     behind = head[1] ~= nil and head[1] ~= ticket and tonumber(head[2]) < my_score
   elseif full then
@@ -102,7 +104,7 @@ end
 if #blocked == 0 then
   local charges = {}
   for _, n in ipairs(needed) do
-    local idx, gen, t = charge(n.L, n.amt, NOW, agent)
+    local idx, gen, t = charge(n.L, n.state, n.amt, NOW, agent)
     charges[#charges + 1] = n.L.lk .. '|' .. fmt(n.L.w) .. '|' .. gen .. '|' .. fmt(idx) .. '|' .. fmt(n.amt)
     thresholds(n.L, t - n.amt, t, agent)
     if n.exhausted then redis.call('HDEL', n.L.key, 'th') end  -- capacity returned: re-arm

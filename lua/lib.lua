@@ -8,10 +8,10 @@
 -- scope "T" for the tenant or "A:<agent>" for one agent):
 --   B:limits        hash   "T" | "D" | "A:<agent>" -> JSON list of limits
 --   B:agents        set    agents that ever had a window of their own
---   B:w:<LK>        hash   window: t (total), r (reserved part of t), o (oldest
---                          bucket index kept), g (generation), th (1 once
---                          'exhausted' was announced, until the next
---                          admission), ov (overrun), b<i>/r<i> buckets
+--   B:w:<LK>        hash   window: t (running total), o (oldest bucket index
+--                          kept), g (generation), th (1 once 'exhausted' was
+--                          announced, until the next admission), ov
+--                          (overrun), b<i> buckets
 --   B:b:<LK>        zset   waiters blocked on that limit, scored by queue rank
 --   B:q             hash   ticket -> "score|created_ms|LK LK ..."
 --   B:qexp          zset   ticket -> expiry of its place in the queue (ms)
@@ -85,64 +85,75 @@ end
 local function bucket_width(L) return math.ceil(L.w / L.n) end
 
 -- Drop the buckets that left the window (each bucket is dropped once, so the
--- cost is O(1) amortized) and return the window's running totals.
--- Returns t, r, g (generation, nil when the window does not exist) and th
--- (the 'exhausted' mark, false when not set).
+-- cost is O(1) amortized) and return the window's state as a table:
+-- t (running total), g (generation, nil when the window does not exist),
+-- th (the 'exhausted' mark, false when not set). Reads one HMGET; expiring
+-- buckets costs one more HMGET, an HDEL and an HSET, once per bucket width.
 local function advance(L, now, write)
-  local v = redis.call('HMGET', L.key, 't', 'r', 'o', 'g', 'th')
-  local t, r, o, g, th = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]), v[4], v[5]
-  if L.w == 0 or o == nil then return t, r, g, th end
-  local width = bucket_width(L)
-  local first = math.floor(now / width) - L.n
-  if o >= first then return t, r, g, th end
-  local stop = math.min(first - 1, o + L.n)
+  local v = redis.call('HMGET', L.key, 't', 'o', 'g', 'th')
+  local state = {t = tonumber(v[1]) or 0, g = v[3] or nil, th = v[4]}
+  local o = tonumber(v[2])
+  if L.w == 0 or o == nil then return state end
+  local first = math.floor(now / bucket_width(L)) - L.n
+  if o >= first then return state end
   local dead = {}
-  for i = o, stop do
-    local b = redis.call('HMGET', L.key, 'b' .. i, 'r' .. i)
-    if b[1] then t = t - tonumber(b[1]); dead[#dead + 1] = 'b' .. i end
-    if b[2] then r = r - tonumber(b[2]); dead[#dead + 1] = 'r' .. i end
+  for i = o, math.min(first - 1, o + L.n) do dead[#dead + 1] = 'b' .. i end
+  local amounts = redis.call('HMGET', L.key, unpack(dead))
+  for _, b in ipairs(amounts) do
+    if b then state.t = state.t - tonumber(b) end
   end
   if write then
-    if #dead > 0 then redis.call('HDEL', L.key, unpack(dead)) end
-    redis.call('HSET', L.key, 't', fmt(t), 'r', fmt(r), 'o', fmt(first))
+    redis.call('HDEL', L.key, unpack(dead))
+    redis.call('HSET', L.key, 't', fmt(state.t), 'o', fmt(first))
   end
-  return t, r, g, th
+  return state
 end
 
--- Charge `amt` (all of it reserved) to the current bucket. Returns the bucket
--- index and the window generation, which settle() needs to find it again.
-local function charge(L, amt, now, agent)
+-- Charge `amt` to the current bucket of a window whose state `advance` just
+-- read. Returns the bucket index, the window generation (settle() needs both
+-- to find the bucket again) and the new total. The key's TTL is set when a
+-- bucket is born: it then outlives every bucket of the window.
+local function charge(L, state, amt, now, agent)
   local idx = 0
   if L.w > 0 then idx = math.floor(now / bucket_width(L)) end
-  if redis.call('HSETNX', L.key, 'g', fmt(now)) == 1 then
+  local gen = state.g
+  if gen == nil then
+    gen = fmt(now)
+    if L.w > 0 then
+      redis.call('HSET', L.key, 'g', gen, 'o', fmt(idx))
+    else
+      redis.call('HSET', L.key, 'g', gen)
+    end
     if agent ~= '' and L.scope ~= 'T' then redis.call('SADD', B .. ':agents', agent) end
+    state.g = gen
   end
   if L.w > 0 then
-    redis.call('HSETNX', L.key, 'o', fmt(idx))
-    redis.call('HINCRBY', L.key, 'b' .. idx, fmt(amt))
-    redis.call('HINCRBY', L.key, 'r' .. idx, fmt(amt))
-    redis.call('PEXPIRE', L.key, L.w + 2 * bucket_width(L))
+    if redis.call('HINCRBY', L.key, 'b' .. idx, fmt(amt)) == amt then
+      redis.call('PEXPIRE', L.key, (L.n + 2) * bucket_width(L))
+    end
   end
   local t = redis.call('HINCRBY', L.key, 't', fmt(amt))
-  redis.call('HINCRBY', L.key, 'r', fmt(amt))
-  return idx, redis.call('HGET', L.key, 'g'), t
+  state.t = t
+  return idx, gen, t
 end
 
--- Apply a settlement to the bucket a reservation was charged to: `dt` to the
--- total, `dr` to the reserved part. A bucket that already left the window, or
--- a window reset since (another generation), is left alone. Returns true when
--- the adjustment was applied.
-local function adjust(L, gen, idx, dt, dr, now)
-  local _, _, g = advance(L, now, true)
-  if g == nil or g ~= gen then return false end
-  if L.w > 0 then
-    if idx < math.floor(now / bucket_width(L)) - L.n then return false end
-    if dt ~= 0 then redis.call('HINCRBY', L.key, 'b' .. idx, fmt(dt)) end
-    if dr ~= 0 then redis.call('HINCRBY', L.key, 'r' .. idx, fmt(dr)) end
+-- Apply `dt` to the bucket a reservation was charged to (a settlement). A
+-- bucket that already left the window, or a window reset since (another
+-- generation), is left alone. Returns true when the adjustment was applied.
+local function adjust(L, gen, idx, dt, now)
+  local state = advance(L, now, true)
+  if state.g == nil or state.g ~= gen then return false end
+  if L.w > 0 and idx < math.floor(now / bucket_width(L)) - L.n then return false end
+  if dt ~= 0 then
+    if L.w > 0 then redis.call('HINCRBY', L.key, 'b' .. idx, fmt(dt)) end
+    redis.call('HINCRBY', L.key, 't', fmt(dt))
   end
-  if dt ~= 0 then redis.call('HINCRBY', L.key, 't', fmt(dt)) end
-  if dr ~= 0 then redis.call('HINCRBY', L.key, 'r', fmt(dr)) end
   return true
+end
+
+-- Is anyone queued? Lets the common case (no waiters) skip every queue lookup.
+local function anyone_waiting()
+  return redis.call('EXISTS', B .. ':qexp') == 1
 end
 
 -- The earliest time at which `need` units of the window will have expired;
@@ -211,6 +222,7 @@ end
 
 -- Wake the head waiter of each limit in `lks`.
 local function heads_of(lks, wake)
+  if #lks == 0 or not anyone_waiting() then return end
   for _, lk in ipairs(lks) do
     local h = queue_head(lk)
     if h then wake[#wake + 1] = h end
@@ -247,10 +259,8 @@ local function purge_leases(now, wake)
     local key = B .. ':r:' .. id
     local rs = redis.call('HMGET', key, 'c', 'a')
     for _, c in ipairs(parse_charges(rs[1])) do
-      if c.L.d == 'concurrency' then
-        if adjust(c.L, c.gen, c.idx, -c.amt, -c.amt, now) then heads_of({c.L.lk}, wake) end
-      else
-        adjust(c.L, c.gen, c.idx, 0, -c.amt, now)
+      if c.L.d == 'concurrency' and adjust(c.L, c.gen, c.idx, -c.amt, now) then
+        heads_of({c.L.lk}, wake)
       end
     end
     redis.call('HSET', key, 's', 'expired')

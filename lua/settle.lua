@@ -62,12 +62,9 @@ end
 for _, c in ipairs(parse_charges(rs[3])) do
   local dim = c.L.d
   charged[c.L.lk] = true
-  local dt, dr = final[dim] - c.amt, -c.amt
-  if expired then
-    dr = 0
-    if dim == 'concurrency' then dt = 0 end
-  end
-  if adjust(c.L, c.gen, c.idx, dt, dr, NOW) then
+  local dt = final[dim] - c.amt
+  if expired and dim == 'concurrency' then dt = 0 end  -- returned when the lease expired
+  if adjust(c.L, c.gen, c.idx, dt, NOW) then
     if dt < 0 then refunded[#refunded + 1] = c.L.lk end
     if dt > 0 then
       redis.call('HINCRBY', c.L.key, 'ov', fmt(dt))
@@ -90,8 +87,7 @@ if kind == 'commit' and unreserved then
   for lk, L in pairs(current_limits()) do
     local v = final[L.d] or 0
     if not charged[lk] and v > 0 and L.d ~= 'concurrency' then
-      local idx, gen, t = charge(L, v, NOW, agent)
-      adjust(L, gen, idx, 0, -v, NOW)
+      local _, _, t = charge(L, advance(L, NOW, true), v, NOW, agent)
       redis.call('HINCRBY', L.key, 'ov', fmt(v))
       thresholds(L, t - v, t, agent)
     end

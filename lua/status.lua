@@ -20,18 +20,40 @@ else
   agents = {agent}
 end
 
-local rows, seen = {}, {}
-for _, a in ipairs(agents) do
-  for _, L in ipairs(applicable_limits(a)) do
-    if not seen[L.lk] then
-      seen[L.lk] = true
-      local t, r = advance(L, NOW, false)
-      local refill = -1
-      if t > 0 and L.w > 0 then refill = refill_at(L, 1, NOW) end
-      local ov = tonumber(redis.call('HGET', L.key, 'ov') or '0')
-      rows[#rows + 1] = {L.scope, L.lk, L.d, L.a, L.w, t, r, ov, refill,
-                         redis.call('ZCARD', B .. ':b:' .. L.lk)}
+-- The reserved part of each window: the estimates of open reservations whose
+-- lease is still running and whose bucket still counts in that window.
+local function reserved_by_limit(windows)
+  local out = {}
+  local open = redis.call('ZRANGEBYSCORE', B .. ':leases', '(' .. NOW, '+inf')
+  for _, id in ipairs(open) do
+    for _, c in ipairs(parse_charges(redis.call('HGET', B .. ':r:' .. id, 'c'))) do
+      local w = windows[c.L.lk]
+      local live = w ~= nil and w.g == c.gen and
+        (c.L.w == 0 or c.idx >= math.floor(NOW / bucket_width(c.L)) - c.L.n)
+      if live then out[c.L.lk] = (out[c.L.lk] or 0) + c.amt end
     end
   end
+  return out
+end
+
+local limits, windows = {}, {}
+for _, a in ipairs(agents) do
+  for _, L in ipairs(applicable_limits(a)) do
+    if not windows[L.lk] then
+      windows[L.lk] = advance(L, NOW, false)
+      limits[#limits + 1] = L
+    end
+  end
+end
+local reserved = reserved_by_limit(windows)
+
+local rows = {}
+for _, L in ipairs(limits) do
+  local t = windows[L.lk].t
+  local refill = -1
+  if t > 0 and L.w > 0 then refill = refill_at(L, 1, NOW) end
+  local ov = tonumber(redis.call('HGET', L.key, 'ov') or '0')
+  rows[#rows + 1] = {L.scope, L.lk, L.d, L.a, L.w, t, reserved[L.lk] or 0, ov, refill,
+                     redis.call('ZCARD', B .. ':b:' .. L.lk)}
 end
 return {NOW, redis.call('ZCARD', B .. ':qexp'), rows}

@@ -42,6 +42,7 @@ SCRIPT_COMMANDS: tuple[str, ...] = (
     "time",
     "get",
     "del",
+    "exists",
     "set",
     "incr",
     "pexpire",
