@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import AsyncIterator, Callable, Generator, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
@@ -275,10 +275,13 @@ class Budget:
         waiter = None
         ticket = ""
         paused_at: float | None = None
+        in_flight = False
         try:
             while True:
                 args = [rid, agent or "", mode, priority, ticket, lease_ms, queue_ms, amounts]
+                in_flight = True
                 reply = await self._call(self._scripts.acquire, key, args, deadline=deadline)
+                in_flight = False
                 if reply[0] == 1:
                     ticket = ""
                     if paused_at is not None:
@@ -337,12 +340,27 @@ class Budget:
                 await waiter.sleep(retry_in)
                 ticket = waiter.ticket
         except BaseException:
+            if in_flight:
+                # Interrupted while the script ran: Redis may have admitted the
+                # request, and nobody will ever settle that reservation. Release
+                # it (a no-op when there was no admission). A denial may have
+                # queued it instead, under its id: give that place up too.
+                await asyncio.shield(self._release_unseen(key, rid))
+                ticket = ticket or rid
             if ticket:
                 await asyncio.shield(self._leave(key, ticket))
             raise
         finally:
             if waiter is not None:
                 self._hub.leave(waiter)
+
+    async def _release_unseen(self, key: str, rid: str) -> None:
+        """Release reservation `rid` that its acquire never returned; see `_acquire`."""
+        deadline = asyncio.get_running_loop().time()  # one attempt: no retries while Redis is away
+        try:
+            await self._call(self._scripts.settle, key, [rid, "release", "", 0, "", "", ""], deadline=deadline)
+        except Exception as exc:  # the lease expires by itself
+            log.warning("acquire.release_failed", reservation=rid, error=str(exc))
 
     async def _timeout_error(
         self, tenant: str, agent: str | None, limit_key: str, timeout: float | None
@@ -454,10 +472,12 @@ def _decimal_amount(dimension: str, units: int) -> Any:
     return Decimal(int(units)) / UNITS[dimension]
 
 
-class _Acquire:
-    """What `Budget.acquire` returns: awaitable for a Reservation, or an async context manager."""
+class _Acquire(Coroutine[Any, Any, Reservation]):
+    """What `Budget.acquire` returns: a coroutine (await it, or hand it to
+    `asyncio.create_task`) for a Reservation, and an async context manager that
+    settles the reservation on exit."""
 
-    def __init__(self, coro: Any) -> None:
+    def __init__(self, coro: Coroutine[Any, Any, Reservation]) -> None:
         self._coro = coro
         self._started = False
         self._reservation: Reservation | None = None
@@ -465,6 +485,17 @@ class _Acquire:
     def __await__(self) -> Generator[Any, None, Reservation]:
         self._started = True
         return self._coro.__await__()
+
+    def send(self, value: Any) -> Any:
+        self._started = True
+        return self._coro.send(value)
+
+    def throw(self, *args: Any) -> Any:
+        self._started = True
+        return self._coro.throw(*args)
+
+    def close(self) -> None:
+        self._coro.close()
 
     async def __aenter__(self) -> Reservation:
         self._started = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import pytest
@@ -352,3 +353,11 @@ def test_sync_twin_runs_the_same_operations(make_budget: Callable[..., Budget]) 
         assert sync.reset("acme") == 1
     finally:
         sync.close()
+
+
+async def test_acquire_can_run_as_a_task(budget: Budget) -> None:
+    await budget.set_limits("acme", ["usd 1/hour"])
+    task = asyncio.create_task(budget.acquire("acme", usd=0.4))
+    reservation = await task
+    await reservation.commit(usd=0.1)
+    assert (await budget.status("acme")).limits[0].used == pytest.approx(0.1)
