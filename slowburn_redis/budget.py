@@ -168,9 +168,7 @@ class Budget:
         `deadline` (event-loop time), else after ``retry_timeout``. Retries
         resend the same arguments, which every script treats idempotently.
         """
-        return await self._resilience.call(
-            script.name, lambda: script(self.client, key, args), args, deadline=deadline
-        )
+        return await self._resilience.call(script.name, lambda: script(self.client, key, args), args, deadline=deadline)
 
     # limits ------------------------------------------------------------------
 
@@ -193,7 +191,8 @@ class Budget:
 
     async def get_limits(self, tenant: str, *, agent: str | None = None) -> list[Limit]:
         """The limits set on exactly this scope (not the ones inherited from the tenant or the default)."""
-        raw = await self.client.hget(self.key(tenant) + ":limits", scope_field(agent))
+        key, field = self.key(tenant) + ":limits", scope_field(agent)
+        raw = await self._resilience.call("get_limits", lambda: self.client.hget(key, field), [])
         if raw is None:
             return []
         return [
@@ -411,8 +410,10 @@ class Budget:
         seconds = self.lease_ttl if ttl is None else ttl
         if not (isinstance(seconds, (int, float)) and 0 < seconds < 10**7):
             raise InvalidInput(f"ttl must be a positive number of seconds, not {ttl!r}")
-        reply = await self._scripts.extend(
-            self.client, self.key(reservation.tenant), [reservation.id, round(seconds * 1000)]
+        if not reservation.backed:
+            return reservation.lease_expires_ms  # admitted while failing open: nothing to extend
+        reply = await self._call(
+            self._scripts.extend, self.key(reservation.tenant), [reservation.id, round(seconds * 1000)]
         )
         return int(reply[1]) if reply[0] == 1 else None
 
