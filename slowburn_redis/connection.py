@@ -98,11 +98,18 @@ def _client_retry() -> Any:
     return Retry(NoBackoff(), 1)
 
 
+MAX_CONNECTIONS = 128
+"""Connections per Budget; more calls in flight wait for a free connection instead of failing."""
+
+
 def _connect_single(url: str) -> ConnectFactory:
     import redis.asyncio as aioredis
 
     def connect() -> Any:
-        return aioredis.Redis.from_url(url, decode_responses=True, retry=_client_retry())
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, decode_responses=True, retry=_client_retry(), max_connections=MAX_CONNECTIONS, timeout=None
+        )
+        return aioredis.Redis.from_pool(pool)
 
     return connect
 
@@ -176,6 +183,7 @@ def connect_embedded(server: Any = None) -> Callable[[], Any]:
     shared = server if server is not None else fakeredis.FakeServer(version=(7,))
 
     def connect() -> Any:
-        return fakeredis.FakeAsyncRedis(server=shared, decode_responses=True)
+        # In-process connections are cheap: no reason to make callers queue for one.
+        return fakeredis.FakeAsyncRedis(server=shared, decode_responses=True, max_connections=100_000)
 
     return connect

@@ -361,3 +361,17 @@ async def test_acquire_can_run_as_a_task(budget: Budget) -> None:
     reservation = await task
     await reservation.commit(usd=0.1)
     assert (await budget.status("acme")).limits[0].used == pytest.approx(0.1)
+
+
+async def test_more_calls_in_flight_than_pool_connections(budget: Budget) -> None:
+    """Calls beyond the connection pool wait for a connection instead of failing."""
+    await budget.set_limits("acme", ["requests 10000/hour"])
+
+    async def one() -> None:
+        r = await budget.acquire("acme")
+        await r.commit()
+
+    with capture_logs() as logs:
+        await asyncio.gather(*(one() for _ in range(300)))
+    assert (await budget.status("acme")).limits[0].used == 300
+    assert not [entry for entry in logs if entry["event"].startswith("redis.")]
