@@ -32,12 +32,12 @@ from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.messages import BaseMessage, convert_to_openai_messages
 from langchain_core.outputs import LLMResult
 
-from slowburn_redis.budget import MODES, Budget, Mode
+from slowburn_redis.budget import Budget, Mode
 from slowburn_redis.errors import InvalidInput
 from slowburn_redis.llm.estimate import CallEstimate, count_input_tokens, count_text_tokens, output_cap
 from slowburn_redis.llm.metering import MeteredCall, Usage, open_call
+from slowburn_redis.llm.options import check_call_options
 from slowburn_redis.llm.pricing import PricePerToken, resolve_price
-from slowburn_redis.names import EVERY_AGENT, validate_agent, validate_name
 from slowburn_redis.sync import SyncBudget
 
 __all__ = ["BudgetCallbackHandler", "BudgetHooks", "SyncBudgetCallbackHandler"]
@@ -59,14 +59,9 @@ class BudgetHooks:
         priority: int = 0,
         mode: Mode = "wait",
     ) -> None:
-        validate_name("tenant", tenant)
-        agent = validate_agent(agent)
-        if agent == EVERY_AGENT:
-            raise InvalidInput("the handler needs a real agent name, not '*'")
-        if mode not in MODES:
-            raise InvalidInput(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-        if isinstance(default_max_tokens, bool) or not isinstance(default_max_tokens, int) or default_max_tokens <= 0:
-            raise InvalidInput(f"default_max_tokens must be a positive integer, not {default_max_tokens!r}")
+        agent = check_call_options(
+            tenant=tenant, agent=agent, mode=mode, default_max_tokens=default_max_tokens, who="the handler"
+        )
         if model is not None:
             resolve_price(model, price_per_token)  # an unpriced model fails now, not at the first call
         self.budget = budget

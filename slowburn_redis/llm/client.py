@@ -16,13 +16,13 @@ from typing import Any
 
 import litellm
 
-from slowburn_redis.budget import MODES, Budget, Mode
+from slowburn_redis.budget import Budget, Mode
 from slowburn_redis.errors import InvalidInput
 from slowburn_redis.llm.estimate import CallEstimate, check_messages, count_text_tokens, estimate_call
 from slowburn_redis.llm.metering import MeteredCall, Usage, open_call, reported_usage
+from slowburn_redis.llm.options import check_call_options
 from slowburn_redis.llm.pricing import Price, PricePerToken, resolve_price
 from slowburn_redis.llm.stream import BudgetedStream, SyncBudgetedStream
-from slowburn_redis.names import EVERY_AGENT, validate_agent, validate_name
 from slowburn_redis.sync import Portal, SyncBudget
 
 
@@ -70,14 +70,9 @@ class BudgetedLLM:
         mode: Mode = "wait",
         **defaults: Any,
     ) -> None:
-        validate_name("tenant", tenant)
-        agent = validate_agent(agent)
-        if agent == EVERY_AGENT:
-            raise InvalidInput("a BudgetedLLM needs a real agent name, not '*'")
-        if isinstance(default_max_tokens, bool) or not isinstance(default_max_tokens, int) or default_max_tokens <= 0:
-            raise InvalidInput(f"default_max_tokens must be a positive integer, not {default_max_tokens!r}")
-        if mode not in MODES:
-            raise InvalidInput(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        agent = check_call_options(
+            tenant=tenant, agent=agent, mode=mode, default_max_tokens=default_max_tokens, who="a BudgetedLLM"
+        )
         if not isinstance(model, str) or not model:
             raise InvalidInput(f"model must be a non-empty string, not {model!r}")
         if price_per_token is not None:
