@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import structlog
 
 from slowburn_redis.amounts import amounts_to_units, format_amounts
+from slowburn_redis.connection import MAX_CONNECTIONS
 from slowburn_redis.errors import (
     BudgetExhausted,
     BudgetTimeout,
@@ -102,6 +103,9 @@ class Budget:
         )
         self._clock: Clock = "test" if test_clock else "server"
         self._scripts = Scripts(self._clock)
+        # More calls in flight than connections would fail on a cluster client
+        # (its per-node pools raise when full): extra calls queue here instead.
+        self._in_flight = asyncio.Semaphore(MAX_CONNECTIONS)
         self._open_pubsub = open_pubsub or (lambda: client.pubsub())
         self._hub = WakeHub(
             self._open_pubsub,
@@ -168,7 +172,10 @@ class Budget:
         `deadline` (event-loop time), else after ``retry_timeout``. Retries
         resend the same arguments, which every script treats idempotently.
         """
-        return await self._resilience.call(script.name, lambda: script(self.client, key, args), args, deadline=deadline)
+        async with self._in_flight:
+            return await self._resilience.call(
+                script.name, lambda: script(self.client, key, args), args, deadline=deadline
+            )
 
     # limits ------------------------------------------------------------------
 

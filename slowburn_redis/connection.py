@@ -154,7 +154,9 @@ def _connect_cluster(url: str) -> tuple[ConnectFactory, PubSubFactory]:
     turn = itertools.count()
 
     def connect() -> Any:
-        client = cluster_class.from_url(url, decode_responses=True, retry=_client_retry())
+        client = cluster_class.from_url(
+            url, decode_responses=True, retry=_client_retry(), max_connections=MAX_CONNECTIONS
+        )
         clients[:] = [client]  # the newest client knows the newest node list
         return client
 
