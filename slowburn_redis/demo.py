@@ -164,6 +164,11 @@ async def _run_workers(
 
 def _child(url: str, prefix: str, config: DemoConfig, names: list[str], deadline: float, out: Any) -> None:
     """Entry point of a worker process: its share of the workers, reporting progress on `out`."""
+    import logging
+
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
 
     def progress(name: str, pid: int, calls: int, usd: float) -> None:
         out.put((name, pid, calls, usd))

@@ -19,7 +19,7 @@ import click
 from redis.exceptions import RedisError
 
 from slowburn_redis.connection import redact_url
-from slowburn_redis.errors import InvalidInput, SlowburnError
+from slowburn_redis.errors import InvalidInput, RedisUnavailable, SlowburnError
 
 if TYPE_CHECKING:
     from slowburn_redis.budget import Budget
@@ -51,14 +51,16 @@ class CliState:
     """True when --redis-url came from the command line (the demo then leaves the embedded store)."""
 
     def open_budget(self) -> Budget:
-        """A Budget on --redis-url with --prefix (raises InvalidInput for a bad URL)."""
+        """A Budget on --redis-url with --prefix that fails at once when Redis is unreachable (exit 1)."""
         from slowburn_redis.budget import Budget
 
-        return Budget.from_url(self.redis_url, prefix=self.prefix)
+        return Budget.from_url(self.redis_url, prefix=self.prefix, on_unavailable="raise")
 
 
 def quiet_logging(ctx: click.Context) -> None:
-    """Send the library's logs to stderr, warnings and worse only, until the command ends.
+    """Silence the library's logs (critical ones only, on stderr) until the command ends.
+
+    Errors reach the operator as the command's own one-line message.
 
     The previous structlog configuration is restored when the context closes,
     so embedding the CLI (or testing it) leaves logging as it was.
@@ -67,7 +69,7 @@ def quiet_logging(ctx: click.Context) -> None:
 
     saved = structlog.get_config()
     structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
     )
     ctx.call_on_close(lambda: structlog.configure(**saved))
@@ -92,7 +94,9 @@ def run_async(url: str, coro: Awaitable[T]) -> T:
         return asyncio.run(_as_coroutine(coro))
     except InvalidInput as exc:
         raise BadInput(one_line(exc)) from None
-    except (RedisError, SlowburnError, OSError) as exc:  # RedisUnavailable, PermissionDenied...
+    except RedisUnavailable as exc:  # its message names the URL, without credentials
+        raise OperationalError(one_line(exc)) from None
+    except (RedisError, SlowburnError, OSError) as exc:  # PermissionDenied, a script error...
         raise OperationalError(f"Redis at {redact_url(url)} failed: {one_line(exc) or type(exc).__name__}") from None
 
 
