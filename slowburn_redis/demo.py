@@ -270,7 +270,9 @@ async def _follow_events(budget: Budget, tenant: str, fleet: _Fleet, subscribed:
             fleet.event(event)
     finally:
         await cancel_and_wait([first])
-        await events.aclose()
+        close = getattr(events, "aclose", None)  # an async generator: close its pub/sub now
+        if close is not None:
+            await close()
 
 
 async def run_demo(budget: Budget, config: DemoConfig, view: DemoView, *, url: str | None = None) -> DemoState:
