@@ -1,0 +1,107 @@
+"""Two tenants on one Redis, each with its own quota and per-agent sub-limits.
+
+``acme`` has a small lifetime budget ($0.004), and its researcher a sub-limit
+of its own ($0.0015); ``globex`` has a roomy one ($1 a minute, $0.50 for its
+researcher). Both run a researcher and a writer at once: acme runs out and its
+agents wait (saying so), while globex keeps going, untouched.
+
+    python examples/multi_tenant.py --seconds 8
+
+The tenants' usage is reset at the start, so the example can be run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import random
+import time
+
+import structlog
+
+from slowburn_redis import Budget, BudgetTimeout
+
+USD_PER_INPUT_TOKEN = 0.15 / 1_000_000  # gpt-4o-mini prices
+USD_PER_OUTPUT_TOKEN = 0.60 / 1_000_000
+MAX_OUTPUT_TOKENS = 600
+
+LIMITS = {
+    "acme": {None: ["usd 0.004", "concurrency 2"], "researcher": ["usd 0.0015"], "*": ["requests 50/min"]},
+    "globex": {None: ["usd 1/min"], "researcher": ["usd 0.5/min"], "*": ["requests 600/min"]},
+}
+AGENTS = ("researcher", "writer")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("SLOWBURN_REDIS_URL", "redis://localhost:6379/0"),
+        help="Redis to use (env SLOWBURN_REDIS_URL)",
+    )
+    parser.add_argument("--prefix", default=os.environ.get("SLOWBURN_PREFIX", "sb"), help="key prefix")
+    parser.add_argument("--seconds", type=float, default=8.0, help="how long the agents run")
+    return parser
+
+
+async def agent(budget: Budget, tenant: str, name: str, deadline: float, log: list[tuple[float, str, str]]) -> None:
+    """Call, commit, repeat; when the budget is spent, say so once and keep waiting until the deadline."""
+    rng = random.Random()
+    waiting = False
+    while (left := deadline - time.monotonic()) > 0:
+        input_tokens = rng.randint(800, 2500)
+        estimate = input_tokens * USD_PER_INPUT_TOKEN + MAX_OUTPUT_TOKENS * USD_PER_OUTPUT_TOKEN
+        try:
+            reservation = await budget.acquire(
+                tenant,
+                agent=name,
+                usd=estimate,
+                input_tokens=input_tokens,
+                output_tokens=MAX_OUTPUT_TOKENS,
+                timeout=min(left, 0.5),
+            )
+        except BudgetTimeout as exc:
+            if not waiting:
+                print(f"{tenant}/{name}: budget spent ({exc.limit}), waiting", flush=True)
+                waiting = True
+            continue
+        waiting = False
+        await asyncio.sleep(rng.uniform(0.05, 0.2))  # the "LLM call"
+        output_tokens = rng.randint(100, MAX_OUTPUT_TOKENS)
+        cost = input_tokens * USD_PER_INPUT_TOKEN + output_tokens * USD_PER_OUTPUT_TOKEN
+        await reservation.commit(usd=cost, input_tokens=input_tokens, output_tokens=output_tokens, model="gpt-4o-mini")
+        log.append((time.monotonic(), tenant, name))
+        print(f"{tenant}/{name}: call cost ${cost:.5f}", flush=True)
+
+
+async def main() -> None:
+    args = build_parser().parse_args()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    async with Budget.from_url(args.redis_url, prefix=args.prefix) as budget:
+        for tenant, scopes in LIMITS.items():
+            for scope, limits in scopes.items():
+                await budget.set_limits(tenant, limits, agent=scope)
+            await budget.reset(tenant)
+        log: list[tuple[float, str, str]] = []
+        deadline = time.monotonic() + args.seconds
+        await asyncio.gather(*(agent(budget, t, a, deadline, log) for t in LIMITS for a in AGENTS))
+
+        print()
+        for tenant in LIMITS:
+            status = await budget.status(tenant)
+            calls = sum(1 for _, t, _ in log if t == tenant)
+            print(f"{tenant}: {calls} calls")
+            for row in status.limits:
+                if row.limit.dimension == "usd":
+                    who = "tenant" if row.agent is None else f"agent {row.agent}"
+                    print(f"  {who:<17} {row.limit!s:<16} used ${row.used:.4f}  remaining ${row.remaining:.4f}")
+        acme_last = max((when for when, t, _ in log if t == "acme"), default=None)
+        if acme_last is not None:
+            after = sum(1 for when, t, _ in log if t == "globex" and when > acme_last)
+            print(f"globex kept going: {after} calls after acme's last call")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
