@@ -7,14 +7,14 @@ import os
 import sys
 from typing import Any
 
-from rich.console import Console, Group
+from rich.console import Console, Group, JustifyMethod
 from rich.table import Table
 from rich.text import Text
 
 from slowburn_redis.limits import Limit
 from slowburn_redis.status import LimitStatus, Status
 
-BAR_WIDTH = 20
+BAR_WIDTH = 12
 
 
 def console() -> Console:
@@ -68,7 +68,8 @@ def status_table(status: Status) -> Table:
     who = status.tenant + (f" / agent {status.agent}" if status.agent else "")
     table = Table(title=f"{who}  (queue: {status.queue_length} waiting)", title_justify="left")
     for column in ("scope", "limit", "used", "reserved", "remaining", "usage", "refill in", "waiters"):
-        table.add_column(column, justify="right" if column in ("used", "reserved", "remaining", "waiters") else "left")
+        justify: JustifyMethod = "right" if column in ("used", "reserved", "remaining", "waiters") else "left"
+        table.add_column(column, justify=justify, no_wrap=True)
     for row in status.limits:
         dim = row.limit.dimension
         table.add_row(
