@@ -83,10 +83,12 @@ local unreserved = false
 for dim, v in pairs(final) do
   if v > 0 and (estimate[dim] or 0) == 0 then unreserved = true end
 end
+local charged_now = {}
 if kind == 'commit' and unreserved then
   for lk, L in pairs(current_limits()) do
     local v = final[L.d] or 0
     if not charged[lk] and v > 0 and L.d ~= 'concurrency' then
+      charged_now[L.d] = true
       local _, _, t = charge(L, advance(L, NOW, true), v, NOW, agent)
       redis.call('HINCRBY', L.key, 'ov', fmt(v))
       thresholds(L, t - v, t, agent)
@@ -95,8 +97,11 @@ if kind == 'commit' and unreserved then
 end
 if kind == 'commit' then
   for dim, v in pairs(final) do
+    -- An overrun is usage beyond what was reserved, in a dimension that was
+    -- reserved or that a limit had to charge; usage nothing limits is not one.
     local est = estimate[dim] or 0
-    if dim ~= 'concurrency' and v > est then overrun[#overrun + 1] = dim .. '=' .. fmt(v - est) end
+    local counted = est > 0 or charged_now[dim]
+    if dim ~= 'concurrency' and counted and v > est then overrun[#overrun + 1] = dim .. '=' .. fmt(v - est) end
   end
 end
 

@@ -375,3 +375,12 @@ async def test_more_calls_in_flight_than_pool_connections(budget: Budget) -> Non
         await asyncio.gather(*(one() for _ in range(300)))
     assert (await budget.status("acme")).limits[0].used == 300
     assert not [entry for entry in logs if entry["event"].startswith("redis.")]
+
+
+async def test_usage_in_an_unlimited_dimension_is_not_an_overrun(budget: Budget) -> None:
+    await budget.set_limits("acme", ["usd 1/hour"])
+    r = await budget.acquire("acme", usd=0.1)
+    result = await r.commit(usd=0.1, tokens=500)
+    assert result.overrun == {}
+    entry = (await budget.client.xrange(budget.key("acme") + ":ledger"))[-1][1]
+    assert (entry["outcome"], entry["tokens"]) == ("ok", "500")
