@@ -1,12 +1,12 @@
 """slowburn-redis: fleet-wide LLM budgets in Redis that pause workers instead of killing them.
 
-    from slowburn_redis import Budget, Limit
+from slowburn_redis import Budget, Limit
 
-    budget = Budget.embedded()            # or Budget.from_url("redis://localhost:6379/0")
-    await budget.set_limits("acme", ["usd 5/day", "requests 60/min", "concurrency 8"])
-    async with budget.acquire("acme", usd=0.02, tokens=1500) as r:
-        ...                               # the paid call
-        await r.commit(usd=0.013, tokens=1210)
+budget = Budget.embedded()            # or Budget.from_url("redis://localhost:6379/0")
+await budget.set_limits("acme", ["usd 5/day", "requests 60/min", "concurrency 8"])
+async with budget.acquire("acme", usd=0.02, tokens=1500) as r:
+    ...                               # the paid call
+    await r.commit(usd=0.013, tokens=1210)
 """
 
 from slowburn_redis.budget import Budget

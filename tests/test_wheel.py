@@ -30,11 +30,7 @@ def test_wheel_contains_lua_and_installed_copy_loads_it(tmp_path: Path) -> None:
         check=True,
         capture_output=True,
     )
-    probe = (
-        "import slowburn_redis.scripts as s; "
-        "print(s.lua_dir()); "
-        "print(len(s.Script('acquire').source))"
-    )
+    probe = "import slowburn_redis.scripts as s; print(s.lua_dir()); print(len(s.Script('acquire').source))"
     out = subprocess.run(
         [sys.executable, "-c", probe],
         check=True,
