@@ -20,6 +20,8 @@ import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from slowburn_redis.tasks import cancel_and_wait
+
 log = structlog.get_logger("slowburn_redis")
 
 Refresh = Callable[[str, list[str]], Awaitable[tuple[list[str], list[str]]]]
@@ -108,11 +110,7 @@ class WakeHub:
 
     async def aclose(self) -> None:
         """Stop the reader and heartbeat and close the pub/sub connection."""
-        for task in (self._reader, self._beater):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        await cancel_and_wait([task for task in (self._reader, self._beater) if task is not None])
         self._reader = self._beater = None
         if self._pubsub is not None:
             with contextlib.suppress(Exception):

@@ -26,9 +26,9 @@ from slowburn_redis.budget import Budget
 from slowburn_redis.cli import params, render
 from slowburn_redis.cli.runtime import with_budget
 from slowburn_redis.cli.tenants import find_tenants
-from slowburn_redis.demo import cancel_and_wait
 from slowburn_redis.events import Event
 from slowburn_redis.status import Status
+from slowburn_redis.tasks import cancel_and_wait
 
 EVENTS_SHOWN = 12
 
