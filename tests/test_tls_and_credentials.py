@@ -308,11 +308,6 @@ def test_cli_errors_do_not_show_credentials(tls: TlsServer) -> None:
     assert_secret_free(good.output)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=subprocess.TimeoutExpired,
-    reason="the CLI opens its Budget with on_unavailable='wait' and no retry_timeout: it retries a dead Redis forever",
-)
 def test_cli_gives_up_on_an_unreachable_redis_without_showing_credentials() -> None:
     closed = f"redis://{USER}:{ENCODED_SECRET}@127.0.0.1:{free_port()}/0"
     try:
