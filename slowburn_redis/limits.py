@@ -60,7 +60,7 @@ def parse_window(text: str | float | int | None) -> float | None:
         match = _WINDOW.fullmatch(text.strip())
         if not match or match["unit"] not in _WINDOW_UNITS:
             raise InvalidLimit(
-                f"bad window {text!r}: use a duration such as 10s, 5m, 1h, 1d, day, hour or min",
+                f"bad window {_shown(text, 80)}: use a duration such as 10s, 5m, 1h, 1d, day, hour or min",
                 part=text,
             )
         count = float(match["count"]) if match["count"] else 1.0
@@ -71,7 +71,7 @@ def parse_window(text: str | float | int | None) -> float | None:
             part=text if isinstance(text, str) else _shown(text),
         )
     if round(seconds * 1000) != seconds * 1000:
-        raise InvalidLimit(f"window {text!r} must be a whole number of milliseconds", part=str(text))
+        raise InvalidLimit(f"window {_shown(text, 80)} must be a whole number of milliseconds", part=str(text))
     return seconds
 
 
@@ -200,24 +200,24 @@ class Limit(BaseModel):
         parts = body.split()
         if len(parts) != 2:
             raise InvalidLimit(
-                f"bad limit {text!r}: expected '<dimension> <amount>[/<window>]', e.g. 'usd 5/day'",
+                f"bad limit {_shown(text, 80)}: expected '<dimension> <amount>[/<window>]', e.g. 'usd 5/day'",
                 part=text,
             )
         dimension, amount_text = parts
         if dimension not in DIMENSIONS:
             raise InvalidLimit(
-                f"unknown dimension {dimension!r} in {text!r}: one of {', '.join(DIMENSIONS)}",
+                f"unknown dimension {_shown(dimension)} in {_shown(text, 80)}: one of {', '.join(DIMENSIONS)}",
                 part=dimension,
             )
         match = _AMOUNT.fullmatch(amount_text)
         if not match or match["suffix"] not in _SUFFIXES:
             raise InvalidLimit(
-                f"bad amount {amount_text!r} in {text!r}: a number, optionally with k, M or B",
+                f"bad amount {_shown(amount_text)} in {_shown(text, 80)}: a number, optionally with k, M or B",
                 part=amount_text,
             )
         amount = Decimal(match["number"].replace("_", "")) * _SUFFIXES[match["suffix"]]
         if "/" in text and not window.strip():
-            raise InvalidLimit(f"missing window after '/' in {text!r}", part="/")
+            raise InvalidLimit(f"missing window after '/' in {_shown(text, 80)}", part="/")
         return cls(dimension=dimension, amount=amount, window=window.strip() or None)
 
     @property
