@@ -230,8 +230,10 @@ def memory(d: dict[str, Any]) -> list[str]:
         "slowburn's reservation records (kept 10 min after settling) and ledger entries.",
         "",
         *table(["limiter", "admissions", "bytes per limit", "used_memory growth / admission"], rows),
-        f"- Goal slowburn flat: x{num(d['slowburn']['growth'], 2)} from {num(d['checkpoints'][0])} to "
-        f"{num(d['checkpoints'][-1])} admissions, {goal(d['goal_slowburn_flat'])} (sliding logs: "
+        f"- Goal slowburn flat (bounded whatever the admissions: at most 61 buckets, under "
+        f"{num(d.get('bound_bytes_per_limit', 2048))} bytes per limit): {goal(d['goal_slowburn_flat'])}; "
+        f"x{num(d['slowburn']['growth'], 2)} from {num(d['checkpoints'][0])} to {num(d['checkpoints'][-1])} "
+        f"admissions as more buckets of each window come into use (sliding logs: "
         f"x{num(d['limits-moving-window']['growth'], 1)} and x{num(d['pyrate-limiter-redis']['growth'], 1)}).",
         "",
     ]
