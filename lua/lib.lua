@@ -20,6 +20,8 @@
 --                          e (estimates), t0 (admitted ms), x (lease expiry)
 --   B:leases        zset   open reservation id -> lease expiry (ms)
 --   B:ledger        stream one entry per commit
+--   B:admin         string last admin action; written first by set_limits and
+--                          reset, so a worker ACL user is refused before any change
 -- Channels: B:wake (tickets to retry, or "*"), B:events (JSON events).
 --
 -- Amounts are integers in the dimension's unit (usd in nano-dollars). Lua

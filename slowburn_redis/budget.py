@@ -13,7 +13,9 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Itera
 from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
+from redis.exceptions import RedisError
 
+from slowburn_redis.acl import permission_error
 from slowburn_redis.amounts import amounts_to_units, format_amounts
 from slowburn_redis.connection import MAX_CONNECTIONS
 from slowburn_redis.errors import (
@@ -173,9 +175,15 @@ class Budget:
         resend the same arguments, which every script treats idempotently.
         """
         async with self._in_flight:
-            return await self._resilience.call(
-                script.name, lambda: script(self.client, key, args), args, deadline=deadline
-            )
+            try:
+                return await self._resilience.call(
+                    script.name, lambda: script(self.client, key, args), args, deadline=deadline
+                )
+            except RedisError as exc:
+                denied = permission_error(exc)
+                if denied is None:
+                    raise
+                raise denied from exc
 
     # limits ------------------------------------------------------------------
 
@@ -444,7 +452,7 @@ class Budget:
         agent = validate_agent(agent)
         if agent == EVERY_AGENT:
             raise InvalidInput("reset takes one agent or none, not '*'")
-        if dimension is not None and dimension not in UNITS:
+        if dimension is not None and (not isinstance(dimension, str) or dimension not in UNITS):
             raise InvalidInput(f"unknown dimension {dimension!r}: one of {', '.join(UNITS)}")
         count = int(await self._call(self._scripts.reset, self.key(tenant), [agent or "", dimension or ""]))
         log.info("budget.reset", tenant=tenant, agent=agent, dimension=dimension, windows=count)

@@ -173,6 +173,12 @@ class Limit(BaseModel):
             return Decimal(str(value))
         return value
 
+    @field_validator("amount", mode="after")
+    @classmethod
+    def _no_negative_zero(cls, value: Decimal) -> Decimal:
+        # "-0" is a valid zero, but would print as "usd -0", which does not parse back.
+        return value.copy_abs() if value == 0 else value
+
     @field_validator("window", mode="before")
     @classmethod
     def _window_seconds(cls, value: Any) -> float | None:

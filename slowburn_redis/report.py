@@ -198,6 +198,10 @@ class Report(BaseModel):
         return "\n".join([title, fmt(head), *(fmt(r) for r in body)]) + "\n"
 
 
+MAX_SINCE = 100 * 365 * 86400
+"""The longest look back a report takes (100 years): anything longer means the whole ledger."""
+
+
 def since_seconds(since: float | str | None) -> float | None:
     """`since` as seconds back from now: None, a number of seconds, or a duration like "1h"."""
     if since is None:
@@ -211,9 +215,14 @@ def since_seconds(since: float | str | None) -> float | None:
             raise InvalidInput(f"bad since {since!r}: use a duration such as 30m, 1h, 1d or 7d") from None
         assert seconds is not None
         return seconds
-    if not math.isfinite(since) or since <= 0:
-        raise InvalidInput(f"since must be a positive number of seconds, not {since!r}")
-    return float(since)
+    try:
+        seconds = float(since)
+    except OverflowError:
+        seconds = math.inf
+    if not math.isfinite(seconds) or not 0 < seconds <= MAX_SINCE:
+        shown = str(since) if len(str(since)) <= 40 else str(since)[:40] + "..."
+        raise InvalidInput(f"since must be a number of seconds from 0 to {MAX_SINCE} (100 years), not {shown}")
+    return seconds
 
 
 async def build_report(budget: Budget, tenant: str, *, since: float | str | None = None) -> Report:

@@ -291,10 +291,6 @@ async def test_worker_raw_commands_are_confined(env: Env) -> None:
     await client.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Budget._call does not yet map ACL refusals with slowburn_redis.acl.permission_error (budget.py)",
-)
 async def test_budget_raises_permission_denied(env: Env) -> None:
     async with env.budget(env.worker(ACME)) as worker:
         with pytest.raises(PermissionDenied, match="ACL"):

@@ -19,7 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from structlog.testing import capture_logs
 
 from slowburn_redis import Budget
-from slowburn_redis.errors import InvalidInput, RedisUnavailable
+from slowburn_redis.errors import InvalidInput, PermissionDenied, RedisUnavailable
 from slowburn_redis.resilience import Backoff, is_unavailable
 from tests.servers import RedisServer, free_port, redis_server_available
 
@@ -282,7 +282,8 @@ async def test_script_errors_are_not_retried(budget: Budget) -> None:
         raise ResponseError("NOPERM this user has no permissions to run the 'evalsha' command")
 
     lossy.evalsha = refuse  # type: ignore[method-assign]
-    with pytest.raises(ResponseError):
+    with pytest.raises(PermissionDenied) as caught:  # an ACL refusal, typed, and never retried
         await budget.acquire("acme", usd=0.1)
+    assert isinstance(caught.value.__cause__, ResponseError)
     scripts = [call[0] for call in lossy.calls]
     assert len(scripts) == len(set(scripts)), "each script was tried once"
