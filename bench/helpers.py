@@ -9,11 +9,7 @@ import multiprocessing as mp
 import os
 import platform
 import queue
-import shutil
-import socket
 import statistics
-import subprocess
-import tempfile
 import threading
 import time
 import traceback
@@ -24,78 +20,19 @@ from typing import Any
 
 import redis
 
+from slowburn_redis.redis_server import RedisServer as _RedisServer
+
 Job = Callable[..., Awaitable[Any]]
 
 
 # --- redis-server ---------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class RedisServer:
-    """A private redis-server on a free loopback port, in a temp dir, with no persistence."""
+class RedisServer(_RedisServer):
+    """The bench's private redis-server: loopback, temp dir, no persistence, room for many clients."""
 
     def __init__(self) -> None:
-        if shutil.which("redis-server") is None:
-            raise RuntimeError("redis-server is not on PATH")
-        self._tmp = tempfile.TemporaryDirectory(prefix="slowburn-bench-")
-        self.directory = Path(self._tmp.name)
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout: float = 10.0) -> None:
-        command = [
-            "redis-server",
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", str(self.directory),
-            "--save", "",
-            "--appendonly", "no",
-            "--maxclients", "10000",
-            "--logfile", str(self.directory / "redis.log"),
-        ]  # fmt: skip
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.2)
-        try:
-            while True:
-                try:
-                    if client.ping():
-                        return
-                except redis.exceptions.RedisError:
-                    pass
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    log = (self.directory / "redis.log").read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"redis-server on port {self.port} did not start:\n{log}")
-                time.sleep(0.05)
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._tmp.cleanup()
-
-    def __enter__(self) -> RedisServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().__init__(None, "--maxclients", "10000")
 
 
 def redis_version(url: str) -> str:
