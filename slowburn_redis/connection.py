@@ -99,15 +99,18 @@ def _client_retry() -> Any:
 
 
 MAX_CONNECTIONS = 128
-"""Connections per Budget; more calls in flight wait for a free connection instead of failing."""
+"""Script calls in flight per Budget; more wait in the Budget instead of failing for want of a connection."""
 
 
 def _connect_single(url: str) -> ConnectFactory:
     import redis.asyncio as aioredis
 
     def connect() -> Any:
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, decode_responses=True, retry=_client_retry(), max_connections=MAX_CONNECTIONS, timeout=None
+        # Script calls are bounded by the Budget's semaphore (MAX_CONNECTIONS);
+        # the rest of the pool serves pub/sub and the few direct reads. A plain
+        # pool costs less per call than a blocking one.
+        pool = aioredis.ConnectionPool.from_url(
+            url, decode_responses=True, retry=_client_retry(), max_connections=MAX_CONNECTIONS * 2
         )
         return aioredis.Redis.from_pool(pool)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from decimal import MAX_EMAX, MIN_EMIN, ROUND_CEILING, Decimal, InvalidOperation, localcontext
+from decimal import MAX_EMAX, MIN_EMIN, ROUND_CEILING, ROUND_HALF_EVEN, Context, Decimal, InvalidOperation, localcontext
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
@@ -24,6 +24,9 @@ UNITS: dict[str, int] = {dim: 1 for dim in DIMENSIONS} | {"usd": 10**9}
 
 MAX_UNITS = 2**53 - 1
 """Largest integer amount Lua (doubles) handles exactly: about $9M, or 9e15 tokens."""
+
+_MAX_FAST_FLOAT = 1e15
+_FAST = Context(prec=40)  # exact for any float up to _MAX_FAST_FLOAT times a unit scale
 
 MIN_WINDOW = 1.0
 MAX_WINDOW = 366 * 86400.0
@@ -97,6 +100,17 @@ def to_units(dimension: str, amount: object, *, round_up: bool = False) -> int:
     """
     if dimension not in UNITS:
         raise InvalidInput(f"unknown dimension {dimension!r}: one of {', '.join(DIMENSIONS)}")
+    if type(amount) is int and 0 <= amount <= MAX_UNITS // UNITS[dimension]:
+        return amount * UNITS[dimension]  # the common case, exact without decimals
+    if type(amount) is float and 0 <= amount <= _MAX_FAST_FLOAT:
+        # repr() has at most 17 significant digits and a scale is at most 10
+        # digits: the product is exact in a 40-digit context.
+        scaled = _FAST.multiply(Decimal(repr(amount)), UNITS[dimension])
+        if UNITS[dimension] == 1 and scaled != scaled.to_integral_value(context=_FAST):
+            raise InvalidInput(f"{dimension} amount must be a whole number, got {_shown(amount)}")
+        units = int(scaled.to_integral_value(rounding=ROUND_CEILING if round_up else ROUND_HALF_EVEN, context=_FAST))
+        if units <= MAX_UNITS:
+            return units
     if isinstance(amount, bool) or not isinstance(amount, (int, float, Decimal, str)):
         raise InvalidInput(f"{dimension} amount must be a number, not {type(amount).__name__}")
     try:
