@@ -11,6 +11,7 @@
 local id, ttl = ARGV[1], tonumber(ARGV[2])
 local wake = {}
 purge_leases(NOW, wake)
+flush_writes()
 publish_wake(wake)
 local state = redis.call('HGET', B .. ':r:' .. id, 's')
 if not state then return {0, 'unknown'} end

@@ -77,80 +77,190 @@ local function applicable_limits(agent)
   return out
 end
 
-local function limit_from_charge(lk, w)
-  local scope, dim = string.match(lk, '^(.*):([%a_]+):%d+$')
-  return {lk = lk, key = B .. ':w:' .. lk, d = dim, w = tonumber(w), n = BUCKETS, scope = scope}
+-- `applicable_limits`, read once per agent for the rest of the script; only
+-- for scripts that do not change limits.
+local function limits_memo()
+  local memo = {}
+  return function(agent)
+    local found = memo[agent]
+    if found == nil then
+      found = applicable_limits(agent)
+      memo[agent] = found
+    end
+    return found
+  end
 end
 
 -- windows -----------------------------------------------------------------
 
 local function bucket_width(L) return math.ceil(L.w / L.n) end
 
--- Drop the buckets that left the window (each bucket is dropped once, so the
--- cost is O(1) amortized) and return the window's state as a table:
--- t (running total), g (generation, nil when the window does not exist),
--- th (the 'exhausted' mark, false when not set). Reads one HMGET; expiring
--- buckets costs one more HMGET, an HDEL and an HSET, once per bucket width.
-local function advance(L, now, write)
-  local v = redis.call('HMGET', L.key, 't', 'o', 'g', 'th')
-  local state = {t = tonumber(v[1]) or 0, g = v[3] or nil, th = v[4]}
-  local o = tonumber(v[2])
-  if L.w == 0 or o == nil then return state end
-  local first = math.floor(now / bucket_width(L)) - L.n
-  if o >= first then return state end
-  local dead = {}
-  for i = o, math.min(first - 1, o + L.n) do dead[#dead + 1] = 'b' .. i end
-  local amounts = redis.call('HMGET', L.key, unpack(dead))
-  for _, b in ipairs(amounts) do
-    if b then state.t = state.t - tonumber(b) end
-  end
-  if write then
-    redis.call('HDEL', L.key, unpack(dead))
-    redis.call('HSET', L.key, 't', fmt(state.t), 'o', fmt(first))
-  end
-  return state
+-- Windows are read through a cache: a script reads each window it touches
+-- once (one HMGET of its state and current bucket) and writes it once, in
+-- flush_writes(), so a batch of requests costs one read and one write per
+-- window, not one per request. Every script that changes windows or leases
+-- (through advance, charge, adjust, set_mark, add_lease, drop_lease or
+-- purge_leases) calls flush_writes() before it returns; status reads
+-- through the cache and never flushes.
+--
+-- A cached window: L, t (running total), o (oldest bucket index kept; nil
+-- for a lifetime limit or a window not yet born), g (generation, nil when the
+-- window does not exist), th (the 'exhausted' mark), cur (the current bucket
+-- index) and cur_s (the same as a string), b (bucket index -> amount, false
+-- when known to be empty), dirty (the fields to write: 't', 'o', 'g', 'th' or
+-- a bucket index), ttl (a bucket was born: refresh the key's TTL).
+local cached, cache_order = {}, {}
+
+local function window(L)
+  local w = cached[L.key]
+  if w then return w end
+  local cur = L.w > 0 and math.floor(NOW / bucket_width(L)) or 0
+  local cur_s = fmt(cur)
+  local v = redis.call('HMGET', L.key, 't', 'o', 'g', 'th', 'b' .. cur_s)
+  w = {L = L, t = tonumber(v[1]) or 0, o = tonumber(v[2]), g = v[3] or nil, th = v[4] or nil,
+       cur = cur, cur_s = cur_s, b = {[cur] = tonumber(v[5]) or false}, dirty = {}, ttl = false}
+  cached[L.key] = w
+  cache_order[#cache_order + 1] = w
+  return w
 end
 
--- Charge `amt` to the current bucket of a window whose state `advance` just
--- read. Returns the bucket index, the window generation (settle() needs both
--- to find the bucket again) and the new total. The key's TTL is set when a
--- bucket is born: it then outlives every bucket of the window.
-local function charge(L, state, amt, now, agent)
-  local idx = 0
-  if L.w > 0 then idx = math.floor(now / bucket_width(L)) end
-  local gen = state.g
-  if gen == nil then
-    gen = fmt(now)
-    if L.w > 0 then
-      redis.call('HSET', L.key, 'g', gen, 'o', fmt(idx))
-    else
-      redis.call('HSET', L.key, 'g', gen)
+-- The amounts of buckets `from`..`to` of a cached window (0 when empty), read
+-- from Redis in one HMGET for those not cached yet.
+local function buckets(w, from, to)
+  local missing, fields = {}, {}
+  for i = from, to do
+    if w.b[i] == nil then
+      missing[#missing + 1] = i
+      fields[#fields + 1] = 'b' .. i
     end
-    if agent ~= '' and L.scope ~= 'T' then redis.call('SADD', B .. ':agents', agent) end
-    state.g = gen
+  end
+  if #fields > 0 then
+    local v = redis.call('HMGET', w.L.key, unpack(fields))
+    for k, i in ipairs(missing) do w.b[i] = tonumber(v[k]) or false end
+  end
+  local out = {}
+  for i = from, to do out[#out + 1] = w.b[i] or 0 end
+  return out
+end
+
+-- Set (value '1') or clear (nil) the window's 'exhausted' mark.
+local function set_mark(L, value)
+  local w = window(L)
+  w.th = value
+  w.dirty.th = true
+end
+
+-- Leases are written like windows: one ZADD and one ZREM per script.
+local lease_adds, lease_drops = {}, {}
+local function add_lease(id, expiry)
+  lease_adds[#lease_adds + 1] = expiry
+  lease_adds[#lease_adds + 1] = id
+end
+local function drop_lease(id) lease_drops[#lease_drops + 1] = id end
+
+local function flush_leases()
+  if #lease_adds > 0 then redis.call('ZADD', B .. ':leases', unpack(lease_adds)) end
+  if #lease_drops > 0 then redis.call('ZREM', B .. ':leases', unpack(lease_drops)) end
+  lease_adds, lease_drops = {}, {}
+end
+
+-- Write every changed window and lease: per window one HSET (and an HDEL
+-- for dropped buckets or a cleared mark), and a TTL when a bucket was born
+-- (the TTL then outlives every bucket of the window).
+local function flush_writes()
+  for _, w in ipairs(cache_order) do
+    local put, del = {}, {}
+    for field in pairs(w.dirty) do
+      local name, value = field, nil
+      if field == 't' then value = fmt(w.t)
+      elseif field == 'o' then value = fmt(w.o)
+      elseif field == 'g' then value = w.g
+      elseif field == 'th' then value = w.th
+      else
+        name = 'b' .. field
+        if w.b[field] then value = fmt(w.b[field]) end
+      end
+      if value then
+        put[#put + 1] = name
+        put[#put + 1] = value
+      else
+        del[#del + 1] = name
+      end
+    end
+    if #del > 0 then redis.call('HDEL', w.L.key, unpack(del)) end
+    if #put > 0 then redis.call('HSET', w.L.key, unpack(put)) end
+    if w.ttl then redis.call('PEXPIRE', w.L.key, (w.L.n + 2) * bucket_width(w.L)) end
+    w.dirty, w.ttl = {}, false
+  end
+  flush_leases()
+end
+
+-- The window of L with the buckets that left it dropped (each bucket is
+-- dropped once, so the cost is O(1) amortized): its cached state, with
+-- t, g and th as above.
+local function advance(L, now)
+  local w = window(L)
+  if L.w == 0 or w.o == nil then return w end
+  local first = math.floor(now / bucket_width(L)) - L.n
+  if w.o >= first then return w end
+  local last = math.min(first - 1, w.o + L.n)
+  for k, amount in ipairs(buckets(w, w.o, last)) do
+    local i = w.o + k - 1
+    w.t = w.t - amount
+    w.b[i] = false
+    w.dirty[i] = true
+  end
+  w.o = first
+  w.dirty.t, w.dirty.o = true, true
+  return w
+end
+
+-- Add `amt` to bucket `idx` and to the running total of a window `advance`
+-- returned. A new window gets its generation (and oldest bucket).
+local function add(w, idx, amt, now)
+  local L = w.L
+  w.t = w.t + amt
+  w.dirty.t = true
+  if w.g == nil then
+    w.g = fmt(now)
+    w.dirty.g = true
+    if L.w > 0 then
+      w.o = idx
+      w.dirty.o = true
+    end
   end
   if L.w > 0 then
-    if redis.call('HINCRBY', L.key, 'b' .. idx, fmt(amt)) == amt then
-      redis.call('PEXPIRE', L.key, (L.n + 2) * bucket_width(L))
+    if w.b[idx] == nil then buckets(w, idx, idx) end
+    local before = w.b[idx]
+    if not before then
+      w.ttl = true
+      before = 0
     end
+    w.b[idx] = before + amt
+    w.dirty[idx] = true
   end
-  local t = redis.call('HINCRBY', L.key, 't', fmt(amt))
-  state.t = t
-  return idx, gen, t
+end
+
+-- Charge `amt` to the current bucket of a window `advance` returned. Returns
+-- the bucket index, the window generation (settle() needs both to find the
+-- bucket again) and the new total. `now` must be the script's NOW (the
+-- current bucket is cached).
+local function charge(L, w, amt, now, agent)
+  if w.g == nil and agent ~= '' and L.scope ~= 'T' then redis.call('SADD', B .. ':agents', agent) end
+  add(w, w.cur, amt, now)
+  return w.cur, w.g, w.t
 end
 
 -- Apply `dt` to the bucket a reservation was charged to (a settlement). A
 -- bucket that already left the window, or a window reset since (another
--- generation), is left alone. Returns true when the adjustment was applied.
+-- generation), is left alone. Returns the window (as `advance` gives it), or
+-- false when nothing was applied.
 local function adjust(L, gen, idx, dt, now)
-  local state = advance(L, now, true)
-  if state.g == nil or state.g ~= gen then return false end
+  local w = advance(L, now)
+  if w.g == nil or w.g ~= gen then return false end
   if L.w > 0 and idx < math.floor(now / bucket_width(L)) - L.n then return false end
-  if dt ~= 0 then
-    if L.w > 0 then redis.call('HINCRBY', L.key, 'b' .. idx, fmt(dt)) end
-    redis.call('HINCRBY', L.key, 't', fmt(dt))
-  end
-  return true
+  if dt ~= 0 then add(w, idx, dt, now) end
+  return w
 end
 
 -- Is anyone queued? Lets the common case (no waiters) skip every queue lookup.
@@ -164,16 +274,11 @@ local function refill_at(L, need, now)
   if L.w == 0 then return nil end
   local width = bucket_width(L)
   local cur = math.floor(now / width)
-  local fields = {}
-  for i = cur - L.n, cur do fields[#fields + 1] = 'b' .. i end
-  local buckets = redis.call('HMGET', L.key, unpack(fields))  -- one command, not one per bucket
   local freed = 0
-  for k, b in ipairs(buckets) do
-    if b then
-      freed = freed + tonumber(b)
-      -- bucket i = cur - n + k - 1 leaves the window at (i + n + 1) * width
-      if freed >= need then return (cur + k) * width end
-    end
+  for k, amount in ipairs(buckets(window(L), cur - L.n, cur)) do
+    freed = freed + amount
+    -- bucket i = cur - n + k - 1 leaves the window at (i + n + 1) * width
+    if amount > 0 and freed >= need then return (cur + k) * width end
   end
   return (cur + L.n + 1) * width
 end
@@ -184,6 +289,7 @@ end
 -- announces it again when it next rises past it.
 local function thresholds(L, before, t, agent)
   if L.a == nil or L.a <= 0 then return end
+  if t * 100 < THRESHOLDS[1] * L.a or before * 100 >= THRESHOLDS[#THRESHOLDS] * L.a then return end
   for _, th in ipairs(THRESHOLDS) do
     if before * 100 < th * L.a and t * 100 >= th * L.a then
       publish_event('threshold', {agent = agent, limit = L.lk, dimension = L.d,
@@ -233,23 +339,30 @@ end
 
 -- reservations --------------------------------------------------------------
 
--- A charge is "<LK>|<window_ms>|<generation>|<bucket>|<amount>", joined by ' '.
+-- A charge is "<LK>|<window_ms>|<generation>|<bucket>|<amount>", joined by ' '
+-- (LK = "<scope>:<dimension>:<window_ms>"). String building and parsing is
+-- most of a script's cost, so one pattern reads a charge and each limit key
+-- is taken apart once per script.
+local charged_limits = {}
 local function parse_charges(s)
   local out = {}
-  for _, c in ipairs(split(s, ' ')) do
-    local p = split(c, '|')
-    local L = limit_from_charge(p[1], p[2])
-    out[#out + 1] = {L = L, gen = p[3], idx = tonumber(p[4]), amt = tonumber(p[5])}
+  if not s then return out end
+  for lk, gen, idx, amt in string.gmatch(s, '([^ |]+)|%d+|(%d+)|(%-?%d+)|(%d+)') do
+    local L = charged_limits[lk]
+    if L == nil then
+      local scope, dim, w = string.match(lk, '^(.*):([%a_]+):(%d+)$')
+      L = {lk = lk, key = B .. ':w:' .. lk, d = dim, w = tonumber(w), n = BUCKETS, scope = scope}
+      charged_limits[lk] = L
+    end
+    out[#out + 1] = {L = L, gen = gen, idx = tonumber(idx), amt = tonumber(amt)}
   end
   return out
 end
 
+-- "dim=int dim=int ..." -> {dim = int, ...}
 local function parse_amounts(s)
   local out = {}
-  for _, kv in ipairs(split(s, ' ')) do
-    local k, v = string.match(kv, '^([%a_]+)=(-?%d+)$')
-    out[k] = tonumber(v)
-  end
+  for k, v in string.gmatch(s, '([%a_]+)=(-?%d+)') do out[k] = tonumber(v) end
   return out
 end
 
@@ -267,7 +380,7 @@ local function purge_leases(now, wake)
     end
     redis.call('HSET', key, 's', 'expired')
     redis.call('PEXPIRE', key, 3600000)
-    redis.call('ZREM', B .. ':leases', id)
+    drop_lease(id)
     publish_event('lease_expired', {agent = rs[2] or '', reservation = id})
   end
 end

@@ -14,6 +14,7 @@ local ttl = tonumber(ARGV[1])
 local wake = {}
 purge_leases(NOW, wake)
 purge_tickets(NOW, wake)
+flush_writes()
 -- A fixed number of commands whatever the number of tickets: one HMGET and
 -- one ZADD per chunk of tickets, one ZRANGE per queue.
 local CHUNK = 500

@@ -2,17 +2,20 @@
 -- Idempotent: a reservation is settled once; later calls change nothing.
 --
 -- KEYS[1]  tenant base key "<prefix>:{<tenant>}"
--- ARGV[1]  reservation id
--- ARGV[2]  'commit' or 'release'
--- ARGV[3]  actual amounts "dim=int ..." (commit); a reserved dimension left
---          out keeps its estimate. Concurrency is always returned.
--- ARGV[4]  ledger stream max length (approximate trim); 0 writes no entry
--- ARGV[5]  model name for the ledger ('' if none)
--- ARGV[6]  outcome for the ledger ('' -> 'ok', or 'overrun' when an actual
+-- ARGV     one or more settlements of 4 arguments each (a batch, run in
+--          order, each on its own):
+-- ARGV[1]  "<reservation id> <kind> <maxlen> <actual>" joined by single
+--          spaces: kind is 'commit' or 'release'; maxlen the ledger stream's
+--          max length (approximate trim), 0 to write no entry; actual the
+--          rest of the string, amounts "dim=int ..." (commit; a reserved
+--          dimension left out keeps its estimate; concurrency is always
+--          returned)
+-- ARGV[2]  model name for the ledger ('' if none)
+-- ARGV[3]  outcome for the ledger ('' -> 'ok', or 'overrun' when an actual
 --          exceeded its estimate; a release writes an entry only when given)
--- ARGV[7]  caller metadata, a JSON object as a string ('' for none)
+-- ARGV[4]  caller metadata, a JSON object as a string ('' for none)
 --
--- Reply:
+-- Reply: a list with one reply per settlement, in order, each one of:
 --   {1, state, overrun, ledger_id}  settled now; state 'committed' or
 --                                   'released'; overrun "dim=int ..." charged
 --                                   beyond the estimate; ledger_id or ''
@@ -23,108 +26,117 @@
 -- A lease that already expired may still be committed: the actual cost
 -- replaces the estimate that stayed charged.
 
-local id, kind = ARGV[1], ARGV[2]
-local actual = parse_amounts(ARGV[3])
-local maxlen, model, outcome, meta = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
-local rkey = B .. ':r:' .. id
-
 local wake = {}
 purge_leases(NOW, wake)
+local limits_of = limits_memo()
+local waiting = anyone_waiting()  -- settling queues nobody: true or false for the whole batch
 
-local rs = redis.call('HMGET', rkey, 's', 'a', 'c', 'e')
-local state, agent = rs[1], rs[2] or ''
-if not state then publish_wake(wake); return {0, 'unknown'} end
-if state ~= 'open' and state ~= 'expired' then publish_wake(wake); return {0, state} end
-if state == 'expired' and kind == 'release' then publish_wake(wake); return {0, 'expired'} end
-local expired = state == 'expired'
+local function settle(id, kind, actual, maxlen, model, outcome, meta)
+  local rkey = B .. ':r:' .. id
 
-local estimate = parse_amounts(rs[4])
-local final = {}
-for dim, est in pairs(estimate) do
-  if kind == 'release' or dim == 'concurrency' then final[dim] = 0
-  elseif actual[dim] ~= nil then final[dim] = actual[dim]
-  else final[dim] = est end
-end
-if kind == 'commit' then
-  for dim, v in pairs(actual) do if final[dim] == nil then final[dim] = v end end
-end
+  local rs = redis.call('HMGET', rkey, 's', 'a', 'c', 'e')
+  local state, agent = rs[1], rs[2] or ''
+  if not state then return {0, 'unknown'} end
+  if state ~= 'open' and state ~= 'expired' then return {0, state} end
+  if state == 'expired' and kind == 'release' then return {0, 'expired'} end
+  local expired = state == 'expired'
 
-local refunded, overrun, charged = {}, {}, {}
-local config = nil
-local function current_limits()
-  if config == nil then
-    config = {}
-    for _, L in ipairs(applicable_limits(agent)) do config[L.lk] = L end
+  local estimate = parse_amounts(rs[4])
+  local final = {}
+  for dim, est in pairs(estimate) do
+    if kind == 'release' or dim == 'concurrency' then final[dim] = 0
+    elseif actual[dim] ~= nil then final[dim] = actual[dim]
+    else final[dim] = est end
   end
-  return config
-end
+  if kind == 'commit' then
+    for dim, v in pairs(actual) do if final[dim] == nil then final[dim] = v end end
+  end
 
-for _, c in ipairs(parse_charges(rs[3])) do
-  local dim = c.L.d
-  charged[c.L.lk] = true
-  local dt = final[dim] - c.amt
-  if expired and dim == 'concurrency' then dt = 0 end  -- returned when the lease expired
-  if adjust(c.L, c.gen, c.idx, dt, NOW) then
-    if dt < 0 then refunded[#refunded + 1] = c.L.lk end
-    if dt > 0 then
-      redis.call('HINCRBY', c.L.key, 'ov', fmt(dt))
-      local L = current_limits()[c.L.lk]
-      if L then
-        local t = tonumber(redis.call('HGET', L.key, 't'))
-        thresholds(L, t - dt, t, agent)
+  local refunded, overrun, charged = {}, {}, {}
+  local config = nil
+  local function current_limits()
+    if config == nil then
+      config = {}
+      for _, L in ipairs(limits_of(agent)) do config[L.lk] = L end
+    end
+    return config
+  end
+
+  for _, c in ipairs(parse_charges(rs[3])) do
+    local dim = c.L.d
+    charged[c.L.lk] = true
+    local dt = final[dim] - c.amt
+    if expired and dim == 'concurrency' then dt = 0 end  -- returned when the lease expired
+    local window = dt ~= 0 and adjust(c.L, c.gen, c.idx, dt, NOW)
+    if window then
+      if dt < 0 then refunded[#refunded + 1] = c.L.lk end
+      if dt > 0 then
+        redis.call('HINCRBY', c.L.key, 'ov', fmt(dt))
+        local L = current_limits()[c.L.lk]
+        if L then thresholds(L, window.t - dt, window.t, agent) end
       end
     end
   end
-end
 
--- Usage in a dimension that was not reserved at all is charged now, to the
--- current bucket: an estimate that was too low is still charged.
-local unreserved = false
-for dim, v in pairs(final) do
-  if v > 0 and (estimate[dim] or 0) == 0 then unreserved = true end
-end
-local charged_now = {}
-if kind == 'commit' and unreserved then
-  for lk, L in pairs(current_limits()) do
-    local v = final[L.d] or 0
-    if not charged[lk] and v > 0 and L.d ~= 'concurrency' then
-      charged_now[L.d] = true
-      local _, _, t = charge(L, advance(L, NOW, true), v, NOW, agent)
-      redis.call('HINCRBY', L.key, 'ov', fmt(v))
-      thresholds(L, t - v, t, agent)
+  -- Usage in a dimension that was not reserved at all is charged now, to the
+  -- current bucket: an estimate that was too low is still charged.
+  local unreserved = false
+  for dim, v in pairs(final) do
+    if v > 0 and (estimate[dim] or 0) == 0 then unreserved = true end
+  end
+  local charged_now = {}
+  if kind == 'commit' and unreserved then
+    for lk, L in pairs(current_limits()) do
+      local v = final[L.d] or 0
+      if not charged[lk] and v > 0 and L.d ~= 'concurrency' then
+        charged_now[L.d] = true
+        local _, _, t = charge(L, advance(L, NOW), v, NOW, agent)
+        redis.call('HINCRBY', L.key, 'ov', fmt(v))
+        thresholds(L, t - v, t, agent)
+      end
     end
   end
-end
-if kind == 'commit' then
-  for dim, v in pairs(final) do
-    -- An overrun is usage beyond what was reserved, in a dimension that was
-    -- reserved or that a limit had to charge; usage nothing limits is not one.
-    local est = estimate[dim] or 0
-    local counted = est > 0 or charged_now[dim]
-    if dim ~= 'concurrency' and counted and v > est then overrun[#overrun + 1] = dim .. '=' .. fmt(v - est) end
+  if kind == 'commit' then
+    for dim, v in pairs(final) do
+      -- An overrun is usage beyond what was reserved, in a dimension that was
+      -- reserved or that a limit had to charge; usage nothing limits is not one.
+      local est = estimate[dim] or 0
+      local counted = est > 0 or charged_now[dim]
+      if dim ~= 'concurrency' and counted and v > est then overrun[#overrun + 1] = dim .. '=' .. fmt(v - est) end
+    end
   end
+
+  state = kind == 'commit' and 'committed' or 'released'
+  redis.call('HSET', rkey, 's', state)
+  redis.call('PEXPIRE', rkey, 600000)
+  drop_lease(id)
+
+  local ledger_id = ''
+  if maxlen > 0 and (kind == 'commit' or outcome ~= '') then
+    if outcome == '' then outcome = (#overrun > 0) and 'overrun' or 'ok' end
+    local function amount(dim) return fmt(final[dim] or 0) end
+    ledger_id = redis.call('XADD', B .. ':ledger', 'MAXLEN', '~', maxlen, '*',
+      'ts', fmt(NOW), 'agent', agent, 'model', model,
+      'usd', amount('usd'), 'input_tokens', amount('input_tokens'),
+      'output_tokens', amount('output_tokens'), 'tokens', amount('tokens'),
+      'requests', amount('requests'), 'est_usd', fmt(estimate['usd'] or 0),
+      'reservation', id, 'outcome', outcome, 'late', expired and '1' or '0', 'meta', meta)
+  end
+
+  if #overrun > 0 then
+    publish_event('overrun', {agent = agent, reservation = id, overrun = table.concat(overrun, ' ')})
+  end
+  if waiting then heads_of(refunded, wake) end
+  return {1, state, table.concat(overrun, ' '), ledger_id}
 end
 
-state = kind == 'commit' and 'committed' or 'released'
-redis.call('HSET', rkey, 's', state)
-redis.call('PEXPIRE', rkey, 600000)
-redis.call('ZREM', B .. ':leases', id)
-
-local ledger_id = ''
-if maxlen > 0 and (kind == 'commit' or outcome ~= '') then
-  if outcome == '' then outcome = (#overrun > 0) and 'overrun' or 'ok' end
-  local function amount(dim) return fmt(final[dim] or 0) end
-  ledger_id = redis.call('XADD', B .. ':ledger', 'MAXLEN', '~', maxlen, '*',
-    'ts', fmt(NOW), 'agent', agent, 'model', model,
-    'usd', amount('usd'), 'input_tokens', amount('input_tokens'),
-    'output_tokens', amount('output_tokens'), 'tokens', amount('tokens'),
-    'requests', amount('requests'), 'est_usd', fmt(estimate['usd'] or 0),
-    'reservation', id, 'outcome', outcome, 'late', expired and '1' or '0', 'meta', meta)
+local replies = {}
+for i = 1, #ARGV, 4 do
+  local id, kind, maxlen, actual = string.match(ARGV[i], '^(%S+) (%S+) (%S+) ?(.*)$')
+  if not id then return redis.error_reply('malformed settle request ' .. ARGV[i]) end
+  replies[#replies + 1] = settle(id, kind, parse_amounts(actual), tonumber(maxlen), ARGV[i + 1], ARGV[i + 2],
+                                 ARGV[i + 3])
 end
-
-if #overrun > 0 then
-  publish_event('overrun', {agent = agent, reservation = id, overrun = table.concat(overrun, ' ')})
-end
-heads_of(refunded, wake)
+flush_writes()
 publish_wake(wake)
-return {1, state, table.concat(overrun, ' '), ledger_id}
+return replies

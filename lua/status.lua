@@ -40,7 +40,7 @@ local limits, windows = {}, {}
 for _, a in ipairs(agents) do
   for _, L in ipairs(applicable_limits(a)) do
     if not windows[L.lk] then
-      windows[L.lk] = advance(L, NOW, false)
+      windows[L.lk] = advance(L, NOW)
       limits[#limits + 1] = L
     end
   end

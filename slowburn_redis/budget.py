@@ -1,7 +1,9 @@
 """The asyncio client: limits, acquire/commit/release, status, reset, events.
 
-Every operation is one Lua script call (one round trip) on the tenant's keys.
-The blocking twin (`Budget.sync`) runs this same code on a private event loop.
+Every operation is one Lua script call on the tenant's keys; the acquires
+(and the commits and releases) of one tenant that are ready together share
+one call (`slowburn_redis.batching`). The blocking twin (`Budget.sync`) runs
+this same code on a private event loop.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from redis.exceptions import RedisError
 
 from slowburn_redis.acl import permission_error
 from slowburn_redis.amounts import amounts_to_units, format_amounts
+from slowburn_redis.batching import BATCH_LIMIT, MAX_BATCH, Batcher
 from slowburn_redis.connection import MAX_CONNECTIONS
 from slowburn_redis.errors import (
     BudgetExhausted,
@@ -59,6 +62,9 @@ class Budget:
     and then raises RedisUnavailable; ``"raise"`` raises RedisUnavailable at
     once; ``"allow"`` fails open (the acquire is admitted unchecked, its
     Reservation has ``backed == False``, logged at error level).
+
+    `batch_size` is the most requests of one tenant sent as one script call
+    (`slowburn_redis.batching`); 1 sends each request on its own.
     """
 
     def __init__(
@@ -76,12 +82,15 @@ class Budget:
         on_unavailable: OnUnavailable = "wait",
         retry_timeout: float | None = None,
         backoff: Backoff | None = None,
+        batch_size: int = MAX_BATCH,
     ) -> None:
         validate_name("prefix", prefix)
         if not lease_ttl > 0 or not heartbeat > 0:
             raise InvalidInput("lease_ttl and heartbeat must be positive")
         if ledger_maxlen < 0:
             raise InvalidInput("ledger_maxlen must not be negative")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= BATCH_LIMIT:
+            raise InvalidInput(f"batch_size must be an integer from 1 to {BATCH_LIMIT}, not {batch_size!r}")
         self.client = client
         self.prefix = prefix
         self.lease_ttl = float(lease_ttl)
@@ -99,15 +108,17 @@ class Budget:
             "on_unavailable": on_unavailable,
             "retry_timeout": retry_timeout,
             "backoff": backoff,
+            "batch_size": batch_size,
         }
         self._resilience = Resilience(
             on_unavailable, backoff=backoff, retry_timeout=retry_timeout, description=description
         )
         self._clock: Clock = "test" if test_clock else "server"
         self._scripts = Scripts(self._clock)
-        # More calls in flight than connections would fail on a cluster client
-        # (its per-node pools raise when full): extra calls queue here instead.
+        # More calls in flight than connections would fail (redis-py pools
+        # raise when full, per node on a cluster): extra calls queue here.
         self._in_flight = asyncio.Semaphore(MAX_CONNECTIONS)
+        self._batcher = Batcher(self._send, max_batch=batch_size)
         self._open_pubsub = open_pubsub or (lambda: client.pubsub())
         self._hub = WakeHub(
             self._open_pubsub,
@@ -152,6 +163,7 @@ class Budget:
     async def aclose(self) -> None:
         """Stop waiting machinery and close the connection pool."""
         await self._hub.aclose()
+        await self._batcher.aclose()
         close = getattr(self.client, "aclose", None)
         if close is not None:
             await close()
@@ -167,23 +179,26 @@ class Budget:
         return base_key(self.prefix, tenant)
 
     async def _call(self, script: Script, key: str, args: list[Any], *, deadline: float | None = None) -> Any:
-        """Run one script: the single path every operation takes to Redis.
+        """Run one request of a script: the single path every operation takes to Redis.
 
         A failure to reach Redis is handled by the ``on_unavailable`` policy
         (`slowburn_redis.resilience`); a ``"wait"`` retry gives up at
         `deadline` (event-loop time), else after ``retry_timeout``. Retries
         resend the same arguments, which every script treats idempotently.
         """
+        run = self._batcher.call if script.batched else self._send
+        try:
+            return await self._resilience.call(script.name, lambda: run(script, key, args), args, deadline=deadline)
+        except RedisError as exc:
+            denied = permission_error(exc)
+            if denied is None:
+                raise
+            raise denied from exc
+
+    async def _send(self, script: Script, key: str, args: list[Any]) -> Any:
+        """One EVALSHA of `script` (a single request, or a batch of them) on a connection of the pool."""
         async with self._in_flight:
-            try:
-                return await self._resilience.call(
-                    script.name, lambda: script(self.client, key, args), args, deadline=deadline
-                )
-            except RedisError as exc:
-                denied = permission_error(exc)
-                if denied is None:
-                    raise
-                raise denied from exc
+            return await script(self.client, key, args)
 
     # limits ------------------------------------------------------------------
 
@@ -372,7 +387,7 @@ class Budget:
         """Release reservation `rid` that its acquire never returned; see `_acquire`."""
         deadline = asyncio.get_running_loop().time()  # one attempt: no retries while Redis is away
         try:
-            await self._call(self._scripts.settle, key, [rid, "release", "", 0, "", "", ""], deadline=deadline)
+            await self._call(self._scripts.settle, key, [rid, "release", 0, "", "", "", ""], deadline=deadline)
         except Exception as exc:  # the lease expires by itself
             log.warning("acquire.release_failed", reservation=rid, error=str(exc))
 
@@ -407,18 +422,16 @@ class Budget:
     async def _settle(
         self, reservation: Reservation, kind: str, actual: str, *, model: str, outcome: str, meta: str
     ) -> list[Any]:
-        args = [reservation.id, kind, actual, self.ledger_maxlen, model, outcome, meta]
+        args = [reservation.id, kind, self.ledger_maxlen, actual, model, outcome, meta]
         reply: list[Any] = await self._call(self._scripts.settle, self.key(reservation.tenant), args)
-        if reply[0] == 1:
-            log.debug(kind, tenant=reservation.tenant, agent=reservation.agent, reservation=reservation.id)
-            if reply[2]:
-                log.warning(
-                    "budget.overrun",
-                    tenant=reservation.tenant,
-                    agent=reservation.agent,
-                    reservation=reservation.id,
-                    overrun=reply[2],
-                )
+        if reply[0] == 1 and reply[2]:
+            log.warning(
+                "budget.overrun",
+                tenant=reservation.tenant,
+                agent=reservation.agent,
+                reservation=reservation.id,
+                overrun=reply[2],
+            )
         return reply
 
     async def _extend(self, reservation: Reservation, ttl: float | None) -> int | None:
