@@ -1,4 +1,11 @@
-"""Section 1, the ceiling: slowburn acquire+commit against one trivial EVALSHA, same client, same concurrency."""
+"""Section 1, the ceiling: slowburn acquire+commit against one trivial EVALSHA, same client, same concurrency.
+
+slowburn sends the requests of one tenant that are ready together as one
+script call (`slowburn_redis.batching`). The goal is stated against the trivial
+script sent one call per request, as a plain client does; the same trivial
+script sent through slowburn's batcher is reported beside it, as the ceiling
+for batched traffic.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +15,26 @@ import redis
 import redis.asyncio as aioredis
 
 from bench.helpers import Settings, closed_loop, load_dict, median, merge_loads, ratio, script_server_time
+from slowburn_redis.batching import MAX_BATCH
 
 TRIVIAL_LUA = "return redis.call('HINCRBY', KEYS[1], 'n', 1)"
+TRIVIAL_BATCHED_LUA = (
+    "local out = {} for i = 1, #ARGV do out[i] = redis.call('HINCRBY', KEYS[1], 'n', 1) end return out"
+)
 LIMITS = ["usd 1000000/day", "tokens 1000000000000/hour", "requests 1000000000/min", "concurrency 100000"]
-KINDS = ("trivial", "acquire_commit", "acquire")
+ALT_BATCH = 16
+"""The other batch size measured beside the default (`slowburn_redis.batching.MAX_BATCH`)."""
+KINDS = ("trivial", "trivial_batched", "acquire_commit", "acquire", "acquire_commit_alt")
+REQUESTS_PER_OP = {"trivial": 1, "trivial_batched": 1, "acquire_commit": 2, "acquire": 1, "acquire_commit_alt": 2}
+
+
+class _TrivialRequest:
+    """The trivial script as the batcher sees one: each request is one argument."""
+
+    name = "trivial"
+
+    def request(self, args: Any) -> list[Any]:
+        return list(args)
 
 
 async def load_job(
@@ -19,6 +42,27 @@ async def load_job(
 ) -> dict[str, Any]:
     """One process's closed loop of `kind` against `tenant` (a job run by the fleet)."""
     from slowburn_redis import Budget
+
+    if kind == "trivial_batched":
+        from slowburn_redis.batching import Batcher
+
+        client = aioredis.Redis.from_url(url, decode_responses=True)
+        sha = await client.script_load(TRIVIAL_BATCHED_LUA)
+        key = f"trivial:{{{tenant}}}"
+
+        async def send(_: Any, key: str, args: list[Any]) -> Any:
+            return await client.evalsha(sha, 1, key, *args)
+
+        batcher = Batcher(send)
+        script: Any = _TrivialRequest()
+
+        async def trivial_batched(_: int) -> None:
+            await batcher.call(script, key, ["1"])
+
+        try:
+            return load_dict(await closed_loop(trivial_batched, tasks=tasks, start_at=start_at, duration=duration))
+        finally:
+            await client.aclose()
 
     if kind == "trivial":
         client = aioredis.Redis.from_url(url, decode_responses=True)
@@ -33,7 +77,7 @@ async def load_job(
         finally:
             await client.aclose()
 
-    budget = Budget.from_url(url, prefix="bench")
+    budget = Budget.from_url(url, prefix="bench", batch_size=ALT_BATCH if kind == "acquire_commit_alt" else MAX_BATCH)
     agent = f"w{index}"
 
     async def acquire_commit(_: int) -> None:
@@ -44,7 +88,7 @@ async def load_job(
         await budget.acquire(tenant, agent, usd=0.001, tokens=1000, mode="reject")
 
     try:
-        op = acquire_commit if kind == "acquire_commit" else acquire
+        op = acquire if kind == "acquire" else acquire_commit
         return load_dict(await closed_loop(op, tasks=tasks, start_at=start_at, duration=duration))
     finally:
         await budget.aclose()
@@ -80,8 +124,18 @@ def run(settings: Settings) -> dict[str, Any]:
                 calls1, usec1 = script_server_time(client)
                 merged = merge_loads(results)
                 merged["server_us_per_script"] = ratio(usec1 - usec0, calls1 - calls0)
+                requests = merged["ops"] * REQUESTS_PER_OP[kind]
+                merged["server_us_per_request"] = ratio(usec1 - usec0, requests)
+                merged["requests_per_script"] = ratio(requests, calls1 - calls0)
                 runs[procs_label][kind].append(merged)
-    out: dict[str, Any] = {"limits": LIMITS, "tasks_per_process": settings.tasks, "runs": runs, "summary": {}}
+    out: dict[str, Any] = {
+        "batch_size": MAX_BATCH,
+        "alt_batch_size": ALT_BATCH,
+        "limits": LIMITS,
+        "tasks_per_process": settings.tasks,
+        "runs": runs,
+        "summary": {},
+    }
     for procs_label in runs:
         summary: dict[str, Any] = {}
         for kind in KINDS:
@@ -92,9 +146,11 @@ def run(settings: Settings) -> dict[str, Any]:
                 "p99_ms": median(r["p99_ms"] for r in reps),
                 "errors": sum(r["errors"] for r in reps),
                 "server_us_per_script": median(r["server_us_per_script"] for r in reps),
+                "server_us_per_request": median(r["server_us_per_request"] for r in reps),
+                "requests_per_script": median(r["requests_per_script"] for r in reps),
             }
         trivial = summary["trivial"]
-        for kind in ("acquire_commit", "acquire"):
+        for kind in ("acquire_commit", "acquire", "acquire_commit_alt"):
             s = summary[kind]
             # cost as a multiple of one trivial round trip: by throughput and by latency, per repetition
             pairs = zip(runs[procs_label]["trivial"], runs[procs_label][kind], strict=True)
@@ -103,6 +159,8 @@ def run(settings: Settings) -> dict[str, Any]:
             s["p50_x_trivial"] = ratio(s["p50_ms"], trivial["p50_ms"])
             s["p99_x_trivial"] = ratio(s["p99_ms"], trivial["p99_ms"])
             s["throughput_share_of_trivial"] = ratio(s["per_s"], trivial["per_s"])
+            batched = zip(runs[procs_label]["trivial_batched"], runs[procs_label][kind], strict=True)
+            s["cost_x_trivial_batched"] = median(ratio(t["per_s"], k["per_s"]) for t, k in batched)
         out["summary"][procs_label] = summary
     client.close()
     ac1, acf = out["summary"]["1p"]["acquire_commit"], out["summary"]["fleet"]["acquire_commit"]

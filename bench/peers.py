@@ -16,6 +16,7 @@ from bench.helpers import Settings, closed_loop, load_dict, median, merge_loads,
 PEERS: dict[str, tuple[str, bool]] = {
     "slowburn": ("sliding window, 60 buckets + running total; acquire+commit", True),
     "slowburn-acquire": ("same, acquire alone (the admission)", True),
+    "slowburn-b16": ("same, acquire+commit with batch_size=16", True),
     "limits-moving-window": ("sliding log (Redis list)", True),
     "limits-sliding-window-counter": ("two fixed windows, weighted", True),
     "pyrate-limiter-redis": ("sliding log (Redis sorted set)", True),
@@ -38,10 +39,11 @@ class Admitter(Protocol):
 
 
 class SlowburnAdmitter:
-    def __init__(self, url: str, *, commit: bool) -> None:
+    def __init__(self, url: str, *, commit: bool, batch_size: int | None = None) -> None:
         from slowburn_redis import Budget
+        from slowburn_redis.batching import MAX_BATCH
 
-        self.budget = Budget.from_url(url, prefix="bench")
+        self.budget = Budget.from_url(url, prefix="bench", batch_size=batch_size or MAX_BATCH)
         self.commit = commit
 
     async def admit(self, key: str, cost: int) -> bool:
@@ -135,6 +137,8 @@ def make_admitter(name: str, url: str, amount: int, window: int) -> Admitter:
         return SlowburnAdmitter(url, commit=True)
     if name == "slowburn-acquire":
         return SlowburnAdmitter(url, commit=False)
+    if name == "slowburn-b16":
+        return SlowburnAdmitter(url, commit=True, batch_size=16)
     if name == "limits-moving-window":
         return LimitsAdmitter(url, "moving", amount, window)
     if name == "limits-sliding-window-counter":
@@ -285,6 +289,8 @@ def throughput(settings: Settings) -> dict[str, Any]:
         >= peers_only[fastest],
         "goal_slowburn_acquire_commit_within_1.5x_of_fastest_peer": summary["slowburn"]["per_s"] * 1.5
         >= peers_only[fastest],
+        "slowburn_b16_acquire_commit_within_1.5x_of_fastest_peer": summary["slowburn-b16"]["per_s"] * 1.5
+        >= peers_only[fastest],
     }
 
 
@@ -294,7 +300,7 @@ def accuracy(settings: Settings) -> dict[str, Any]:
     Each run lasts 3 s and straddles a multiple of 10 s of the Unix clock (the boundary of the
     fixed windows the counter algorithms use), so it sees their worst case as well as races.
     """
-    names = [n for n in PEERS if n != "slowburn-acquire"]
+    names = [n for n in PEERS if n not in ("slowburn-acquire", "slowburn-b16")]
     runs: list[dict[str, Any]] = []
     span = 3.0
     for rep in range(settings.reps):
