@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 from bench.helpers import Settings, closed_loop, load_dict, median, merge_loads, ratio, sleep_until
+from slowburn_redis.connection import MAX_CONNECTIONS
 
 # name -> (algorithm, takes weighted costs)
 PEERS: dict[str, tuple[str, bool]] = {
@@ -117,7 +118,15 @@ class ThrottledAdmitter:
         self.throttle = Throttled(
             using="sliding_window",
             quota=per_duration(timedelta(seconds=window), limit=amount),
-            store=RedisStore(server=url),
+            # Its default pool refuses a call past 100 connections ("Too many
+            # connections"); give it the same connection budget as slowburn's.
+            store=RedisStore(
+                server=url,
+                options={
+                    "CONNECTION_POOL_CLASS": "redis.asyncio.BlockingConnectionPool",
+                    "CONNECTION_POOL_KWARGS": {"max_connections": MAX_CONNECTIONS},
+                },
+            ),
         )
 
     async def admit(self, key: str, cost: int) -> bool:
