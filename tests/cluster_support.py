@@ -1,21 +1,28 @@
-"""A throwaway 3-node Redis Cluster for tests, built from real redis-server processes.
+"""A throwaway Redis Cluster for tests, built from real redis-server processes.
 
-`LocalCluster` starts three ``redis-server --cluster-enabled yes`` nodes on
-free ports in a temp dir, joins them with ``redis-cli --cluster create ...
---cluster-replicas 0 --cluster-yes``, and waits until every node reports
-``cluster_state:ok`` and agrees on the slot map. `tenants_on_each_node` picks
-tenant names whose hash slots land on each node, so tests cover all three.
+`LocalCluster` starts three ``redis-server --cluster-enabled yes`` primaries
+(and, with ``replicas=1``, one replica of each) on free ports in a temp dir,
+joins them with ``redis-cli --cluster create ... --cluster-replicas N
+--cluster-yes``, and waits until every node reports ``cluster_state:ok``,
+agrees on the slot map and, for replicas, has its replication link up.
+`tenants_on_each_node` picks tenant names whose hash slots land on each
+primary, so tests cover all three. `fail_over` kills a primary and waits
+until its replica serves its slots.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 import redis
 from redis.crc import key_slot
 
@@ -51,22 +58,34 @@ def cluster_tools_available() -> bool:
 
 
 class LocalCluster:
-    """Three cluster-enabled redis-server processes under `directory`, joined into one cluster."""
+    """`nodes` cluster-enabled primaries (each with `replicas` replicas) under `directory`, joined into one cluster.
 
-    def __init__(self, directory: Path, nodes: int = NODES) -> None:
+    The primaries get the lowest ports: ``redis-cli --cluster create`` makes
+    the first nodes it is given primaries when they all share one host.
+    """
+
+    def __init__(self, directory: Path, nodes: int = NODES, *, replicas: int = 0) -> None:
         self.directory = Path(directory)
+        self.primaries = nodes
+        self.replicas = replicas
         taken: set[int] = set()
-        self.servers: list[RedisServer] = []
-        for i in range(nodes):
-            port = free_cluster_port(taken)
-            taken.update((port, port + 10_000))
-            self.servers.append(
-                RedisServer(self.directory / f"node{i}", *CLUSTER_ARGS, port=port),
-            )
+        ports: list[int] = []
+        for _ in range(nodes * (1 + replicas)):
+            ports.append(free_cluster_port(taken))
+            taken.update((ports[-1], ports[-1] + 10_000))
+        ports.sort()
+        self.servers: list[RedisServer] = [
+            RedisServer(self.directory / f"node{i}", *CLUSTER_ARGS, port=port) for i, port in enumerate(ports)
+        ]
 
     @property
     def ports(self) -> list[int]:
+        """Every node's port, the killed ones included."""
         return [server.port for server in self.servers]
+
+    @property
+    def live_ports(self) -> list[int]:
+        return [server.port for server in self.servers if server.process is not None and server.process.poll() is None]
 
     @property
     def url(self) -> str:
@@ -79,7 +98,7 @@ class LocalCluster:
             server.start()
         command = ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports)]
         subprocess.run(
-            [*command, "--cluster-replicas", "0", "--cluster-yes"],
+            [*command, "--cluster-replicas", str(self.replicas), "--cluster-yes"],
             check=True,
             capture_output=True,
             timeout=timeout,
@@ -91,12 +110,15 @@ class LocalCluster:
             time.sleep(0.1)
 
     def _ready(self) -> bool:
-        for port in self.ports:
+        for port in self.live_ports:
             client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
             try:
                 if client.cluster("INFO").get("cluster_state") != "ok":
                     return False
-                if len(self.slot_owners(client)) != len(self.servers):
+                if len(self.slot_owners(client)) != self.primaries:
+                    return False
+                replication = client.info("replication")
+                if replication["role"] == "slave" and replication.get("master_link_status") != "up":
                     return False
             except redis.RedisError:
                 return False
@@ -104,10 +126,66 @@ class LocalCluster:
                 client.close()
         return True
 
+    def name_on(self, primary: int, stem: str, key: Callable[[str], str] = str) -> str:
+        """The first of ``stem0``, ``stem1``, ... whose `key` hashes to a slot the primary at port `primary` serves."""
+        ranges = self.slot_owners()[primary]
+        for i in range(100_000):
+            if any(lo <= key_slot(key(f"{stem}{i}").encode()) <= hi for lo, hi in ranges):
+                return f"{stem}{i}"
+        raise LookupError(f"no {stem}<n> hashes to node {primary}")
+
+    def replica_of(self, primary: int) -> int:
+        """The port of a replica of the primary at port `primary`."""
+        client = self.node_client(primary)
+        try:
+            replication = client.info("replication")
+        finally:
+            client.close()
+        replicas = [
+            int(value["port"]) for key, value in replication.items() if key.startswith("slave") and key[5:].isdigit()
+        ]
+        if not replicas:
+            raise LookupError(f"node {primary} has no replica")
+        return replicas[0]
+
+    def sync_replicas(self, primary: int, timeout: float = 10.0) -> None:
+        """Return once every write the primary at port `primary` has taken is on one of its replicas (WAIT)."""
+        client = self.node_client(primary)
+        try:
+            # WAIT counts the replicas that acknowledged this connection's own
+            # last write, and the replication stream is in order: one write
+            # here and its WAIT cover every earlier write of every client.
+            client.set(self.name_on(primary, "cluster-support-sync"), "1")
+            acknowledged = client.execute_command("WAIT", 1, int(timeout * 1000))
+        finally:
+            client.close()
+        if int(acknowledged) < 1:
+            raise RuntimeError(f"no replica of node {primary} acknowledged its writes in {timeout}s")
+
+    def fail_over(self, primary: int, timeout: float = 60.0) -> int:
+        """SIGKILL the primary at port `primary`; return the port of the replica that took over its slots."""
+        replica = self.replica_of(primary)
+        slots = self.slot_owners()[primary]
+        next(server for server in self.servers if server.port == primary).kill()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._ready():
+                client = self.node_client(replica)
+                try:
+                    if self.slot_owners(client).get(replica) == slots:
+                        return replica
+                except redis.RedisError:
+                    pass
+                finally:
+                    client.close()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no replica took over the slots of node {primary} in {timeout}s")
+            time.sleep(0.1)
+
     def slot_owners(self, client: redis.Redis | None = None) -> dict[int, list[tuple[int, int]]]:
         """Port of each primary -> its slot ranges, as a node reports them."""
         own = client is None
-        client = client or redis.Redis(host="127.0.0.1", port=self.ports[0], socket_timeout=2)
+        client = client or redis.Redis(host="127.0.0.1", port=self.live_ports[0], socket_timeout=2)
         try:
             owners: dict[int, list[tuple[int, int]]] = {}
             for entry in client.execute_command("CLUSTER", "SLOTS"):
@@ -119,6 +197,7 @@ class LocalCluster:
                 client.close()
 
     def port_of_slot(self, slot: int) -> int:
+        """The port of the primary that serves `slot`."""
         for port, ranges in self.slot_owners().items():
             if any(start <= slot <= end for start, end in ranges):
                 return port
@@ -145,3 +224,21 @@ def tenants_on_each_node(cluster: LocalCluster, prefix: str, stem: str = "tenant
         if len(found) == len(owners):
             return found
     raise LookupError("could not find a tenant for every node")
+
+
+@contextlib.contextmanager
+def running_cluster(directory: Path, *, replicas: int = 0) -> Iterator[LocalCluster]:
+    """A started `LocalCluster`, stopped afterwards; skips the test without the tools.
+
+    The skip is a failure under ``SLOWBURN_REQUIRE_REAL_REDIS`` (as in CI).
+    """
+    if not cluster_tools_available():
+        if os.environ.get("SLOWBURN_REQUIRE_REAL_REDIS", "") not in ("", "0", "false"):
+            pytest.fail("SLOWBURN_REQUIRE_REAL_REDIS is set but redis-server/redis-cli are missing")
+        pytest.skip("redis-server and redis-cli are needed to start a Redis Cluster")
+    local = LocalCluster(directory, replicas=replicas)
+    try:
+        local.start()
+        yield local
+    finally:
+        local.stop()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -34,7 +33,7 @@ from redis.crc import key_slot
 from slowburn_redis import Budget, BudgetTimeout
 from slowburn_redis.connection import connect_url
 from tests import test_core, test_fleet, test_waiting
-from tests.cluster_support import LocalCluster, cluster_tools_available, tenants_on_each_node
+from tests.cluster_support import LocalCluster, running_cluster, tenants_on_each_node
 from tests.workers import Worker
 
 pytestmark = pytest.mark.cluster
@@ -55,16 +54,8 @@ waiting_budget = test_waiting.waiting_budget
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """A fresh 3-node cluster for this module."""
-    if not cluster_tools_available():
-        if os.environ.get("SLOWBURN_REQUIRE_REAL_REDIS", "") not in ("", "0", "false"):
-            pytest.fail("SLOWBURN_REQUIRE_REAL_REDIS is set but redis-server/redis-cli are missing")
-        pytest.skip("redis-server and redis-cli are needed to start a Redis Cluster")
-    local = LocalCluster(tmp_path_factory.mktemp("cluster"))
-    try:
-        local.start()
+    with running_cluster(tmp_path_factory.mktemp("cluster")) as local:
         yield local
-    finally:
-        local.stop()
 
 
 @pytest.fixture
