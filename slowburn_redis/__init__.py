@@ -11,12 +11,14 @@ async with budget.acquire("acme", usd=0.02, tokens=1500) as r:
 
 from slowburn_redis.budget import Budget
 from slowburn_redis.errors import (
+    BudgetClosed,
     BudgetDenied,
     BudgetExhausted,
     BudgetTimeout,
     InvalidInput,
     InvalidLimit,
     InvalidName,
+    PermissionDenied,
     RedisUnavailable,
     RequestTooLarge,
     ReservationError,
@@ -34,6 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EVERY_AGENT",
     "Budget",
+    "BudgetClosed",
     "BudgetDenied",
     "BudgetExhausted",
     "BudgetTimeout",
@@ -43,6 +46,7 @@ __all__ = [
     "InvalidName",
     "Limit",
     "LimitStatus",
+    "PermissionDenied",
     "RedisUnavailable",
     "RequestTooLarge",
     "Reservation",

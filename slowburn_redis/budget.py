@@ -22,6 +22,7 @@ from slowburn_redis.amounts import amounts_to_units, format_amounts
 from slowburn_redis.batching import BATCH_LIMIT, MAX_BATCH, Batcher
 from slowburn_redis.connection import MAX_CONNECTIONS
 from slowburn_redis.errors import (
+    BudgetClosed,
     BudgetExhausted,
     BudgetTimeout,
     InvalidInput,
@@ -118,6 +119,7 @@ class Budget:
         # More calls in flight than connections would fail (redis-py pools
         # raise when full, per node on a cluster): extra calls queue here.
         self._in_flight = asyncio.Semaphore(MAX_CONNECTIONS)
+        self._closing = False
         self._batcher = Batcher(self._send, max_batch=batch_size)
         self._open_pubsub = open_pubsub or (lambda: client.pubsub())
         self._hub = WakeHub(
@@ -161,7 +163,13 @@ class Budget:
         return SyncBudget(lambda: Budget(connect(), connect=connect, **options))
 
     async def aclose(self) -> None:
-        """Stop waiting machinery and close the connection pool."""
+        """End every wait of this Budget, stop its waiting machinery and close its connection pool.
+
+        Acquires still waiting raise BudgetClosed once they have given up their
+        queue place (one attempt each); any later call, and any retry of a call
+        in progress, raises BudgetClosed without sending anything.
+        """
+        self._closing = True
         await self._hub.aclose()
         await self._batcher.aclose()
         close = getattr(self.client, "aclose", None)
@@ -196,7 +204,12 @@ class Budget:
             raise denied from exc
 
     async def _send(self, script: Script, key: str, args: list[Any]) -> Any:
-        """One EVALSHA of `script` (a single request, or a batch of them) on a connection of the pool."""
+        """One EVALSHA of `script` (a single request, or a batch of them) on a connection of the pool.
+
+        Once the Budget is closing, only a waiter giving up its queue place is sent.
+        """
+        if self._closing and script is not self._scripts.leave:
+            raise BudgetClosed(f"budget {self.description} is closed")
         async with self._in_flight:
             return await script(self.client, key, args)
 
@@ -307,6 +320,8 @@ class Budget:
         in_flight = False
         try:
             while True:
+                if self._closing:
+                    raise BudgetClosed(f"budget {self.description} was closed while tenant {tenant!r} waited")
                 args = [rid, agent or "", mode, priority, ticket, lease_ms, queue_ms, amounts]
                 in_flight = True
                 reply = await self._call(self._scripts.acquire, key, args, deadline=deadline)
@@ -408,8 +423,10 @@ class Budget:
         )
 
     async def _leave(self, key: str, ticket: str) -> None:
+        # While closing, one attempt: close() must not wait for Redis to come back.
+        deadline = asyncio.get_running_loop().time() if self._closing else None
         try:
-            await self._call(self._scripts.leave, key, [ticket])
+            await self._call(self._scripts.leave, key, [ticket], deadline=deadline)
         except Exception as exc:  # the place expires by itself after three heartbeats
             log.warning("queue.leave_failed", ticket=ticket, error=str(exc))
 

@@ -73,6 +73,10 @@ class RedisUnavailable(SlowburnError):
     """Redis could not be reached; the message names the URL without credentials."""
 
 
+class BudgetClosed(SlowburnError):
+    """The Budget was closed (`aclose`, or `close` on the sync twin): its waits end and it sends nothing more."""
+
+
 class PermissionDenied(SlowburnError):
     """Redis refused an operation under its ACL (NOPERM): the connected user may not do this.
 

@@ -75,6 +75,8 @@ class WakeHub:
         self._reader: asyncio.Task[None] | None = None
         self._beater: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._closing = False
+        self._left = asyncio.Event()  # set whenever a waiter leaves
 
     async def join(self, tenant: str) -> Waiter:
         """A new waiter for `tenant`, returned once this process is subscribed to its wakes."""
@@ -86,9 +88,12 @@ class WakeHub:
                 if channel not in self._by_channel:
                     self._by_channel[channel] = tenant
                     self._confirmed[channel] = asyncio.get_running_loop().create_future()
-                    if self._pubsub is not None:
+                    if self._closing:
+                        self._confirmed[channel].set_result(None)
+                    elif self._pubsub is not None:
                         await self._pubsub.subscribe(channel)
-                self._start()
+                if not self._closing:
+                    self._start()
             await asyncio.shield(self._confirmed[channel])
         except BaseException:
             self.leave(waiter)
@@ -102,6 +107,7 @@ class WakeHub:
             waiters.discard(waiter)
             if not waiters:
                 del self._tenants[waiter.tenant]
+        self._left.set()
 
     @property
     def waiting(self) -> int:
@@ -109,7 +115,22 @@ class WakeHub:
         return sum(len(w) for w in self._tenants.values())
 
     async def aclose(self) -> None:
-        """Stop the reader and heartbeat and close the pub/sub connection."""
+        """Wake every waiter and wait until they have all left, then stop the reader and heartbeat and close.
+
+        The owner makes woken waiters leave (Budget raises BudgetClosed in them);
+        a waiter still joining is let through at once.
+        """
+        self._closing = True
+        if self._beater is not None:
+            await cancel_and_wait([self._beater])
+        for future in self._confirmed.values():
+            if not future.done():
+                future.set_result(None)
+        while self.waiting:
+            self._left.clear()
+            for tenant in list(self._tenants):
+                self._wake_tenant(tenant, None)
+            await self._left.wait()
         await cancel_and_wait([task for task in (self._reader, self._beater) if task is not None])
         self._reader = self._beater = None
         if self._pubsub is not None:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import secrets
+import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -30,7 +32,7 @@ from click.testing import CliRunner
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-from slowburn_redis import Budget, BudgetTimeout
+from slowburn_redis import Budget, BudgetTimeout, PermissionDenied
 from slowburn_redis.connection import connect_url
 from tests import test_core, test_fleet, test_waiting
 from tests.cluster_support import LocalCluster, running_cluster, tenants_on_each_node
@@ -343,3 +345,61 @@ def test_cli_commands_on_a_tenant_of_each_node(
     by_node = keys_by_node(cluster, prefix)
     for port, tenant in spread.items():
         assert {tenant_of(key) for key in by_node[port]} == {tenant}
+
+
+# access control ------------------------------------------------------------------------
+
+
+def pipe_to_every_node(cluster: LocalCluster, lines: list[str], reply: str = "OK") -> None:
+    """Run `lines` on every node through ``redis-cli`` (ACL users are per node), as the README says."""
+    for port in cluster.ports:
+        done = subprocess.run(
+            ["redis-cli", "-p", str(port)], input="\n".join(lines) + "\n", capture_output=True, text=True, check=True
+        )
+        assert done.stdout.split() == [reply] * len(lines), done.stdout + done.stderr
+
+
+async def test_acl_users_set_on_every_node_confine_a_worker_on_the_cluster(
+    cluster: LocalCluster, spread: dict[int, str], prefix: str, make_budget: Callable[..., Budget]
+) -> None:
+    from slowburn_redis.acl import acl_rules
+
+    mine, other = list(spread.values())[:2]  # on two different nodes
+    lines, passwords = [], {}
+    for tenant in (mine, other):
+        for line in acl_rules(tenant, prefix=prefix):
+            user = line.split()[2]
+            passwords[user] = secrets.token_hex(8)
+            lines += [line, f"ACL SETUSER {user} >{passwords[user]}"]
+    pipe_to_every_node(cluster, lines)
+    budgets: list[Budget] = []
+
+    def as_user(user: str) -> Budget:
+        url = f"redis+cluster://{user}:{passwords[user]}@127.0.0.1:{cluster.ports[0]}"
+        budgets.append(strict_slots(Budget.from_url(url, prefix=prefix, heartbeat=60.0)))
+        return budgets[-1]
+
+    try:
+        admin, worker, waiting = (
+            as_user(f"{prefix}-admin-{mine}"),
+            as_user(f"{prefix}-worker-{mine}"),
+            as_user(f"{prefix}-worker-{mine}"),
+        )
+        await admin.set_limits(mine, ["usd 1/hour"])
+        with pytest.raises(PermissionDenied):
+            await admin.set_limits(other, ["usd 1/hour"])
+        held = await worker.acquire(mine, usd=0.9)
+        # The waiter subscribes on whichever node its pub/sub connection picked.
+        waiter = asyncio.ensure_future(waiting.acquire(mine, usd=0.5, timeout=15))
+        await test_waiting.wait_queued(make_budget(), 1, mine)  # as the default user: workers may not HLEN
+        await held.commit(usd=0.2)
+        await (await waiter).commit(usd=0.5)
+        assert (await worker.status(mine)).limits[0].used == pytest.approx(0.7)
+        for refused in (worker.set_limits(mine, ["usd 5/hour"]), worker.reset(mine), worker.acquire(other, usd=0.1)):
+            with pytest.raises(PermissionDenied):
+                await refused
+        assert [str(limit) for limit in await worker.get_limits(mine)] == ["usd 1/hour"]
+    finally:
+        for budget in budgets:
+            await budget.aclose()
+        pipe_to_every_node(cluster, [f"ACL DELUSER {user}" for user in passwords], reply="1")
