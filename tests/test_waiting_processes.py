@@ -247,6 +247,7 @@ def test_sigint_on_a_sync_wait_leaves_no_reservation_and_no_queue_entry(fleet: F
     waiter.signal(signal.SIGINT)
     waiter.expect("interrupted")
     assert waiter.wait() != 0
-    assert fleet.leftovers() == {"q": {}, "qexp": [], "blocked": [], "leases": [holder.id]}
+    leftovers = fleet.leftovers()
+    assert leftovers == {"q": {}, "qexp": [], "blocked": [], "leases": [holder.id]}, waiter.describe()
     assert fleet.redis.keys(fleet.base + ":r:*") == [f"{fleet.base}:r:{holder.id}"]
     holder.release()
