@@ -9,6 +9,7 @@ async with budget.acquire("acme", usd=0.02, tokens=1500) as r:
     await r.commit(usd=0.013, tokens=1210)
 """
 
+from slowburn_redis._version import __version__
 from slowburn_redis.budget import Budget
 from slowburn_redis.errors import (
     BudgetClosed,
@@ -18,6 +19,7 @@ from slowburn_redis.errors import (
     InvalidInput,
     InvalidLimit,
     InvalidName,
+    MissingExtra,
     PermissionDenied,
     RedisUnavailable,
     RequestTooLarge,
@@ -30,8 +32,6 @@ from slowburn_redis.names import EVERY_AGENT
 from slowburn_redis.reservation import Reservation, Settlement
 from slowburn_redis.status import LimitStatus, Status
 from slowburn_redis.sync import SyncBudget, SyncReservation
-
-__version__ = "0.1.0"
 
 __all__ = [
     "EVERY_AGENT",
@@ -46,6 +46,7 @@ __all__ = [
     "InvalidName",
     "Limit",
     "LimitStatus",
+    "MissingExtra",
     "PermissionDenied",
     "RedisUnavailable",
     "RequestTooLarge",

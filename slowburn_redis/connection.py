@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from slowburn_redis.errors import InvalidInput
+from slowburn_redis.errors import InvalidInput, MissingExtra
 
 _SCHEMES = ("redis", "rediss", "unix")
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
@@ -182,8 +182,15 @@ def _connect_cluster(url: str) -> tuple[ConnectFactory, PubSubFactory]:
 
 
 def connect_embedded(server: Any = None) -> Callable[[], Any]:
-    """A factory of asyncio fakeredis clients sharing one in-process server (with Lua)."""
-    import fakeredis
+    """A factory of asyncio fakeredis clients sharing one in-process server (with Lua).
+
+    Raises MissingExtra when the ``[embedded]`` extra (fakeredis with Lua) is not installed.
+    """
+    try:
+        import fakeredis
+        import lupa  # noqa: F401  (fakeredis runs scripts only with it)
+    except ImportError as exc:
+        raise MissingExtra("the embedded store (Budget.embedded)", "embedded") from exc
 
     shared = server if server is not None else fakeredis.FakeServer(version=(7,))
 

@@ -12,6 +12,14 @@ class SlowburnError(Exception):
     """Base class of every error this package raises."""
 
 
+class MissingExtra(SlowburnError, ImportError):
+    """A feature needs an optional dependency that is not installed; the message names the extra."""
+
+    def __init__(self, feature: str, extra: str) -> None:
+        super().__init__(f'{feature} needs the [{extra}] extra: pip install "slowburn-redis[{extra}]"')
+        self.extra = extra
+
+
 class InvalidInput(SlowburnError, ValueError):
     """An argument was rejected before anything was sent to Redis."""
 

@@ -49,3 +49,15 @@ def test_llm_layer_does_import_litellm() -> None:
     rc, output = _run("import slowburn_redis.llm")
     assert rc == 0, output
     assert _loaded(output)
+
+
+def test_package_import_loads_no_cli_or_embedded_store_dependency() -> None:
+    # rich is left out here: structlog itself imports it whenever it is installed (for its
+    # console tracebacks). tests/test_wheel.py checks a lean install, where rich is absent.
+    code = (
+        "import slowburn_redis; "
+        "print('HEAVY', sorted(m for m in ('fakeredis', 'lupa', 'click', 'yaml') if m in sys.modules))"
+    )
+    rc, output = _run(code)
+    assert rc == 0, output
+    assert "HEAVY []" in output, output

@@ -128,10 +128,14 @@ async def test_registered_and_explicit_prices(budget: Budget) -> None:
     reply2 = mock_reply("openai/my-finetune", QUESTION, ANSWER)
     await explicit.acompletion(QUESTION, max_tokens=100, mock_response=reply2)
     first, second = await ledger(budget)
-    p, c = reply.usage.prompt_tokens, reply.usage.completion_tokens
-    assert int(first["usd"]) == nano(p * 2e-06 + c * 8e-06)
-    assert int(second["usd"]) == nano(p * 1e-06 + c * 3e-06)
-    assert int(second["est_usd"]) == nano(p * 1e-06 + 100 * 3e-06)
+    # Each commit is exactly that reply's own usage x its model's price, whatever litellm counted.
+    p1, c1 = reply.usage.prompt_tokens, reply.usage.completion_tokens
+    p2, c2 = reply2.usage.prompt_tokens, reply2.usage.completion_tokens
+    assert (int(first["input_tokens"]), int(first["output_tokens"])) == (p1, c1)
+    assert (int(second["input_tokens"]), int(second["output_tokens"])) == (p2, c2)
+    assert int(first["usd"]) == nano(p1 * 2e-06 + c1 * 8e-06)
+    assert int(second["usd"]) == nano(p2 * 1e-06 + c2 * 3e-06)
+    assert int(second["est_usd"]) == nano(p2 * 1e-06 + 100 * 3e-06)
 
 
 # -- failures -----------------------------------------------------------------

@@ -49,8 +49,3 @@ def cli(ctx: click.Context, redis_url: str, prefix: str) -> None:
 
 for command in (limits_group, status_command, reset_command, watch_command, report_command, demo_command, acl_command):
     cli.add_command(command)
-
-
-def main() -> None:
-    """The console script entry point."""
-    cli(prog_name="slowburn-redis")

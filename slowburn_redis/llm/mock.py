@@ -30,7 +30,8 @@ def mock_reply(
     finish_reason: str | None = None,
 ) -> litellm.ModelResponse:
     """A ModelResponse answering `messages` with `text` (or `tool_calls`: ``{"name", "arguments"}`` dicts)."""
-    prompt = int(litellm.token_counter(model=model, messages=list(messages), tools=list(tools) if tools else None))
+    tool_specs: list[Any] | None = list(tools) if tools else None  # litellm types them as openai's tool params
+    prompt = int(litellm.token_counter(model=model, messages=list(messages), tools=tool_specs))
     message: dict[str, Any] = {"role": "assistant", "content": text}
     produced = text or ""
     if tool_calls:
