@@ -9,7 +9,9 @@ every run does first (the clock, expired leases, the tenant's limits) done
 once. The batch goes out on the next turn of the loop, so no request waits
 for a batch to fill. ``Budget(batch_size=1)`` sends every request on its own.
 
-A request whose caller was cancelled before its batch was sent is left out.
+A request whose caller was cancelled before its batch was sent is left out;
+one cancelled while its batch is on the wire still runs in Redis, so a caller
+that must clean up after it first waits for `quiesce`.
 A failed call fails every request of the batch with the same error; each
 caller then applies its own retry policy, and a retried request is simply
 batched again (every script is idempotent under a retry).
@@ -51,7 +53,7 @@ class Batcher:
         self._send = send
         self._max_batch = max_batch
         self._pending: dict[tuple[Script, str], list[tuple[Sequence[Any], asyncio.Future[Any]]]] = {}
-        self._sending: set[asyncio.Task[None]] = set()
+        self._sending: dict[asyncio.Task[None], tuple[Script, str]] = {}
 
     async def call(self, script: Script, key: str, args: Sequence[Any]) -> Any:
         """Run one request of `script` on `key` (in a batch) and return its own reply."""
@@ -61,20 +63,34 @@ class Batcher:
         queue = self._pending.get(slot)
         if queue is None:
             queue = self._pending[slot] = []
-            self._track(loop.create_task(self._flush(slot)))  # its first step runs on the next turn
+            self._track(loop.create_task(self._flush(slot)), slot)  # its first step runs on the next turn
         queue.append((args, future))
         return await future
 
-    def _track(self, task: asyncio.Task[None]) -> None:
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+    def _track(self, task: asyncio.Task[None], slot: tuple[Script, str]) -> None:
+        self._sending[task] = slot
+        task.add_done_callback(lambda done: self._sending.pop(done, None))
+
+    async def quiesce(self, script: Script, key: str, *, timeout: float) -> bool:
+        """Wait up to `timeout` s until every batch of `script` on `key` gathered so far has been answered.
+
+        A caller cancelled while its request was in flight calls this before
+        cleaning up, so its cleanup reaches Redis after the request itself,
+        never before (a late acquire would re-queue a waiter that already
+        left). True when nothing is in flight any more.
+        """
+        tasks = [task for task, slot in self._sending.items() if slot == (script, key)]
+        if not tasks:
+            return True
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        return not pending
 
     async def _flush(self, slot: tuple[Script, str]) -> None:
         """Send what the slot gathered since its first request: the first batch from here, any others alongside."""
         queue = self._pending.pop(slot, [])
         batches = [queue[start : start + self._max_batch] for start in range(0, len(queue), self._max_batch)]
         for batch in batches[1:]:
-            self._track(asyncio.ensure_future(self._run(*slot, batch)))
+            self._track(asyncio.ensure_future(self._run(*slot, batch)), slot)
         if batches:
             await self._run(*slot, batches[0])
 
@@ -108,4 +124,4 @@ class Batcher:
     async def aclose(self) -> None:
         """Wait for the batches already sent."""
         if self._sending:
-            await asyncio.gather(*self._sending, return_exceptions=True)
+            await asyncio.gather(*list(self._sending), return_exceptions=True)

@@ -35,6 +35,7 @@ from slowburn_redis.reservation import Reservation
 from slowburn_redis.resilience import Backoff, OnUnavailable, Resilience
 from slowburn_redis.scripts import Clock, Script, Scripts
 from slowburn_redis.status import Status
+from slowburn_redis.tasks import finish_despite_cancel
 from slowburn_redis.waiting import WakeHub
 
 if TYPE_CHECKING:
@@ -44,6 +45,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger("slowburn_redis")
 
 Mode = Literal["wait", "reject", "advisory"]
+
+CLEANUP_GRACE = 5.0
+"""Seconds an interrupted acquire waits for its in-flight script's answer before cleaning up regardless
+(then a queue place it left may outlive it until its heartbeats lapse, three heartbeats at most)."""
 MODES = ("wait", "reject", "advisory")
 
 
@@ -388,11 +393,13 @@ class Budget:
                 # Interrupted while the script ran: Redis may have admitted the
                 # request, and nobody will ever settle that reservation. Release
                 # it (a no-op when there was no admission). A denial may have
-                # queued it instead, under its id: give that place up too.
-                await asyncio.shield(self._release_unseen(key, rid))
+                # queued it instead, under its id: give that place up too. Both
+                # wait until the interrupted call has been answered, so they
+                # reach Redis after it (a late acquire would queue it again).
+                await finish_despite_cancel(self._release_unseen(key, rid))
                 ticket = ticket or rid
             if ticket:
-                await asyncio.shield(self._leave(key, ticket))
+                await finish_despite_cancel(self._leave(key, ticket))
             raise
         finally:
             if waiter is not None:
@@ -400,6 +407,8 @@ class Budget:
 
     async def _release_unseen(self, key: str, rid: str) -> None:
         """Release reservation `rid` that its acquire never returned; see `_acquire`."""
+        if not await self._batcher.quiesce(self._scripts.acquire, key, timeout=CLEANUP_GRACE):
+            log.warning("acquire.cleanup_unordered", reservation=rid, waited=CLEANUP_GRACE)
         deadline = asyncio.get_running_loop().time()  # one attempt: no retries while Redis is away
         try:
             await self._call(self._scripts.settle, key, [rid, "release", 0, "", "", "", ""], deadline=deadline)

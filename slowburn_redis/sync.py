@@ -12,6 +12,7 @@ import asyncio
 import queue
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Iterator
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -26,6 +27,20 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+CANCEL_GRACE = 10.0
+"""Seconds an interrupted call waits for the cancelled coroutine's cleanup."""
+CANCEL_REPEAT = 0.25
+"""Seconds between deliveries of a cancellation the coroutine has not acted on."""
+
+
+@dataclass
+class _PortalCall:
+    """One `Portal.call`: the task running it (once started), whether its caller gave up, and its end."""
+
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    abandoned: bool = False
+    finished: threading.Event = field(default_factory=threading.Event)
+
 
 class Portal:
     """An event loop on a daemon thread, with a blocking `call`."""
@@ -38,26 +53,41 @@ class Portal:
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run `coro` on the portal loop and wait for it.
 
-        If the calling thread is interrupted (KeyboardInterrupt), the coroutine
-        is cancelled and this waits (up to 10 s) for its cleanup to finish
-        before re-raising, so a cancelled wait leaves nothing behind in Redis.
+        If the calling thread is interrupted (KeyboardInterrupt) at any moment,
+        even before the coroutine started, the coroutine is cancelled (or never
+        started) and this waits (up to `CANCEL_GRACE` s) for its cleanup to
+        finish before re-raising, so an interrupted wait leaves nothing behind
+        in Redis. A cancellation that asyncio lost (the ``wait_for`` race of
+        Python 3.11) is delivered again until the coroutine ends.
         """
-        finished = threading.Event()
+        call = _PortalCall()
 
         async def run() -> T:
+            task = asyncio.current_task()
+            assert task is not None
+            call.tasks.append(task)
             try:
+                if call.abandoned:  # interrupted before it started: the check follows the append
+                    coro.close()
+                    raise asyncio.CancelledError
                 return await coro
             finally:
-                finished.set()
+                call.finished.set()
 
-        future = asyncio.run_coroutine_threadsafe(run(), self.loop)
         try:
-            return future.result()
+            return asyncio.run_coroutine_threadsafe(run(), self.loop).result()
         except BaseException:
-            if not future.done():
-                future.cancel()
-                finished.wait(timeout=10)
+            call.abandoned = True  # before reading call.tasks: see run()
+            self._cancel_and_wait(call)
             raise
+
+    def _cancel_and_wait(self, call: _PortalCall) -> None:
+        for _ in range(int(CANCEL_GRACE / CANCEL_REPEAT)):
+            if call.finished.is_set():
+                return
+            for task in list(call.tasks):  # cleanup code finishes despite repeats (tasks.finish_despite_cancel)
+                self.loop.call_soon_threadsafe(task.cancel)
+            call.finished.wait(timeout=CANCEL_REPEAT)
 
     def stop(self) -> None:
         if self.loop.is_running():

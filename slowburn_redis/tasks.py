@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 async def cancel_and_wait(tasks: list[asyncio.Task[Any]], *, attempts: int = 100) -> None:
@@ -24,3 +27,26 @@ async def cancel_and_wait(tasks: list[asyncio.Task[Any]], *, attempts: int = 100
     for task in tasks:
         if task.done() and not task.cancelled():
             task.exception()  # retrieved, so asyncio does not warn about it
+
+
+async def finish_despite_cancel(awaitable: Awaitable[T]) -> T:
+    """Await `awaitable` to its end even if the calling task is cancelled meanwhile; then re-raise that cancel.
+
+    For cleanup that must reach Redis (giving up a queue place, releasing a
+    reservation) from a task that is already being cancelled: a second
+    cancellation (a second Ctrl-C, a portal re-delivering a lost cancel) must
+    not abandon it half-way.
+    """
+    inner = asyncio.ensure_future(awaitable)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(inner)
+        except asyncio.CancelledError:
+            if inner.done():
+                raise
+            cancelled = True
+            continue
+        if cancelled:
+            raise asyncio.CancelledError
+        return result

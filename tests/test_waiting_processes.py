@@ -11,6 +11,7 @@ happened to arrive.
 from __future__ import annotations
 
 import json
+import random
 import signal
 import threading
 import time
@@ -250,4 +251,36 @@ def test_sigint_on_a_sync_wait_leaves_no_reservation_and_no_queue_entry(fleet: F
     leftovers = fleet.leftovers()
     assert leftovers == {"q": {}, "qexp": [], "blocked": [], "leases": [holder.id]}, waiter.describe()
     assert fleet.redis.keys(fleet.base + ":r:*") == [f"{fleet.base}:r:{holder.id}"]
+    holder.release()
+
+
+ROUNDS = 40
+
+
+def test_sigint_at_random_moments_of_a_sync_wait_never_leaves_a_queue_entry(fleet: Fleet) -> None:
+    """One sync worker waits ROUNDS times; each wait is ended by a SIGINT at a random moment after it queued.
+
+    The moments cover the subscription, the retry right after it (an acquire in
+    flight: its cleanup must reach Redis after it) and the sleep. After every
+    round: no queue place, no blocked entry, no reservation but the holder's.
+    """
+    rng = random.Random(20261202)
+    fleet.budget.set_limits(T, ["usd 1/hour", "concurrency 2"])
+    holder = fleet.budget.acquire(T, usd=0.9)
+    waiter = fleet.start("acquire", "--sync", "--usd", "0.5", "--agent", "interrupted", "--interrupts", str(ROUNDS))
+    for round_ in range(ROUNDS):
+        if round_:
+            waiter.send("next")
+        started = waiter.expect("started")
+        assert started["round"] == round_
+        fleet.wait_queued(1)
+        time.sleep(rng.choice([0.0, 0.0, rng.uniform(0, 0.005), rng.uniform(0, 0.05)]))
+        waiter.signal(signal.SIGINT)
+        assert waiter.expect("interrupted")["round"] == round_
+        leftovers = fleet.leftovers()
+        assert leftovers == {"q": {}, "qexp": [], "blocked": [], "leases": [holder.id]}, (
+            f"round {round_}: {waiter.describe()}"
+        )
+        assert fleet.redis.keys(fleet.base + ":r:*") == [f"{fleet.base}:r:{holder.id}"], round_
+    assert waiter.wait() == 0, waiter.describe()
     holder.release()

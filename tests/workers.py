@@ -124,8 +124,26 @@ async def _acquire_async(args: argparse.Namespace) -> int:
 
 
 def _acquire_sync(args: argparse.Namespace) -> int:
-    """The blocking twin; a SIGINT while waiting surfaces as KeyboardInterrupt from acquire."""
+    """The blocking twin; a SIGINT while waiting surfaces as KeyboardInterrupt from acquire.
+
+    With ``--interrupts N`` the worker waits N times, each ended by a SIGINT
+    (reported as ``interrupted`` with its round) and each after the first
+    started by a ``next`` order on stdin; then it exits 0 without settling.
+    """
     with _budget(args).sync() as budget:
+        for round_ in range(args.interrupts):
+            if round_ and sys.stdin.readline().strip() != "next":
+                return 1
+            try:
+                emit("started", label=args.label, round=round_)
+                budget.acquire(args.tenant, args.agent, **_acquire_kwargs(args))
+            except KeyboardInterrupt:
+                emit("interrupted", label=args.label, round=round_)
+            else:
+                emit("admitted", label=args.label, round=round_)
+                return 1
+        if args.interrupts:
+            return 0
         emit("started", label=args.label)
         try:
             reservation = budget.acquire(args.tenant, args.agent, **_acquire_kwargs(args))
@@ -184,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--keepalive", type=float, default=0.0, help="extend the lease every N seconds")
     parser.add_argument("--sync", action="store_true")
+    parser.add_argument("--interrupts", type=int, default=0, help="with --sync: wait N times, each ended by SIGINT")
     args = parser.parse_args(argv)
     if args.command == "acquire" and args.sync:
         return _acquire_sync(args)
@@ -209,14 +228,17 @@ class Worker:
         )
         self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
         self.seen: list[dict[str, Any]] = []
+        self.log: list[str] = []  # the worker's other stdout lines (its structlog output)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
         assert self.process.stdout is not None
         for line in self.process.stdout:
-            with contextlib.suppress(json.JSONDecodeError):
+            try:
                 self.lines.put(json.loads(line))
+            except json.JSONDecodeError:
+                self.log.append(line.rstrip())
 
     def expect(self, event: str, timeout: float = 60.0) -> dict[str, Any]:
         """The next line whose event is `event` (other lines are kept in `seen`); fails after `timeout`."""
@@ -256,7 +278,8 @@ class Worker:
         stderr = ""
         if self.process.poll() is not None and self.process.stderr is not None:
             stderr = self.process.stderr.read()[-3000:]
-        return f"exit={self.process.poll()} seen={self.seen} stderr={stderr}"
+        log = "\n".join(self.log[-40:])
+        return f"exit={self.process.poll()} seen={self.seen} stderr={stderr} log=\n{log}"
 
     def stop(self) -> None:
         if self.process.poll() is None:
