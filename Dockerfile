@@ -5,7 +5,7 @@ COPY pyproject.toml README.md ./
 COPY slowburn_redis ./slowburn_redis
 COPY lua ./lua
 COPY examples ./examples
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir ".[cli]"
 ENV SLOWBURN_REDIS_URL=redis://redis:6379/0 \
     PYTHONUNBUFFERED=1
 CMD ["slowburn-redis", "--help"]
