@@ -185,8 +185,7 @@ async def subscribed(budget: Budget, tenant: str) -> None:
     """Wait (bounded) until the event subscription is in place, so no pause goes unseen."""
     channel = budget.key(tenant) + ":events"
     for _ in range(200):
-        counts = dict(await budget.client.pubsub_numsub(channel))
-        if counts.get(channel, 0) > 0:
+        if await budget.engine.subscribers(channel) > 0:
             return
         await asyncio.sleep(0.01)
 

@@ -36,7 +36,8 @@ import re
 from redis.exceptions import NoPermissionError
 
 from slowburn_redis.errors import InvalidInput, PermissionDenied
-from slowburn_redis.names import base_key, validate_name
+from slowburn_redis.keys import base_key
+from slowburn_redis.names import validate_name
 
 SCRIPT_COMMANDS: tuple[str, ...] = (
     "time",

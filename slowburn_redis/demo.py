@@ -241,8 +241,7 @@ async def _follow_events(budget: Budget, tenant: str, fleet: _Fleet, subscribed:
     first = asyncio.ensure_future(anext(events))  # subscribes, then waits for the first event
     try:
         for _ in range(500):  # wait until Redis counts the subscription
-            counts = dict(await budget.client.pubsub_numsub(channel))
-            if counts.get(channel, 0) > 0:
+            if await budget.engine.subscribers(channel) > 0:
                 break
             await asyncio.sleep(0.01)
         subscribed.set()

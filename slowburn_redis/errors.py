@@ -85,6 +85,10 @@ class BudgetClosed(SlowburnError):
     """The Budget was closed (`aclose`, or `close` on the sync twin): its waits end and it sends nothing more."""
 
 
+class WrongThread(SlowburnError, RuntimeError):
+    """A blocking call of the sync twin was made from its own event-loop thread, where it would deadlock."""
+
+
 class PermissionDenied(SlowburnError):
     """Redis refused an operation under its ACL (NOPERM): the connected user may not do this.
 

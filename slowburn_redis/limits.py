@@ -146,6 +146,11 @@ def _shown(value: object, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def decimal_from_units(dimension: str, units: int) -> Decimal:
+    """Stored integer `units` of `dimension` as an exact Decimal amount (usd: nano-dollars to dollars)."""
+    return Decimal(int(units)) / UNITS[dimension]
+
+
 def from_units(dimension: str, units: int) -> float:
     """The human amount of an integer stored in Redis."""
     return units / UNITS[dimension]

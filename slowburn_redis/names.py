@@ -1,4 +1,4 @@
-"""Validation of tenant, agent and prefix names, and the tenant's base key.
+"""Validation of tenant, agent and prefix names (the keys built from them: `slowburn_redis.keys`).
 
 Names are restricted to ``[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}``: no name can
 contain ``{``, ``}``, ``:``, ``|``, spaces or glob characters, so no name can
@@ -36,17 +36,3 @@ def validate_name(kind: str, value: object) -> str:
 def validate_agent(agent: str | None) -> str | None:
     """Validate an optional agent name."""
     return None if agent is None else validate_name("agent", agent)
-
-
-def base_key(prefix: str, tenant: str) -> str:
-    """The key every other key of `tenant` derives from: ``<prefix>:{<tenant>}``."""
-    return f"{prefix}:{{{validate_name('tenant', tenant)}}}"
-
-
-def scope_field(agent: str | None) -> str:
-    """The field of the limits hash that holds a scope: T, D (every agent) or A:<agent>."""
-    if agent is None:
-        return "T"
-    if agent == EVERY_AGENT:
-        return "D"
-    return "A:" + validate_name("agent", agent)

@@ -26,7 +26,8 @@ from slowburn_redis.limits import UNITS, parse_window
 from slowburn_redis.names import validate_name
 
 if TYPE_CHECKING:
-    from slowburn_redis.budget import Budget
+    from slowburn_redis.engine import Engine
+    from slowburn_redis.keys import TenantKeys
 
 PAGE = 1000
 """Entries read per XRANGE round trip."""
@@ -225,7 +226,7 @@ def since_seconds(since: float | str | None) -> float | None:
     return seconds
 
 
-async def build_report(budget: Budget, tenant: str, *, since: float | str | None = None) -> Report:
+async def build_report(engine: Engine, keys: TenantKeys, tenant: str, *, since: float | str | None = None) -> Report:
     """Read the tenant's ledger (entries of the last `since` seconds, or all) and sum it.
 
     The period ends at the server time when reading starts; entries added
@@ -234,9 +235,8 @@ async def build_report(budget: Budget, tenant: str, *, since: float | str | None
     """
     validate_name("tenant", tenant)
     seconds = since_seconds(since)
-    key = budget.key(tenant) + ":ledger"
-    now_s, now_us = await budget.client.time()
-    now_ms = int(now_s) * 1000 + int(now_us) // 1000
+    key = keys.ledger
+    now_ms = await engine.server_time_ms()
     start_ms = None if seconds is None else now_ms - round(seconds * 1000)
     low = "-" if start_ms is None else f"{max(start_ms, 0)}-0"
     high = str(now_ms)
@@ -247,7 +247,7 @@ async def build_report(budget: Budget, tenant: str, *, since: float | str | None
     first: str | None = None
     last: str | None = None
     while True:
-        page = await budget.client.xrange(key, min=low, max=high, count=PAGE)
+        page = await engine.xrange(key, low, high, PAGE)
         for entry_id, fields in page:
             count += 1
             first = first or entry_id

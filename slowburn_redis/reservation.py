@@ -1,17 +1,44 @@
-"""A reservation: an admitted estimate, held under a lease until it is settled."""
+"""A reservation: an admitted estimate, held under a lease until it is settled.
+
+A Reservation talks to the `Engine` that admitted it (settle and extend
+scripts), never to the Budget.
+"""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from slowburn_redis.amounts import amounts_to_units, format_amounts, parse_amounts
+import structlog
+
+from slowburn_redis import protocol
+from slowburn_redis.amounts import amounts_to_units
+from slowburn_redis.engine import Engine
+from slowburn_redis.errors import InvalidInput
 from slowburn_redis.limits import from_units
 
-if TYPE_CHECKING:
-    from slowburn_redis.budget import Budget
+log = structlog.get_logger("slowburn_redis")
+
+MAX_LEASE_TTL = 10**7
+"""Seconds: the longest lease (about 116 days); longer is refused as a likely unit mistake."""
+
+
+def check_lease_ttl(seconds: object, name: str = "lease_ttl") -> float:
+    """`seconds` as a float if it is a lease TTL a Budget accepts (0 < ttl < `MAX_LEASE_TTL`), else InvalidInput."""
+    if isinstance(seconds, bool) or not (isinstance(seconds, (int, float)) and 0 < seconds < MAX_LEASE_TTL):
+        raise InvalidInput(f"{name} must be a positive number of seconds below {MAX_LEASE_TTL}, not {seconds!r}")
+    return float(seconds)
+
+
+@dataclass(frozen=True)
+class Settler:
+    """What a Reservation needs of its Budget: the engine, the tenant's base key, the ledger bound, the default TTL."""
+
+    engine: Engine
+    key: str
+    ledger_maxlen: int
+    lease_ttl: float
 
 
 @dataclass(frozen=True)
@@ -42,7 +69,7 @@ class Reservation:
 
     def __init__(
         self,
-        budget: Budget,
+        settler: Settler,
         *,
         tenant: str,
         agent: str | None,
@@ -52,17 +79,30 @@ class Reservation:
         lease_expires_ms: int,
         over_limits: list[str],
     ) -> None:
-        self._budget = budget
-        self.tenant = tenant
-        self.agent = agent
-        self.id = id
-        self.estimate_units = estimate
+        self._settler = settler
+        self._tenant = tenant
+        self._agent = agent
+        self._id = id
+        self.estimate_units = dict(estimate)
         self.admitted_at_ms = admitted_at_ms
         self.lease_expires_ms = lease_expires_ms
         self.over_limits = over_limits
         """Limits this admission went past (advisory mode only)."""
         self.state = "open"
         self.settlement: Settlement | None = None
+
+    @property
+    def id(self) -> str:
+        """The reservation id (immutable: it names the reservation in Redis and in the ledger)."""
+        return self._id
+
+    @property
+    def tenant(self) -> str:
+        return self._tenant
+
+    @property
+    def agent(self) -> str | None:
+        return self._agent
 
     @property
     def estimate(self) -> dict[str, float]:
@@ -76,7 +116,7 @@ class Reservation:
     @property
     def backed(self) -> bool:
         """False when admitted without Redis (``on_unavailable="allow"``): nothing was charged; settling only logs."""
-        return self._budget._resilience.is_backed(self.id)
+        return self._settler.engine.is_backed(self.id)
 
     async def commit(
         self,
@@ -113,7 +153,12 @@ class Reservation:
 
         Returns False when the reservation is no longer open.
         """
-        expiry = await self._budget._extend(self, ttl)
+        seconds = check_lease_ttl(self._settler.lease_ttl if ttl is None else ttl, "ttl")
+        if not self.backed:
+            return True  # admitted while failing open: nothing to extend
+        engine = self._settler.engine
+        reply = await engine.run(engine.scripts.extend, self._settler.key, [self.id, round(seconds * 1000)])
+        expiry = protocol.decode_extend(reply)
         if expiry is None:
             return False
         self.lease_expires_ms = expiry
@@ -128,18 +173,24 @@ class Reservation:
         outcome: str | None,
         metadata: dict[str, Any] | None,
     ) -> Settlement:
-        meta = json.dumps(metadata, default=str, separators=(",", ":")) if metadata else ""
-        reply = await self._budget._settle(
-            self, kind, format_amounts(actual), model=model or "", outcome=outcome or "", meta=meta
+        settler = self._settler
+        args = protocol.settle_args(
+            reservation_id=self.id,
+            kind=kind,
+            ledger_maxlen=settler.ledger_maxlen,
+            actual=actual,
+            model=model or "",
+            outcome=outcome or "",
+            metadata=metadata,
         )
-        if reply[0] == 1:
-            overrun = {dim: from_units(dim, units) for dim, units in parse_amounts(reply[2]).items()}
-            result = Settlement(True, reply[1], overrun, reply[3] or None)
-        else:
-            result = Settlement(False, reply[1])
+        reply = protocol.decode_settle(await settler.engine.run(settler.engine.scripts.settle, settler.key, args))
+        overrun = {dim: from_units(dim, units) for dim, units in reply.overrun.items()}
+        if overrun:
+            log.warning("budget.overrun", tenant=self.tenant, agent=self.agent, reservation=self.id, overrun=overrun)
+        result = Settlement(reply.settled, reply.state, overrun, reply.ledger_id)
         if result.settled or self.settlement is None:
             self.settlement = result
-        self.state = reply[1]
+        self.state = reply.state
         return result
 
     async def __aenter__(self) -> Reservation:

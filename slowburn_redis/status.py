@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from decimal import Decimal
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel
 
-from slowburn_redis.limits import UNITS, Limit, from_units
+from slowburn_redis.keys import AGENT_SCOPE_PREFIX, TENANT_SCOPE
+from slowburn_redis.limits import Limit, decimal_from_units, from_units
+from slowburn_redis.protocol import LimitRow, StatusReply
 
 
 class LimitStatus(BaseModel):
@@ -53,30 +54,29 @@ class Status(BaseModel):
         return min(values) if values else None
 
     @classmethod
-    def from_reply(cls, tenant: str, agent: str | None, reply: list[Any]) -> Status:
-        """Build a Status from the status.lua reply."""
-        now_ms, queue_length, rows = reply
-        limits = []
-        for scope, key, dim, amount, window_ms, total, reserved, overrun, refill_at, waiters in rows:
-            total, reserved, amount = int(total), int(reserved), int(amount)
-            limit = Limit(
-                dimension=dim,
-                amount=Decimal(amount) / UNITS[dim],
-                window=int(window_ms) / 1000 if int(window_ms) else None,
-            )
-            limits.append(
-                LimitStatus(
-                    scope="tenant" if scope == "T" else "agent",
-                    agent=None if scope == "T" else scope[2:],
-                    limit=limit,
-                    key=key,
-                    used=from_units(dim, max(0, total - reserved)),
-                    reserved=from_units(dim, max(0, reserved)),
-                    remaining=from_units(dim, max(0, amount - total)),
-                    overrun=from_units(dim, int(overrun)),
-                    refill_in=None if int(refill_at) < 0 else max(0.0, (int(refill_at) - int(now_ms)) / 1000),
-                    waiters=int(waiters),
-                )
-            )
-        at = datetime.fromtimestamp(int(now_ms) / 1000, tz=UTC)
-        return cls(tenant=tenant, agent=agent, at=at, queue_length=int(queue_length), limits=limits)
+    def from_reply(cls, tenant: str, agent: str | None, reply: StatusReply) -> Status:
+        """Build a Status from the decoded status.lua reply."""
+        limits = [_limit_status(row, reply.now_ms) for row in reply.rows]
+        at = datetime.fromtimestamp(reply.now_ms / 1000, tz=UTC)
+        return cls(tenant=tenant, agent=agent, at=at, queue_length=reply.queue_length, limits=limits)
+
+
+def _limit_status(row: LimitRow, now_ms: int) -> LimitStatus:
+    dim = row.dimension
+    limit = Limit(
+        dimension=dim,
+        amount=decimal_from_units(dim, row.amount),
+        window=row.window_ms / 1000 if row.window_ms else None,
+    )
+    return LimitStatus(
+        scope="tenant" if row.scope == TENANT_SCOPE else "agent",
+        agent=None if row.scope == TENANT_SCOPE else row.scope[len(AGENT_SCOPE_PREFIX) :],
+        limit=limit,
+        key=row.limit_key,
+        used=from_units(dim, max(0, row.total - row.reserved)),
+        reserved=from_units(dim, max(0, row.reserved)),
+        remaining=from_units(dim, max(0, row.amount - row.total)),
+        overrun=from_units(dim, row.overrun),
+        refill_in=None if row.refill_at_ms < 0 else max(0.0, (row.refill_at_ms - now_ms) / 1000),
+        waiters=row.waiters,
+    )

@@ -1,28 +1,33 @@
 """The blocking twin of Budget: the same async code, run on a private event loop.
 
 `SyncBudget` owns a thread running an asyncio loop (a portal) and a Budget
-built inside it. Each method submits the async method to that loop and waits.
-Interrupting a wait (KeyboardInterrupt) cancels the async call, whose own
-cleanup leaves no reservation and no queue place behind.
+built inside it by the same factory as the async one (same options, same
+pub/sub factory, so a cluster Budget's twin waits on the node-rotating
+pub/sub too). Each method submits the async method to that loop and waits;
+its signature is the async method's (``tests/test_sync_twin.py`` compares
+them). Interrupting a wait (KeyboardInterrupt) cancels the async call, whose
+own cleanup leaves no reservation and no queue place behind. A blocking call
+made from the portal's own thread (a callback of the async code) raises
+`WrongThread` at once instead of deadlocking.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from slowburn_redis.errors import BudgetClosed, WrongThread
 from slowburn_redis.events import Event
 from slowburn_redis.limits import Limit
 from slowburn_redis.reservation import Reservation, Settlement
 from slowburn_redis.status import Status
 
 if TYPE_CHECKING:
-    from slowburn_redis.budget import Budget
+    from slowburn_redis.budget import Budget, Mode
     from slowburn_redis.report import Report
 
 T = TypeVar("T")
@@ -46,6 +51,7 @@ class Portal:
     """An event loop on a daemon thread, with a blocking `call`."""
 
     def __init__(self) -> None:
+        self._closed = False
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="slowburn-portal", daemon=True)
         self._thread.start()
@@ -60,6 +66,15 @@ class Portal:
         in Redis. A cancellation that asyncio lost (the ``wait_for`` race of
         Python 3.11) is delivered again until the coroutine ends.
         """
+        if threading.get_ident() == self._thread.ident:
+            coro.close()
+            raise WrongThread(
+                "a blocking slowburn-redis call was made from the sync budget's own event-loop thread "
+                "(it would wait for itself): use the async Budget there"
+            )
+        if self._closed:
+            coro.close()
+            raise BudgetClosed("the sync budget is closed")
         call = _PortalCall()
 
         async def run() -> T:
@@ -90,9 +105,13 @@ class Portal:
             call.finished.wait(timeout=CANCEL_REPEAT)
 
     def stop(self) -> None:
+        """Stop the loop, wait for its thread, and close the loop; later calls raise BudgetClosed."""
+        self._closed = True
         if self.loop.is_running():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=5)
+        if not self._thread.is_alive() and not self.loop.is_closed():
+            self.loop.close()
 
 
 class SyncReservation:
@@ -102,16 +121,83 @@ class SyncReservation:
         self._portal = portal
         self.reservation = reservation
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.reservation, name)
+    @property
+    def id(self) -> str:
+        return self.reservation.id
 
-    def commit(self, usd: float | str | None = None, tokens: int | None = None, **kwargs: Any) -> Settlement:
+    @property
+    def tenant(self) -> str:
+        return self.reservation.tenant
+
+    @property
+    def agent(self) -> str | None:
+        return self.reservation.agent
+
+    @property
+    def state(self) -> str:
+        return self.reservation.state
+
+    @property
+    def settled(self) -> bool:
+        return self.reservation.settled
+
+    @property
+    def settlement(self) -> Settlement | None:
+        return self.reservation.settlement
+
+    @property
+    def backed(self) -> bool:
+        return self.reservation.backed
+
+    @property
+    def estimate(self) -> dict[str, float]:
+        return self.reservation.estimate
+
+    @property
+    def estimate_units(self) -> dict[str, int]:
+        return self.reservation.estimate_units
+
+    @property
+    def over_limits(self) -> list[str]:
+        return self.reservation.over_limits
+
+    @property
+    def lease_expires_ms(self) -> int:
+        return self.reservation.lease_expires_ms
+
+    @property
+    def admitted_at_ms(self) -> int:
+        return self.reservation.admitted_at_ms
+
+    def commit(
+        self,
+        usd: float | str | None = None,
+        tokens: int | None = None,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        requests: int | None = None,
+        model: str | None = None,
+        outcome: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Settlement:
         """See `Reservation.commit`."""
-        return self._portal.call(self.reservation.commit(usd, tokens, **kwargs))
+        return self._portal.call(
+            self.reservation.commit(
+                usd,
+                tokens,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                requests=requests,
+                model=model,
+                outcome=outcome,
+                metadata=metadata,
+            )
+        )
 
-    def release(self, **kwargs: Any) -> Settlement:
+    def release(self, *, outcome: str | None = None, metadata: dict[str, Any] | None = None) -> Settlement:
         """See `Reservation.release`."""
-        return self._portal.call(self.reservation.release(**kwargs))
+        return self._portal.call(self.reservation.release(outcome=outcome, metadata=metadata))
 
     def extend(self, ttl: float | None = None) -> bool:
         """See `Reservation.extend`."""
@@ -130,69 +216,102 @@ class SyncReservation:
 
 
 class SyncBudget:
-    """Blocking twin of `Budget`, with the same methods (see there for their contracts)."""
+    """Blocking twin of `Budget`, with the same methods and signatures (see there for their contracts)."""
 
     def __init__(self, build: Callable[[], Budget]) -> None:
-        self._portal = Portal()
+        self.portal = Portal()
+        """The private loop; `run` submits any coroutine to it (for layers built on the async Budget)."""
 
         async def _build() -> Budget:
             return build()
 
-        self.budget = self._portal.call(_build())
+        self.budget = self.portal.call(_build())
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine of the async layer on this twin's loop and wait for it (see `Portal.call`)."""
+        return self.portal.call(coro)
+
+    def key(self, tenant: str) -> str:
+        return self.budget.key(tenant)
 
     def set_limits(self, tenant: str, limits: Iterable[Limit | str] | str, *, agent: str | None = None) -> None:
-        self._portal.call(self.budget.set_limits(tenant, limits, agent=agent))
+        self.portal.call(self.budget.set_limits(tenant, limits, agent=agent))
 
     def clear_limits(self, tenant: str, *, agent: str | None = None) -> None:
-        self._portal.call(self.budget.clear_limits(tenant, agent=agent))
+        self.portal.call(self.budget.clear_limits(tenant, agent=agent))
 
     def get_limits(self, tenant: str, *, agent: str | None = None) -> list[Limit]:
-        return self._portal.call(self.budget.get_limits(tenant, agent=agent))
+        return self.portal.call(self.budget.get_limits(tenant, agent=agent))
 
-    def acquire(self, tenant: str, agent: str | None = None, **kwargs: Any) -> SyncReservation:
+    def acquire(
+        self,
+        tenant: str,
+        agent: str | None = None,
+        *,
+        usd: float | str | None = None,
+        tokens: int | None = None,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        requests: int = 1,
+        timeout: float | None = None,
+        priority: int = 0,
+        mode: Mode = "wait",
+        lease_ttl: float | None = None,
+    ) -> SyncReservation:
         """Blocks until admitted; the result is also a context manager."""
-        call = self.budget.acquire(tenant, agent, **kwargs)
+        call = self.budget.acquire(
+            tenant,
+            agent,
+            usd=usd,
+            tokens=tokens,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            requests=requests,
+            timeout=timeout,
+            priority=priority,
+            mode=mode,
+            lease_ttl=lease_ttl,
+        )
 
         async def _run() -> Reservation:
             return await call
 
-        return SyncReservation(self._portal, self._portal.call(_run()))
+        return SyncReservation(self.portal, self.portal.call(_run()))
 
     def status(self, tenant: str, *, agent: str | None = None) -> Status:
-        return self._portal.call(self.budget.status(tenant, agent=agent))
+        return self.portal.call(self.budget.status(tenant, agent=agent))
 
     def reset(self, tenant: str, *, agent: str | None = None, dimension: str | None = None) -> int:
-        return self._portal.call(self.budget.reset(tenant, agent=agent, dimension=dimension))
+        return self.portal.call(self.budget.reset(tenant, agent=agent, dimension=dimension))
 
     def report(self, tenant: str, *, since: float | str | None = None) -> Report:
-        return self._portal.call(self.budget.report(tenant, since=since))
+        return self.portal.call(self.budget.report(tenant, since=since))
 
     def events(self, tenant: str) -> Iterator[Event]:
-        """Events of `tenant`, blocking between them; close the iterator to unsubscribe."""
-        inbox: queue.Queue[Event] = queue.Queue()
+        """Events of `tenant`, blocking until each arrives (no polling); close the iterator to unsubscribe."""
+        stream: AsyncIterator[Event] = self.budget.events(tenant)
 
-        async def _pump() -> None:
-            async for event in self.budget.events(tenant):
-                inbox.put(event)
+        async def next_event() -> Event:
+            return await anext(stream)
 
-        future = asyncio.run_coroutine_threadsafe(_pump(), self._portal.loop)
         try:
             while True:
                 try:
-                    yield inbox.get(timeout=0.5)
-                except queue.Empty:
-                    if future.done():
-                        future.result()
-                        return
+                    yield self.portal.call(next_event())
+                except StopAsyncIteration:
+                    return
         finally:
-            future.cancel()
+            if not self.portal.loop.is_closed():
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    self.portal.call(aclose())
 
     def close(self) -> None:
-        """Close the connection and stop the private loop."""
+        """Close the connection, stop the private loop and close it; later calls raise BudgetClosed."""
         try:
-            self._portal.call(self.budget.aclose())
+            self.portal.call(self.budget.aclose())
         finally:
-            self._portal.stop()
+            self.portal.stop()
 
     def __enter__(self) -> SyncBudget:
         return self

@@ -20,14 +20,14 @@ class Calls:
 
     def __init__(self, budget: Budget) -> None:
         self.sent: list[tuple[str, str, int]] = []
-        real = budget._batcher._send
+        real = budget.engine._batcher._send
 
         async def send(script: Script, key: str, args: list[Any]) -> Any:
             replies = await real(script, key, args)
             self.sent.append((script.name, key, len(replies)))
             return replies
 
-        budget._batcher._send = send
+        budget.engine._batcher._send = send
 
     def of(self, name: str) -> list[int]:
         return [n for script, _, n in self.sent if script == name]
@@ -92,19 +92,19 @@ async def test_a_failed_call_fails_every_request_of_its_batch(budget: Budget) ->
     async def refuse(script: Script, key: str, args: list[Any]) -> Any:
         raise ResponseError("ERR refused for the test")
 
-    budget._batcher._send = refuse
+    budget.engine._batcher._send = refuse
     results = await asyncio.gather(*(budget.acquire(T, usd=0.1) for _ in range(3)), return_exceptions=True)
     assert all(isinstance(r, ResponseError) and "refused for the test" in str(r) for r in results)
 
 
 async def test_a_reply_of_the_wrong_length_is_an_error_not_a_wrong_answer(budget: Budget) -> None:
     await budget.set_limits(T, ["usd 1/hour"])
-    real = budget._batcher._send
+    real = budget.engine._batcher._send
 
     async def short(script: Script, key: str, args: list[Any]) -> Any:
         return (await real(script, key, args))[:-1]
 
-    budget._batcher._send = short
+    budget.engine._batcher._send = short
     results = await asyncio.gather(*(budget.acquire(T, usd=0.1) for _ in range(2)), return_exceptions=True)
     assert all(isinstance(r, RuntimeError) and "answered 2 requests" in str(r) for r in results)
 

@@ -43,7 +43,7 @@ async def test_a_closed_budget_sends_nothing_and_raises(make_budget: Callable[..
     await observer.set_limits(T, ["usd 1/hour"])
     reservation = await closed.acquire(T, usd=0.2)
     await closed.aclose()
-    before = await snapshot(observer.client, glob_escape(observer.key(T)) + "*")
+    before = await snapshot(observer.engine.client, glob_escape(observer.key(T)) + "*")
     for call in (
         closed.acquire(T, usd=0.1),
         reservation.commit(usd=0.1),
@@ -53,7 +53,7 @@ async def test_a_closed_budget_sends_nothing_and_raises(make_budget: Callable[..
     ):
         with pytest.raises(BudgetClosed):
             await call
-    assert await snapshot(observer.client, glob_escape(observer.key(T)) + "*") == before
+    assert await snapshot(observer.engine.client, glob_escape(observer.key(T)) + "*") == before
     await closed.aclose()  # closing twice is harmless
 
 

@@ -23,6 +23,7 @@ import hashlib
 import json
 import secrets
 import subprocess
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -36,6 +37,7 @@ from slowburn_redis import Budget, BudgetTimeout, PermissionDenied
 from slowburn_redis.connection import connect_url
 from tests import test_core, test_fleet, test_waiting
 from tests.cluster_support import LocalCluster, running_cluster, tenants_on_each_node
+from tests.test_waiting_processes import eventually
 from tests.workers import Worker
 
 pytestmark = pytest.mark.cluster
@@ -67,7 +69,7 @@ def cluster_url(cluster: LocalCluster) -> str:
 
 def strict_slots(budget: Budget) -> Budget:
     """Give every script of `budget` a ``#!lua`` shebang, so Redis refuses a key outside the declared slot."""
-    for script in vars(budget._scripts).values():
+    for script in vars(budget.engine.scripts).values():
         if not script.source.startswith("#!lua"):
             script.source = "#!lua\n" + script.source
             script.sha = hashlib.sha1(script.source.encode()).hexdigest()
@@ -179,7 +181,7 @@ async def test_core_cycle_on_a_tenant_of_each_node(
         assert used["T:usd:3600000"] == pytest.approx(0.1)
         assert used["A:bot:usd:3600000"] == pytest.approx(0.1)
         assert used["T:requests:60000"] == 1  # the released one is refunded
-        assert await budget.client.xlen(budget.key(tenant) + ":ledger") == 1
+        assert await budget.engine.client.xlen(budget.key(tenant) + ":ledger") == 1
         assert await budget.reset(tenant) >= 1
         status = await budget.status(tenant, agent="bot")
         assert all(lim.used == 0 for lim in status.limits)
@@ -259,6 +261,39 @@ async def test_waiter_is_woken_by_a_commit_from_another_client_on_every_node(
         admitted = await waiter
         await admitted.commit(usd=0.5)
         assert (await holding.status(tenant)).limits[0].used == pytest.approx(0.7)
+
+
+async def test_sync_twin_of_a_cluster_budget_waits_on_the_node_rotating_pubsub(
+    spread: dict[int, str], make_budget: Callable[..., Budget]
+) -> None:
+    """The twin is built by the same factory: it keeps the cluster's pub/sub (asyncio RedisCluster has none)."""
+    budget = make_budget(heartbeat=60.0)
+
+    def blocking_side() -> None:
+        twin = budget.sync()
+        try:
+            assert twin.budget.engine.open_pubsub_factory is budget.engine.open_pubsub_factory
+            for tenant in spread.values():
+                twin.set_limits(tenant, ["usd 1/hour"])
+                held = twin.acquire(tenant, usd=0.8)
+                admitted: list[Any] = []
+
+                def wait(tenant: str = tenant, admitted: list[Any] = admitted) -> None:
+                    admitted.append(twin.acquire(tenant, usd=0.5, timeout=15))
+
+                waiter = threading.Thread(target=wait)
+                waiter.start()
+                eventually(lambda tenant=tenant: twin.status(tenant).queue_length == 1, what="a queued waiter")
+                # Only a notification can wake it: the window refills in an hour, the heartbeat is 60 s.
+                held.commit(usd=0.2)
+                waiter.join(timeout=30)
+                assert len(admitted) == 1, "the twin's waiter was not woken by the refund"
+                admitted[0].commit(usd=0.5)
+                assert twin.status(tenant).limits[0].used == pytest.approx(0.7)
+        finally:
+            twin.close()
+
+    await asyncio.to_thread(blocking_side)
 
 
 async def test_waiter_in_another_process_is_woken_on_every_node(

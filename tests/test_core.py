@@ -27,18 +27,18 @@ def remaining(status_limits: list, key: str) -> float:  # type: ignore[type-arg]
 async def keys_of(budget: Budget, tenant: str) -> dict[str, object]:
     """Every key of a tenant with a comparable dump of its value."""
     out: dict[str, object] = {}
-    async for key in budget.client.scan_iter(match=budget.key(tenant) + ":*"):
-        kind = await budget.client.type(key)
+    async for key in budget.engine.client.scan_iter(match=budget.key(tenant) + ":*"):
+        kind = await budget.engine.client.type(key)
         if kind == "hash":
-            out[key] = await budget.client.hgetall(key)
+            out[key] = await budget.engine.client.hgetall(key)
         elif kind == "zset":
-            out[key] = await budget.client.zrange(key, 0, -1, withscores=True)
+            out[key] = await budget.engine.client.zrange(key, 0, -1, withscores=True)
         elif kind == "set":
-            out[key] = sorted(await budget.client.smembers(key))
+            out[key] = sorted(await budget.engine.client.smembers(key))
         elif kind == "string":
-            out[key] = await budget.client.get(key)
+            out[key] = await budget.engine.client.get(key)
         elif kind == "stream":
-            out[key] = await budget.client.xlen(key)
+            out[key] = await budget.engine.client.xlen(key)
     return out
 
 
@@ -150,7 +150,7 @@ async def test_release_refunds_and_settling_is_idempotent(budget: Budget) -> Non
     await r2.release()
     usd = next(s for s in (await budget.status("acme")).limits if s.limit.dimension == "usd")
     assert usd.used == pytest.approx(0.25)
-    ledger = await budget.client.xlen(budget.key("acme") + ":ledger")
+    ledger = await budget.engine.client.xlen(budget.key("acme") + ":ledger")
     assert ledger == 1
 
 
@@ -208,7 +208,7 @@ async def test_window_memory_stays_bounded(clocked: Budget) -> None:
         r = await clocked.acquire("acme")
         await r.commit()
         await advance_clock(clocked, "acme", 0.37)
-    fields = await clocked.client.hlen(clocked.key("acme") + ":w:T:requests:10000")
+    fields = await clocked.engine.client.hlen(clocked.key("acme") + ":w:T:requests:10000")
     # 61 buckets at most, two fields each, plus the running totals and bookkeeping.
     assert fields <= 2 * 61 + 6
     status = await clocked.status("acme")
@@ -234,13 +234,13 @@ async def test_request_larger_than_a_limit_fails_at_once(budget: Budget) -> None
     with pytest.raises(RequestTooLarge) as caught:
         await budget.acquire("acme", usd=1.5, timeout=60)
     assert caught.value.limit == "T:usd:3600000"
-    assert await budget.client.exists(budget.key("acme") + ":q") == 0
+    assert await budget.engine.client.exists(budget.key("acme") + ":q") == 0
 
 
 async def test_scripts_recover_from_noscript(budget: Budget) -> None:
     await budget.set_limits("acme", ["usd 1/hour"])
     await budget.acquire("acme", usd=0.1)
-    await budget.client.script_flush()
+    await budget.engine.client.script_flush()
     r = await budget.acquire("acme", usd=0.1)
     await r.commit(usd=0.05)
     assert (await budget.status("acme")).limits[0].used == pytest.approx(0.05)
@@ -383,5 +383,5 @@ async def test_usage_in_an_unlimited_dimension_is_not_an_overrun(budget: Budget)
     r = await budget.acquire("acme", usd=0.1)
     result = await r.commit(usd=0.1, tokens=500)
     assert result.overrun == {}
-    entry = (await budget.client.xrange(budget.key("acme") + ":ledger"))[-1][1]
+    entry = (await budget.engine.client.xrange(budget.key("acme") + ":ledger"))[-1][1]
     assert (entry["outcome"], entry["tokens"]) == ("ok", "500")

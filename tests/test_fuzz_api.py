@@ -148,7 +148,7 @@ def tenants_of(keys: Any) -> set[str]:
 
 
 async def keys_of(budget: Budget, pattern: str = "*") -> Any:
-    return await snapshot(budget.client, glob_escape(budget.prefix) + ":" + pattern)
+    return await snapshot(budget.engine.client, glob_escape(budget.prefix) + ":" + pattern)
 
 
 async def prepared(budget: Budget) -> Budget:

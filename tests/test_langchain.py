@@ -42,7 +42,7 @@ async def _litellm_worker_stopped() -> AsyncIterator[None]:
 
 async def ledger(budget: Budget) -> list[dict[str, Any]]:
     out = []
-    for _, fields in await budget.client.xrange(budget.key(TENANT) + ":ledger"):
+    for _, fields in await budget.engine.client.xrange(budget.key(TENANT) + ":ledger"):
         entry: dict[str, Any] = dict(fields)
         entry["meta"] = json.loads(fields["meta"]) if fields.get("meta") else {}
         out.append(entry)

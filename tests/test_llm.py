@@ -39,7 +39,7 @@ ANSWER = (
 async def ledger(budget: Budget, tenant: str = TENANT) -> list[dict[str, Any]]:
     """The tenant's ledger entries, with meta decoded."""
     out = []
-    for _, fields in await budget.client.xrange(budget.key(tenant) + ":ledger"):
+    for _, fields in await budget.engine.client.xrange(budget.key(tenant) + ":ledger"):
         entry: dict[str, Any] = dict(fields)
         entry["meta"] = json.loads(fields["meta"]) if fields.get("meta") else {}
         out.append(entry)
@@ -224,7 +224,7 @@ async def test_unpriced_model_fails_before_the_call(
     assert await ledger(budget) == []
     status = await budget.status(TENANT)
     assert all(s.used == 0 and s.reserved == 0 for s in status.limits)
-    assert await budget.client.zcard(budget.key(TENANT) + ":leases") == 0
+    assert await budget.engine.client.zcard(budget.key(TENANT) + ":leases") == 0
 
 
 async def test_bad_input_is_refused_with_nothing_reserved(budget: Budget, llm: BudgetedLLM) -> None:

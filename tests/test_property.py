@@ -259,9 +259,9 @@ def test_budget_matches_reference_model(make_budget: Callable[..., Budget], step
         try:
             await run(budget, steps)
         finally:
-            keys = [k async for k in budget.client.scan_iter(match=budget.prefix + ":*")]
+            keys = [k async for k in budget.engine.client.scan_iter(match=budget.prefix + ":*")]
             if keys:
-                await budget.client.delete(*keys)
+                await budget.engine.client.delete(*keys)
             await budget.aclose()
 
     asyncio.run(example())

@@ -42,7 +42,7 @@ async def _fill(budget: Budget, tenant: str = "acme") -> None:
 
 
 async def _ledger(budget: Budget, tenant: str = "acme") -> list[dict[str, str]]:
-    return [fields for _, fields in await budget.client.xrange(budget.key(tenant) + ":ledger")]
+    return [fields for _, fields in await budget.engine.client.xrange(budget.key(tenant) + ":ledger")]
 
 
 def _sum(entries: list[dict[str, str]], field: str) -> int:
@@ -86,13 +86,13 @@ async def test_totals_equal_the_sum_of_the_ledger(budget: Budget) -> None:
 
 async def test_since_keeps_only_recent_entries(budget: Budget) -> None:
     key = budget.key("acme") + ":ledger"
-    now_s, _ = await budget.client.time()
+    now_s, _ = await budget.engine.client.time()
     now_ms = int(now_s) * 1000
     old = {"ts": "1", "agent": "a", "model": "m", "usd": "5000", "input_tokens": "7", "output_tokens": "3"}
     new = {"ts": "2", "agent": "a", "model": "m", "usd": "2000", "input_tokens": "2", "output_tokens": "1"}
-    await budget.client.xadd(key, old, id=f"{now_ms - 2 * 3600_000}-0")
-    await budget.client.xadd(key, {**old, "usd": "9"}, id=f"{now_ms - 40 * 60_000}-0")
-    await budget.client.xadd(key, new, id=f"{now_ms - 60_000}-0")
+    await budget.engine.client.xadd(key, old, id=f"{now_ms - 2 * 3600_000}-0")
+    await budget.engine.client.xadd(key, {**old, "usd": "9"}, id=f"{now_ms - 40 * 60_000}-0")
+    await budget.engine.client.xadd(key, new, id=f"{now_ms - 60_000}-0")
     everything = await budget.report("acme")
     last_hour = await budget.report("acme", since="1h")
     last_30m = await budget.report("acme", since=1800)

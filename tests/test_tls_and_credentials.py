@@ -161,7 +161,7 @@ def exception_text(exc: BaseException) -> str:
 
 async def test_rediss_runs_a_budget_with_waiting_over_tls(tls: TlsServer) -> None:
     async with Budget.from_url(tls.url(), prefix="tls") as budget:
-        assert await budget.client.execute_command("ACL", "WHOAMI") == USER
+        assert await budget.engine.client.execute_command("ACL", "WHOAMI") == USER
         await budget.set_limits("acme", ["usd 1/day", "concurrency 1"])
         first = await budget.acquire("acme", usd=0.4)
         waiting = asyncio.ensure_future(budget.acquire("acme", usd=0.4, timeout=10))
@@ -206,7 +206,7 @@ async def test_tls_mismatches_are_refused_without_showing_the_password(tls: TlsS
 async def test_username_and_password_in_the_url_log_in(tls: TlsServer) -> None:
     plain = tls.url(scheme="redis", port=tls.server.port)
     async with Budget.from_url(plain, prefix="cred") as budget:
-        assert await budget.client.execute_command("ACL", "WHOAMI") == USER
+        assert await budget.engine.client.execute_command("ACL", "WHOAMI") == USER
         await budget.set_limits("acme", ["requests 5/min"])
         await (await budget.acquire("acme")).commit()
 
@@ -226,7 +226,7 @@ async def test_repr_description_and_client_repr_hide_the_credentials(tls: TlsSer
     budget = Budget.from_url(tls.url(), prefix="cred")
     sync = budget.sync()
     try:
-        texts = [repr(budget), str(budget), budget.description, repr(budget.client), repr(sync), str(sync)]
+        texts = [repr(budget), str(budget), budget.description, repr(budget.engine.client), repr(sync), str(sync)]
         assert_secret_free(*texts)
         assert USER not in budget.description
         assert budget.description == f"rediss://127.0.0.1:{tls.tls_port}/0"

@@ -166,7 +166,7 @@ async def test_wait_goes_on_when_redis_comes_up(tmp_path: Path, server: RedisSer
     assert r.backed
     assert (await r.commit(usd=0.1)).settled
     assert any(e["event"] == "redis.recovered" for e in logs)
-    assert await budget.client.xlen(budget.key("acme") + ":ledger") == 1
+    assert await budget.engine.client.xlen(budget.key("acme") + ":ledger") == 1
     await budget.aclose()
 
 
@@ -241,8 +241,8 @@ class LossyClient:
 
 async def test_a_lost_acquire_reply_is_retried_with_the_same_id_and_charges_once(budget: Budget) -> None:
     await budget.set_limits("acme", ["usd 1/hour", "requests 10/hour"])
-    lossy = LossyClient(budget.client)
-    budget.client = lossy
+    lossy = LossyClient(budget.engine.client)
+    budget.engine.client = lossy
     lossy.lose = 1
     r = await budget.acquire("acme", usd=0.4)
     assert len(lossy.calls) == 2 and lossy.calls[0] == lossy.calls[1], "the retry sends the same reservation id"
@@ -257,15 +257,15 @@ async def test_a_lost_acquire_reply_is_retried_with_the_same_id_and_charges_once
     status = {s.key: s for s in (await budget.status("acme")).limits}
     assert status["T:usd:3600000"].used == pytest.approx(0.1)
     assert status["T:usd:3600000"].reserved == 0
-    assert await budget.client.xlen(budget.key("acme") + ":ledger") == 1
+    assert await budget.engine.client.xlen(budget.key("acme") + ":ledger") == 1
 
 
 async def test_a_lost_release_reply_is_retried_and_refunds_once(budget: Budget) -> None:
     await budget.set_limits("acme", ["usd 1/hour"])
     keep = await budget.acquire("acme", usd=0.3)
     await keep.commit()
-    lossy = LossyClient(budget.client)
-    budget.client = lossy
+    lossy = LossyClient(budget.engine.client)
+    budget.engine.client = lossy
     r = await budget.acquire("acme", usd=0.5)
     lossy.lose = 1
     assert (await r.release()).state == "released"
@@ -274,8 +274,8 @@ async def test_a_lost_release_reply_is_retried_and_refunds_once(budget: Budget) 
 
 
 async def test_script_errors_are_not_retried(budget: Budget) -> None:
-    lossy = LossyClient(budget.client)
-    budget.client = lossy
+    lossy = LossyClient(budget.engine.client)
+    budget.engine.client = lossy
 
     async def refuse(*args: Any) -> Any:
         lossy.calls.append(args)

@@ -49,7 +49,7 @@ async def eventually(check: Callable[[], Any], within: float = 30.0, what: str =
 
 async def queued(budget: Budget, tenant: str = T) -> int:
     """How many waiters hold a place in the tenant's queue."""
-    return int(await budget.client.hlen(budget.key(tenant) + ":q"))
+    return int(await budget.engine.client.hlen(budget.key(tenant) + ":q"))
 
 
 async def wait_queued(budget: Budget, count: int, tenant: str = T) -> None:
@@ -62,20 +62,20 @@ async def wait_queued(budget: Budget, count: int, tenant: str = T) -> None:
 async def leftovers(budget: Budget, tenant: str = T) -> dict[str, Any]:
     """The queue and lease keys of a tenant: what a departed waiter must not leave behind."""
     base = budget.key(tenant)
-    blocked = [key async for key in budget.client.scan_iter(match=base + ":b:*")]
+    blocked = [key async for key in budget.engine.client.scan_iter(match=base + ":b:*")]
     return {
-        "q": await budget.client.hgetall(base + ":q"),
-        "qexp": await budget.client.zrange(base + ":qexp", 0, -1),
+        "q": await budget.engine.client.hgetall(base + ":q"),
+        "qexp": await budget.engine.client.zrange(base + ":qexp", 0, -1),
         "blocked": blocked,
-        "leases": await budget.client.zrange(base + ":leases", 0, -1),
+        "leases": await budget.engine.client.zrange(base + ":leases", 0, -1),
     }
 
 
 async def open_reservations(budget: Budget, tenant: str = T) -> list[str]:
     base = budget.key(tenant)
     ids = []
-    async for key in budget.client.scan_iter(match=base + ":r:*"):
-        if await budget.client.hget(key, "s") == "open":
+    async for key in budget.engine.client.scan_iter(match=base + ":r:*"):
+        if await budget.engine.client.hget(key, "s") == "open":
             ids.append(key.rsplit(":", 1)[1])
     return sorted(ids)
 
@@ -98,7 +98,7 @@ class Events:
         channel = self.budget.key(self.tenant) + ":events"
 
         async def subscribed() -> bool:
-            counts = await self.budget.client.pubsub_numsub(channel)
+            counts = await self.budget.engine.client.pubsub_numsub(channel)
             return bool(counts and int(counts[0][1]) >= 1)
 
         await eventually(subscribed, what="the events subscription")
@@ -401,17 +401,17 @@ async def test_cancel_after_the_script_admitted_releases_the_reservation(
     budget = waiting_budget
     await budget.set_limits(T, ["usd 1/hour", "concurrency 1"])
     holder = await budget.acquire(T, usd=0.5)
-    real_call = budget._call
+    real_call = budget.engine.run
     admitted = asyncio.Event()
 
     async def slow_reply(script: Any, key: str, args: list[Any], **options: Any) -> Any:
         reply = await real_call(script, key, args, **options)
-        if script is budget._scripts.acquire and reply[0] == 1:
+        if script is budget.engine.scripts.acquire and reply[0] == 1:
             admitted.set()
             await asyncio.sleep(3600)  # the reply is "still on the wire" when the cancel comes
         return reply
 
-    monkeypatch.setattr(budget, "_call", slow_reply)
+    monkeypatch.setattr(budget.engine, "run", slow_reply)
     waiter = spawn(budget.acquire(T, usd=0.2))
     await wait_queued(budget, 1)
     await holder.release()
@@ -433,15 +433,15 @@ async def test_cancel_before_the_first_denial_was_read_leaves_no_queue_entry(
     budget = waiting_budget
     await budget.set_limits(T, ["usd 1/hour"])
     await (await budget.acquire(T, usd=1)).commit()
-    real_call = budget._call
+    real_call = budget.engine.run
 
     async def slow_reply(script: Any, key: str, args: list[Any], **options: Any) -> Any:
         reply = await real_call(script, key, args, **options)
-        if script is budget._scripts.acquire:
+        if script is budget.engine.scripts.acquire:
             await asyncio.sleep(3600)
         return reply
 
-    monkeypatch.setattr(budget, "_call", slow_reply)
+    monkeypatch.setattr(budget.engine, "run", slow_reply)
     waiter = spawn(budget.acquire(T, usd=0.5))
     await wait_queued(budget, 1)
     waiter.cancel()
@@ -582,7 +582,7 @@ async def test_a_lost_pubsub_connection_only_delays_the_waiter(tmp_path: Path) -
         holder = await budget.acquire(T, usd=1)
         waiter = spawn(budget.acquire(T, usd=0.5))
         await wait_queued(budget, 1)
-        killed = await budget.client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        killed = await budget.engine.client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
         assert int(killed) == 1
         await holder.commit(usd=0.2)  # published while the waiter's process may be unsubscribed
         await (await asyncio.wait_for(waiter, 30)).commit()

@@ -204,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sync", action="store_true")
     parser.add_argument("--interrupts", type=int, default=0, help="with --sync: wait N times, each ended by SIGINT")
     args = parser.parse_args(argv)
+    # A process started in the background by a non-interactive shell inherits SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler: restore it, the tests send SIGINT on purpose.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.command == "acquire" and args.sync:
         return _acquire_sync(args)
     runner = {"acquire": _acquire_async, "waiters": _waiters, "reset": _reset}[args.command]

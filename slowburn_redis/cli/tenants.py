@@ -16,7 +16,7 @@ async def find_tenants(budget: Budget) -> list[str]:
     """Every tenant with a limits hash under the budget's prefix, sorted, found with SCAN."""
     head, tail = f"{budget.prefix}:{{", "}:limits"
     found: set[str] = set()
-    async for key in budget.client.scan_iter(match=f"{head}*{tail}", count=500):
+    async for key in budget.engine.scan_keys(f"{head}*{tail}"):
         name = str(key)[len(head) : -len(tail)]
         try:
             found.add(validate_name("tenant", name))
@@ -35,7 +35,7 @@ def _agent_of(field: str) -> str | None:
 
 async def limit_scopes(budget: Budget, tenant: str) -> list[tuple[str | None, list[Limit]]]:
     """Every scope of `tenant` with limits set: the tenant (None), every agent ("*"), then agents by name."""
-    fields = await budget.client.hkeys(budget.key(tenant) + ":limits")
+    fields = await budget.engine.hkeys(budget.keys(tenant).limits)
     agents = {_agent_of(str(f)) for f in fields if str(f) in ("T", "D") or str(f).startswith("A:")}
     ordered = sorted(agents, key=lambda a: (a is not None, a != EVERY_AGENT, a or ""))
     scopes = []

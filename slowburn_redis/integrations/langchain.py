@@ -211,7 +211,7 @@ class SyncBudgetCallbackHandler(BaseCallbackHandler):
             raise InvalidInput(
                 "SyncBudgetCallbackHandler takes a SyncBudget (budget.sync()); use BudgetCallbackHandler"
             )
-        self._portal = budget._portal
+        self._portal = budget.portal
         self.hooks = BudgetHooks(budget.budget, tenant, agent, **options)
 
     def on_chat_model_start(

@@ -92,7 +92,7 @@ class BudgetedLLM:
         self._source = budget
         if isinstance(budget, SyncBudget):
             self.budget = budget.budget
-            self._portal = budget._portal
+            self._portal = budget.portal
             self._twin = self
         else:
             self.budget = budget
@@ -213,7 +213,7 @@ class BudgetedLLM:
     def _sync_side(self) -> tuple[BudgetedLLM, Portal]:
         if self._twin is None or self._portal is None:
             self._own_sync = self.budget.sync()
-            self._portal = self._own_sync._portal
+            self._portal = self._own_sync.portal
             self._twin = BudgetedLLM(self._own_sync, self.tenant, self.agent, **self._config())
         return self._twin, self._portal
 

@@ -1,0 +1,247 @@
+"""The acquire protocol: try, and while denied, wait for a notification or the refill, then try again.
+
+One `AcquireCall` is one ``budget.acquire(...)``. Each attempt is one
+acquire.lua request (`slowburn_redis.protocol`); a denial in ``wait`` mode
+holds a queue place (its ticket) while the call sleeps on the tenant's wake
+channel (`slowburn_redis.waiting`). Whatever ends the call, admission
+excepted, it leaves no reservation and no queue place behind: an attempt
+interrupted in flight is released (a no-op when it was not admitted) and its
+place given up, after the interrupted script has been answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+
+from slowburn_redis import protocol
+from slowburn_redis.engine import Engine
+from slowburn_redis.errors import BudgetClosed, BudgetExhausted, BudgetTimeout, RequestTooLarge
+from slowburn_redis.keys import LimitKey, describe_limit_key
+from slowburn_redis.limits import from_units
+from slowburn_redis.reservation import Reservation, Settler
+from slowburn_redis.status import Status
+from slowburn_redis.tasks import finish_despite_cancel
+from slowburn_redis.waiting import Waiter, WakeHub
+
+log = structlog.get_logger("slowburn_redis")
+
+CLEANUP_GRACE = 5.0
+"""Seconds an interrupted acquire waits for its in-flight script's answer before cleaning up regardless
+(then a queue place it left may outlive it until its heartbeats lapse, three heartbeats at most)."""
+
+
+@dataclass(frozen=True)
+class AcquireRequest:
+    """A validated acquire: every field checked by `Budget.acquire` before anything is sent."""
+
+    tenant: str
+    agent: str | None
+    estimate: dict[str, int]
+    mode: str
+    timeout: float | None
+    priority: int
+    lease_ttl: float
+
+
+class AcquireCall:
+    """One acquire, from its first attempt to admission or to a typed error; see the module docstring.
+
+    `snapshot` reads the budget's status for a BudgetTimeout (it may fail:
+    the timeout is raised all the same).
+    """
+
+    def __init__(
+        self,
+        request: AcquireRequest,
+        *,
+        settler: Settler,
+        hub: WakeHub,
+        queue_ttl_ms: int,
+        snapshot: Callable[[str, str | None], Awaitable[Status]],
+    ) -> None:
+        self.request = request
+        self._settler = settler
+        self._engine: Engine = settler.engine
+        self._hub = hub
+        self._queue_ttl_ms = queue_ttl_ms
+        self._snapshot = snapshot
+        self._rid = secrets.token_hex(12)
+        self._ticket = ""
+        self._waiter: Waiter | None = None
+        self._paused_at: float | None = None
+        self._in_flight = False
+
+    async def run(self) -> Reservation:
+        """Attempt until admitted; raise RequestTooLarge, BudgetExhausted (reject), BudgetTimeout or BudgetClosed."""
+        loop = asyncio.get_running_loop()
+        timeout = self.request.timeout
+        deadline = None if timeout is None else loop.time() + timeout
+        try:
+            while True:
+                reply = await self._attempt(deadline)
+                if isinstance(reply, protocol.Admitted):
+                    return self._admitted(reply, loop.time())
+                if isinstance(reply, protocol.TooLarge):
+                    raise self._too_large(reply)
+                await self._denied(reply, deadline)
+        except BaseException:
+            await self._clean_up()
+            raise
+        finally:
+            if self._waiter is not None:
+                self._hub.leave(self._waiter)
+
+    async def _attempt(self, deadline: float | None) -> protocol.AcquireReply:
+        request = self.request
+        if self._engine.closing:
+            raise BudgetClosed(f"budget {self._engine.description} was closed while tenant {request.tenant!r} waited")
+        args = protocol.acquire_args(
+            reservation_id=self._rid,
+            agent=request.agent,
+            mode=request.mode,
+            priority=request.priority,
+            ticket=self._ticket,
+            lease_ms=round(request.lease_ttl * 1000),
+            queue_ms=self._queue_ttl_ms,
+            estimate=request.estimate,
+        )
+        self._in_flight = True
+        reply = await self._engine.run(self._engine.scripts.acquire, self._settler.key, args, deadline=deadline)
+        self._in_flight = False
+        return protocol.decode_acquire(reply)
+
+    def _admitted(self, reply: protocol.Admitted, now: float) -> Reservation:
+        self._ticket = ""
+        request = self.request
+        if self._paused_at is not None:
+            log.info("budget.resumed", tenant=request.tenant, agent=request.agent, waited=now - self._paused_at)
+        return Reservation(
+            self._settler,
+            tenant=request.tenant,
+            agent=request.agent,
+            id=self._rid,
+            estimate=request.estimate,
+            admitted_at_ms=reply.now_ms,
+            lease_expires_ms=reply.lease_expires_ms,
+            over_limits=reply.over_limits,
+        )
+
+    def _too_large(self, reply: protocol.TooLarge) -> RequestTooLarge:
+        self._ticket = ""
+        request = self.request
+        dimension = LimitKey.parse(reply.limit_key).dimension
+        limit = describe_limit_key(reply.limit_key, reply.amount)
+        return RequestTooLarge(
+            f"a request for {from_units(dimension, reply.requested):g} {dimension} is larger than the limit "
+            f"{limit} of tenant {request.tenant!r} itself and can never be admitted",
+            tenant=request.tenant,
+            agent=request.agent,
+            limit=reply.limit_key,
+            amount=reply.amount,
+            requested=reply.requested,
+        )
+
+    async def _denied(self, reply: protocol.Denied, deadline: float | None) -> None:
+        """Raise in reject mode; else join the wake channel (first denial) or sleep until woken, refilled or late."""
+        request = self.request
+        self._ticket = reply.ticket
+        retry_in = reply.retry_in
+        if request.mode == "reject":
+            log.info("acquire.denied", tenant=request.tenant, agent=request.agent, limit=reply.limit_key)
+            raise self._exhausted(reply)
+        if self._waiter is None:
+            # Subscribe first, then try once more: a refill between the
+            # denial and the subscription is not missed.
+            self._waiter = await self._hub.join(request.tenant)
+            self._waiter.ticket = self._ticket
+            self._paused_at = asyncio.get_running_loop().time()
+            log.info(
+                "budget.paused",
+                tenant=request.tenant,
+                agent=request.agent,
+                limit=reply.limit_key,
+                limit_text=describe_limit_key(reply.limit_key),
+                reason=reply.reason,
+                retry_in=retry_in,
+            )
+            return
+        self._waiter.ticket = self._ticket
+        if deadline is not None:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise await self._timed_out(reply.limit_key)
+            retry_in = left if retry_in is None else min(retry_in, left)
+        await self._waiter.sleep(retry_in)
+        self._ticket = self._waiter.ticket
+
+    def _exhausted(self, reply: protocol.Denied) -> BudgetExhausted:
+        request = self.request
+        retry_in = reply.retry_in
+        when = "only when capacity is returned" if retry_in is None else f"in {retry_in:.3f}s"
+        return BudgetExhausted(
+            f"budget {describe_limit_key(reply.limit_key)} of tenant {request.tenant!r} is spent; retry {when}",
+            tenant=request.tenant,
+            agent=request.agent,
+            limit=reply.limit_key,
+            retry_after=retry_in,
+        )
+
+    async def _timed_out(self, limit_key: str) -> BudgetTimeout:
+        request = self.request
+        try:
+            snapshot: Status | None = await self._snapshot(request.tenant, request.agent)
+        except Exception:  # the error to raise is the timeout, not a failed snapshot
+            snapshot = None
+        log.info("budget.timeout", tenant=request.tenant, agent=request.agent, limit=limit_key, timeout=request.timeout)
+        return BudgetTimeout(
+            f"waited {request.timeout}s for budget {describe_limit_key(limit_key)} of tenant {request.tenant!r}",
+            tenant=request.tenant,
+            agent=request.agent,
+            limit=limit_key,
+            status=snapshot,
+        )
+
+    # cleanup ------------------------------------------------------------------------
+
+    async def _clean_up(self) -> None:
+        """Leave nothing behind: release an admission the caller never saw, give up the queue place."""
+        if self._in_flight:
+            # Interrupted while the script ran: Redis may have admitted the
+            # request, and nobody will ever settle that reservation. Release
+            # it (a no-op when there was no admission). A denial may have
+            # queued it instead, under its id: give that place up too. Both
+            # wait until the interrupted call has been answered, so they
+            # reach Redis after it (a late acquire would queue it again).
+            await finish_despite_cancel(self._release_unseen())
+            self._ticket = self._ticket or self._rid
+        if self._ticket:
+            await finish_despite_cancel(self._leave(self._ticket))
+
+    async def _release_unseen(self) -> None:
+        engine, key = self._engine, self._settler.key
+        if not await engine.quiesce(engine.scripts.acquire, key, timeout=CLEANUP_GRACE):
+            log.warning("acquire.cleanup_unordered", reservation=self._rid, waited=CLEANUP_GRACE)
+        deadline = asyncio.get_running_loop().time()  # one attempt: no retries while Redis is away
+        args = protocol.settle_args(reservation_id=self._rid, kind="release", ledger_maxlen=0, actual={})
+        try:
+            await engine.run(engine.scripts.settle, key, args, deadline=deadline)
+        except Exception as exc:  # the lease expires by itself
+            log.warning("acquire.release_failed", reservation=self._rid, error=str(exc))
+
+    async def _leave(self, ticket: str) -> None:
+        await leave_queue(self._engine, self._settler.key, ticket)
+
+
+async def leave_queue(engine: Engine, key: str, ticket: str) -> None:
+    """Give up the queue place `ticket` of the tenant at `key`; a failure is logged (the place expires by itself)."""
+    # While closing, one attempt: close() must not wait for Redis to come back.
+    deadline = asyncio.get_running_loop().time() if engine.closing else None
+    try:
+        await engine.run(engine.scripts.leave, key, [ticket], deadline=deadline)
+    except Exception as exc:  # the place expires by itself after three heartbeats
+        log.warning("queue.leave_failed", ticket=ticket, error=str(exc))

@@ -1,0 +1,182 @@
+"""The one path to Redis: every script call and every direct read of the package goes through an `Engine`.
+
+An Engine owns the Redis client and what stands between a caller and it:
+the cap on calls in flight (`MAX_CONNECTIONS`), the batching of one tenant's
+ready requests into one script call (`slowburn_redis.batching`), the
+``on_unavailable`` policy (`slowburn_redis.resilience`), the mapping of ACL
+refusals to `PermissionDenied`, and closing. No other module touches the
+client: they call `run` with a script and its arguments (built by
+`slowburn_redis.protocol`) or one of the few named reads.
+
+After `aclose` (or once `begin_close` was called) every call raises
+`BudgetClosed` without sending anything, except a waiter giving up its
+queue place, which is allowed one attempt so a closing Budget leaves nothing
+behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from slowburn_redis.acl import permission_error
+from slowburn_redis.batching import MAX_BATCH, Batcher
+from slowburn_redis.connection import MAX_CONNECTIONS
+from slowburn_redis.errors import BudgetClosed
+from slowburn_redis.resilience import Backoff, OnUnavailable, Resilience
+from slowburn_redis.scripts import Clock, Script, Scripts
+
+
+class Engine:
+    """Runs scripts and reads on one Redis client, under one policy; see the module docstring.
+
+    `connect` makes a new client for the same Redis (used to build a twin,
+    such as the sync Budget's); `open_pubsub` opens a pub/sub connection
+    (None: the client's own ``pubsub()``).
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        connect: Callable[[], Any] | None,
+        open_pubsub: Callable[[], Any] | None,
+        description: str,
+        clock: Clock,
+        on_unavailable: OnUnavailable,
+        retry_timeout: float | None,
+        backoff: Backoff | None,
+        batch_size: int = MAX_BATCH,
+    ) -> None:
+        self.client = client
+        """The raw client. Only this module sends through it; tests may wrap it (a fault-injecting client)."""
+        self.connect = connect
+        self.open_pubsub_factory = open_pubsub
+        self.description = description
+        self.clock = clock
+        self.scripts = Scripts(clock)
+        self._resilience = Resilience(
+            on_unavailable, backoff=backoff, retry_timeout=retry_timeout, description=description
+        )
+        # More calls in flight than connections would fail (redis-py pools
+        # raise when full, per node on a cluster): extra calls queue here.
+        self._in_flight = asyncio.Semaphore(MAX_CONNECTIONS)
+        self._batcher = Batcher(self._send, max_batch=batch_size)
+        self._closing = False
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def is_backed(self, reservation_id: str) -> bool:
+        """False for a reservation admitted by the fail-open policy without Redis."""
+        return self._resilience.is_backed(reservation_id)
+
+    def open_pubsub(self) -> Any:
+        """A new pub/sub connection (on a cluster: to the next known node)."""
+        self._check_open()
+        if self.open_pubsub_factory is not None:
+            return self.open_pubsub_factory()
+        return self.client.pubsub()
+
+    # scripts -------------------------------------------------------------------
+
+    async def run(self, script: Script, key: str, args: list[Any], *, deadline: float | None = None) -> Any:
+        """One request of `script` on the tenant base `key`: batched when the script takes batches.
+
+        A failure to reach Redis is handled by the ``on_unavailable`` policy;
+        a ``"wait"`` retry gives up at `deadline` (event-loop time), else
+        after ``retry_timeout``. Retries resend the same arguments, which
+        every script treats idempotently.
+        """
+        send = self._batcher.call if script.batched else self._send
+        return await self._guarded(script.name, lambda: send(script, key, args), args, deadline=deadline)
+
+    async def quiesce(self, script: Script, key: str, *, timeout: float) -> bool:
+        """Wait until the batches of `script` on `key` already gathered are answered; see `Batcher.quiesce`."""
+        return await self._batcher.quiesce(script, key, timeout=timeout)
+
+    async def _send(self, script: Script, key: str, args: list[Any]) -> Any:
+        if self._closing and script is not self.scripts.leave:
+            raise BudgetClosed(f"budget {self.description} is closed")
+        async with self._in_flight:
+            return await script(self.client, key, args)
+
+    async def _guarded(
+        self,
+        name: str,
+        operation: Callable[[], Awaitable[Any]],
+        args: list[Any],
+        *,
+        deadline: float | None = None,
+    ) -> Any:
+        try:
+            return await self._resilience.call(name, operation, args, deadline=deadline)
+        except RedisError as exc:
+            denied = permission_error(exc)
+            if denied is None:
+                raise
+            raise denied from exc
+
+    # named reads and test-clock writes -------------------------------------------
+
+    async def _command(self, name: str, command: Callable[[Any], Awaitable[Any]]) -> Any:
+        self._check_open()
+        return await self._guarded(name, lambda: command(self.client), [])
+
+    async def hget(self, key: str, field: str) -> str | None:
+        result: str | None = await self._command("hget", lambda c: c.hget(key, field))
+        return result
+
+    async def hkeys(self, key: str) -> list[str]:
+        return list(await self._command("hkeys", lambda c: c.hkeys(key)))
+
+    async def server_time_ms(self) -> int:
+        """The Redis server's clock in milliseconds."""
+        seconds, micros = await self._command("time", lambda c: c.time())
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    async def xrange(self, key: str, low: str, high: str, count: int) -> list[tuple[str, dict[str, str]]]:
+        return list(await self._command("xrange", lambda c: c.xrange(key, min=low, max=high, count=count)))
+
+    async def scan_keys(self, match: str, count: int = 500) -> AsyncIterator[str]:
+        """Every key matching the glob `match` (on a cluster: on every primary)."""
+        self._check_open()
+        async for key in self.client.scan_iter(match=match, count=count):
+            yield key
+
+    async def subscribers(self, channel: str) -> int:
+        """How many connections subscribe to `channel`."""
+        counts = dict(await self._command("pubsub_numsub", lambda c: c.pubsub_numsub(channel)))
+        return int(counts.get(channel, 0))
+
+    async def get(self, key: str) -> str | None:
+        result: str | None = await self._command("get", lambda c: c.get(key))
+        return result
+
+    async def set(self, key: str, value: str | int) -> None:
+        await self._command("set", lambda c: c.set(key, value))
+
+    async def incrby(self, key: str, amount: int) -> int:
+        return int(await self._command("incrby", lambda c: c.incrby(key, amount)))
+
+    # closing -------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise BudgetClosed(f"budget {self.description} is closed")
+
+    def begin_close(self) -> None:
+        """Refuse every later call (but a waiter's last leave); `aclose` finishes the job."""
+        self._closing = True
+
+    async def aclose(self) -> None:
+        """Wait for the batches already sent, then close the client's connections."""
+        self._closing = True
+        await self._batcher.aclose()
+        close = getattr(self.client, "aclose", None)
+        if close is not None:
+            await close()

@@ -1,0 +1,181 @@
+"""The key schema: every key, channel and scope field of a tenant, in one place.
+
+Every key of a tenant starts with its base ``<prefix>:{<tenant>}``, so all of
+one tenant's keys share one hash tag and one Redis Cluster slot. The Lua
+scripts derive the same names from KEYS[1] with the helpers at the top of
+``lua/lib.lua`` (`tests/test_keys.py` checks that both agree).
+
+A *limit key* (LK) names one limit of one scope: ``<scope>:<dimension>:<window_ms>``
+with scope ``T`` (the tenant), ``D`` (the default of every agent) or
+``A:<agent>``; a lifetime cap has window 0. Text for people never shows a
+limit key: `describe_limit_key` turns it into ``usd 0.5/hour (agent researcher)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from slowburn_redis.names import EVERY_AGENT, validate_name
+
+TENANT_SCOPE = "T"
+DEFAULT_AGENT_SCOPE = "D"
+AGENT_SCOPE_PREFIX = "A:"
+
+# The suffixes after the base key; lua/lib.lua names the same ones.
+LIMITS = "limits"
+AGENTS = "agents"
+WINDOW = "w"
+BLOCKED = "b"
+QUEUE = "q"
+QUEUE_EXPIRY = "qexp"
+SEQUENCE = "seq"
+RESERVATION = "r"
+LEASES = "leases"
+LEDGER = "ledger"
+ADMIN = "admin"
+TEST_CLOCK = "testclock"
+WAKE_CHANNEL = "wake"
+EVENTS_CHANNEL = "events"
+
+
+def base_key(prefix: str, tenant: str) -> str:
+    """The key every other key of `tenant` derives from: ``<prefix>:{<tenant>}``."""
+    return f"{prefix}:{{{validate_name('tenant', tenant)}}}"
+
+
+def scope_field(agent: str | None) -> str:
+    """The field of the limits hash that holds a scope: ``T``, ``D`` (every agent) or ``A:<agent>``."""
+    if agent is None:
+        return TENANT_SCOPE
+    if agent == EVERY_AGENT:
+        return DEFAULT_AGENT_SCOPE
+    return AGENT_SCOPE_PREFIX + validate_name("agent", agent)
+
+
+@dataclass(frozen=True)
+class TenantKeys:
+    """The keys and channels of one tenant under `base` (``<prefix>:{<tenant>}``)."""
+
+    base: str
+
+    @classmethod
+    def of(cls, prefix: str, tenant: str) -> TenantKeys:
+        return cls(base_key(prefix, tenant))
+
+    def _(self, suffix: str) -> str:
+        return f"{self.base}:{suffix}"
+
+    @property
+    def limits(self) -> str:
+        """Hash: scope field -> JSON list of the scope's limits."""
+        return self._(LIMITS)
+
+    @property
+    def agents(self) -> str:
+        """Set: agents that ever had a window of their own."""
+        return self._(AGENTS)
+
+    def window(self, limit_key: str) -> str:
+        """Hash: one limit's window (running total, buckets)."""
+        return self._(f"{WINDOW}:{limit_key}")
+
+    def blocked(self, limit_key: str) -> str:
+        """Sorted set: waiters blocked on one limit, by queue rank."""
+        return self._(f"{BLOCKED}:{limit_key}")
+
+    @property
+    def queue(self) -> str:
+        """Hash: ticket -> queue record (see lua/lib.lua, `queue_record`)."""
+        return self._(QUEUE)
+
+    @property
+    def queue_expiry(self) -> str:
+        return self._(QUEUE_EXPIRY)
+
+    @property
+    def sequence(self) -> str:
+        return self._(SEQUENCE)
+
+    def reservation(self, reservation_id: str) -> str:
+        return self._(f"{RESERVATION}:{reservation_id}")
+
+    @property
+    def leases(self) -> str:
+        return self._(LEASES)
+
+    @property
+    def ledger(self) -> str:
+        """Stream: one entry per commit."""
+        return self._(LEDGER)
+
+    @property
+    def admin(self) -> str:
+        return self._(ADMIN)
+
+    @property
+    def test_clock(self) -> str:
+        return self._(TEST_CLOCK)
+
+    @property
+    def wake_channel(self) -> str:
+        return self._(WAKE_CHANNEL)
+
+    @property
+    def events_channel(self) -> str:
+        return self._(EVENTS_CHANNEL)
+
+
+@dataclass(frozen=True)
+class LimitKey:
+    """A limit key taken apart: its scope (``T``, ``D``, ``A:<agent>``), dimension and window in ms."""
+
+    scope: str
+    dimension: str
+    window_ms: int
+
+    @classmethod
+    def parse(cls, text: str) -> LimitKey:
+        """``"A:researcher:usd:3600000"`` -> ``LimitKey("A:researcher", "usd", 3600000)``; ValueError if malformed."""
+        head, _, window = text.rpartition(":")
+        scope, _, dimension = head.rpartition(":")
+        if not scope or not dimension or not window.isdigit():
+            raise ValueError(f"not a limit key: {text!r}")
+        return cls(scope, dimension, int(window))
+
+    @property
+    def agent(self) -> str | None:
+        """The agent of an ``A:`` scope, ``*`` for the default of every agent, None for the tenant."""
+        if self.scope.startswith(AGENT_SCOPE_PREFIX):
+            return self.scope[len(AGENT_SCOPE_PREFIX) :]
+        return EVERY_AGENT if self.scope == DEFAULT_AGENT_SCOPE else None
+
+    def scope_words(self) -> str:
+        """``tenant``, ``every agent`` or ``agent researcher``."""
+        agent = self.agent
+        if agent is None:
+            return "tenant"
+        return "every agent" if agent == EVERY_AGENT else f"agent {agent}"
+
+
+def describe_limit_key(text: str, amount_units: int | None = None) -> str:
+    """A limit key in words: ``usd 0.5/hour (agent researcher)``; with no amount, ``usd per hour (tenant)``.
+
+    `amount_units` is the limit's amount in stored units (usd in nano-dollars).
+    A string that is not a limit key is returned as it is.
+    """
+    from slowburn_redis.limits import Limit, from_units
+
+    try:
+        key = LimitKey.parse(text)
+    except ValueError:
+        return text
+    window = key.window_ms / 1000 or None
+    try:
+        if amount_units is not None:
+            limit = Limit(dimension=key.dimension, amount=from_units(key.dimension, amount_units), window=window)
+            return f"{limit} ({key.scope_words()})"
+        per = Limit(dimension=key.dimension, amount=1, window=window)
+        period = str(per).partition("/")[2]
+        return f"{key.dimension}{' per ' + period if period else ' (lifetime)'} ({key.scope_words()})"
+    except ValueError:
+        return text

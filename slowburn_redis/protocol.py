@@ -1,0 +1,192 @@
+"""The wire contract with the Lua scripts, network-free: ARGV builders and typed reply decoders.
+
+Each script's header in ``lua/`` states its KEYS, ARGV and reply; this module
+is the Python side of those headers and nothing else touches a raw reply.
+Builders return the argument list of one request; decoders take the reply of
+one request (a batched script answers a batch with one such reply per
+request, see `slowburn_redis.batching`). Unit-tested without Redis in
+``tests/test_protocol.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from slowburn_redis.amounts import format_amounts, parse_amounts
+from slowburn_redis.limits import Limit
+
+# Argument-list builders ---------------------------------------------------------
+
+
+def acquire_args(
+    *,
+    reservation_id: str,
+    agent: str | None,
+    mode: str,
+    priority: int,
+    ticket: str,
+    lease_ms: int,
+    queue_ms: int,
+    estimate: dict[str, int],
+) -> list[Any]:
+    """One acquire request (acquire.lua): the fields its header lists, in order."""
+    return [reservation_id, agent or "", mode, priority, ticket, lease_ms, queue_ms, format_amounts(estimate)]
+
+
+def settle_args(
+    *,
+    reservation_id: str,
+    kind: str,
+    ledger_maxlen: int,
+    actual: dict[str, int],
+    model: str = "",
+    outcome: str = "",
+    metadata: dict[str, Any] | None = None,
+) -> list[Any]:
+    """One settlement (settle.lua): `kind` is ``commit`` or ``release``; `ledger_maxlen` 0 writes no entry."""
+    meta = json.dumps(metadata, default=str, separators=(",", ":")) if metadata else ""
+    return [reservation_id, kind, ledger_maxlen, format_amounts(actual), model, outcome, meta]
+
+
+def limits_json(limits: list[Limit]) -> str:
+    """The limits of one scope as set_limits.lua stores them; '' clears the scope."""
+    if not limits:
+        return ""
+    return json.dumps([{"d": lim.dimension, "a": lim.units, "w": lim.window_ms} for lim in limits])
+
+
+def decode_limits_json(text: str | None) -> list[tuple[str, int, int]]:
+    """The stored limits of one scope as ``(dimension, amount_units, window_ms)``; [] when none are stored."""
+    if not text:
+        return []
+    return [(item["d"], int(item["a"]), int(item["w"])) for item in json.loads(text)]
+
+
+# Reply decoders -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """acquire.lua ``{1, id, now_ms, lease_expiry_ms, over}``."""
+
+    reservation_id: str
+    now_ms: int
+    lease_expires_ms: int
+    over_limits: list[str]
+
+
+@dataclass(frozen=True)
+class Denied:
+    """acquire.lua ``{0, ticket, now_ms, retry_at_ms, limit_key, reason}``: denied, and why."""
+
+    ticket: str
+    now_ms: int
+    retry_at_ms: int
+    limit_key: str
+    reason: str
+
+    @property
+    def retry_in(self) -> float | None:
+        """Seconds until enough of the window expires, by the script's clock."""
+        return None if self.retry_at_ms < 0 else max(0.0, (self.retry_at_ms - self.now_ms) / 1000)
+
+
+@dataclass(frozen=True)
+class TooLarge:
+    """acquire.lua ``{-1, limit_key, limit_amount, requested}``: the request exceeds the limit itself."""
+
+    limit_key: str
+    amount: int
+    requested: int
+
+
+AcquireReply = Admitted | Denied | TooLarge
+
+
+def decode_acquire(reply: list[Any]) -> AcquireReply:
+    """One acquire reply as `Admitted`, `Denied` or `TooLarge`; ValueError for anything else."""
+    code = int(reply[0])
+    if code == 1:
+        _, rid, now_ms, expiry, over = reply
+        return Admitted(str(rid), int(now_ms), int(expiry), str(over).split())
+    if code == 0:
+        _, ticket, now_ms, retry_at, limit_key, reason = reply
+        return Denied(str(ticket), int(now_ms), int(retry_at), str(limit_key), str(reason))
+    if code == -1:
+        _, limit_key, amount, requested = reply
+        return TooLarge(str(limit_key), int(amount), int(requested))
+    raise ValueError(f"unexpected acquire reply {reply!r}")
+
+
+@dataclass(frozen=True)
+class Settled:
+    """settle.lua: `settled` is False when nothing changed (`state` says why); overrun in units per dimension."""
+
+    settled: bool
+    state: str
+    overrun: dict[str, int] = field(default_factory=dict)
+    ledger_id: str | None = None
+
+
+def decode_settle(reply: list[Any]) -> Settled:
+    """One settle reply: ``{1, state, overrun, ledger_id}`` or ``{0, state}``."""
+    if int(reply[0]) == 1:
+        return Settled(True, str(reply[1]), parse_amounts(str(reply[2])), str(reply[3]) or None)
+    return Settled(False, str(reply[1]))
+
+
+def decode_extend(reply: list[Any]) -> int | None:
+    """extend.lua: the new lease expiry in ms, or None when the reservation is no longer open."""
+    return int(reply[1]) if int(reply[0]) == 1 else None
+
+
+def decode_refresh(reply: list[Any]) -> tuple[list[str], list[str]]:
+    """refresh.lua ``{first, missing}``: tickets first in every queue they wait in, and tickets the queue lost."""
+    return [str(t) for t in reply[0]], [str(t) for t in reply[1]]
+
+
+@dataclass(frozen=True)
+class LimitRow:
+    """One row of status.lua: amounts in the dimension's units; `total` includes `reserved`."""
+
+    scope: str
+    limit_key: str
+    dimension: str
+    amount: int
+    window_ms: int
+    total: int
+    reserved: int
+    overrun: int
+    refill_at_ms: int
+    waiters: int
+
+
+@dataclass(frozen=True)
+class StatusReply:
+    """status.lua ``{now_ms, queue_length, rows}``."""
+
+    now_ms: int
+    queue_length: int
+    rows: list[LimitRow]
+
+
+def decode_status(reply: list[Any]) -> StatusReply:
+    now_ms, queue_length, rows = reply
+    decoded = [
+        LimitRow(
+            scope=str(scope),
+            limit_key=str(key),
+            dimension=str(dim),
+            amount=int(amount),
+            window_ms=int(window_ms),
+            total=int(total),
+            reserved=int(reserved),
+            overrun=int(overrun),
+            refill_at_ms=int(refill_at),
+            waiters=int(waiters),
+        )
+        for scope, key, dim, amount, window_ms, total, reserved, overrun, refill_at, waiters in rows
+    ]
+    return StatusReply(int(now_ms), int(queue_length), decoded)
