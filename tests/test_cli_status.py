@@ -119,6 +119,8 @@ def test_status_without_tenant_lists_every_tenant(run: Cli, sync: SyncBudget) ->
 
 
 def test_status_of_tenant_without_limits(run: Cli) -> None:
+    assert_exit(run("limits", "set", "nobody", "usd 1/min"))
+    assert_exit(run("limits", "clear", "nobody"))  # known (its admin trail stays), with no limits left
     assert status_json(run, "nobody")["limits"] == []
     assert "nobody: no limits set" in run("status", "nobody").stdout
 
@@ -152,8 +154,12 @@ def test_reset_asks_first(run: Cli, sync: SyncBudget) -> None:
     sync.acquire("acme", usd=0.4).commit(usd=0.4)
     before = run.snapshot()
     declined = run("reset", "acme", input="n\n")
-    assert declined.exit_code == 1
+    assert declined.exit_code == 0  # declining is not an error (1 means Redis unreachable)
     assert "Reset the budget of acme and all its agents?" in declined.output
+    assert declined.output.strip().endswith("nothing reset")
+    assert run.snapshot() == before
+    no_answer = run("reset", "acme", input="")  # stdin closed: the same as declining
+    assert no_answer.exit_code == 0 and "nothing reset" in no_answer.output
     assert run.snapshot() == before
     accepted = run("reset", "acme", input="y\n")
     assert_exit(accepted)
@@ -183,3 +189,53 @@ def test_reset_bad_input_changes_nothing(run: Cli, sync: SyncBudget) -> None:
     assert_bad_input(run("reset", "acme", "--agent", "*", "--yes"), "agent name")
     assert_bad_input(run("reset", "ac:me", "--yes"), "tenant name", "ac:me")
     assert run.snapshot() == before
+
+
+def test_status_of_a_tenant_with_nothing_stored_is_exit_3(run: Cli) -> None:
+    assert_exit(run("limits", "set", "acme", "usd 1/min"))
+    for args in (["status", "nosuchtenant"], ["status", "nosuchtenant", "--json"], ["report", "nosuch"]):
+        result = run(*args)
+        assert result.exit_code == 3, (args, result.output)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "no such tenant" in lines[0], result.stderr
+        assert result.stdout == ""
+    assert_exit(run("status", "acme"))
+    assert_exit(run("report", "acme"))  # it exists, with an empty ledger: an empty report
+
+
+def test_a_tenant_known_by_its_ledger_alone_is_found(run: Cli, sync: SyncBudget) -> None:
+    assert_exit(run("limits", "set", "acme", "usd 1/min"))
+    sync.acquire("acme", usd=0.1).commit(usd=0.1, model="m")
+    assert_exit(run("limits", "clear", "acme"))
+    shown = run("status", "acme")
+    assert_exit(shown)
+    assert "acme: no limits set" in shown.stdout
+    assert_exit(run("report", "acme"))
+
+
+def cells_ok(text: str, *wanted: str) -> None:
+    """No line wider than 80 columns, no number cut short, each of `wanted` shown whole."""
+    for line in text.splitlines():
+        assert len(line) <= 80, line
+    assert "…" not in text, text
+    for word in wanted:
+        assert word in text, (word, text)
+
+
+def test_status_is_readable_at_80_columns(server_url: str, prefix: str, sync: SyncBudget) -> None:
+    run = Cli(server_url, prefix, env={"COLUMNS": "80"})
+    assert_exit(run("limits", "set", "acme", "usd 5/day", "tokens 1M/hour", "requests 60/min", "concurrency 8"))
+    assert_exit(run("limits", "set", "acme", "--agent", "researcher", "usd 0.50/hour"))
+    with sync.acquire("acme", agent="researcher", usd=0.05, tokens=2000) as r:
+        r.commit(usd=0.039, tokens=3630)
+    open_reservation = sync.acquire("acme", agent="researcher", usd=0.05, tokens=2000)
+    result = run("status", "acme")
+    assert_exit(result)
+    cells_ok(
+        result.stdout,
+        "usd 5/day", "tokens 1000000/hour", "usd 0.5/hour", "agent researcher", "$0.0390", "$0.0500",
+        "$4.9110", "3,630", "2,000", "994,370", "$0.4110",
+    )  # fmt: skip
+    wide = Cli(server_url, prefix, env={"COLUMNS": "140"})("status", "acme")
+    assert "remaining" in wide.stdout and "$4.9110" in wide.stdout  # the full table where there is room
+    open_reservation.release()

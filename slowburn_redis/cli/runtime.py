@@ -1,8 +1,9 @@
 """What every command shares: the global options, exit codes, and running a coroutine on a Budget.
 
 Exit codes: 0 ok, 1 operational error (Redis unreachable or refusing, named
-by its URL without credentials), 2 bad usage or bad input. Both errors print
-one line, never a traceback.
+by its URL without credentials), 2 bad usage or bad input, 3 not found (a
+tenant with nothing stored), 4 ``doctor`` found a problem with the
+deployment. Every error prints one line, never a traceback.
 """
 
 from __future__ import annotations
@@ -39,6 +40,16 @@ class OperationalError(click.ClickException):
     """Redis unreachable or refusing: exit 1."""
 
     exit_code = 1
+
+
+class NotFound(click.ClickException):
+    """What the command was asked about does not exist (no such tenant): exit 3, nothing changed."""
+
+    exit_code = 3
+
+
+EXIT_FINDINGS = 4
+"""``doctor``'s exit code when it found something to fix."""
 
 
 @dataclass(frozen=True)
