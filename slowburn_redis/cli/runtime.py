@@ -62,10 +62,37 @@ class CliState:
     """True when --redis-url came from the command line (the demo then leaves the embedded store)."""
 
     def open_budget(self) -> Budget:
-        """A Budget on --redis-url with --prefix that fails at once when Redis is unreachable (exit 1)."""
+        """A Budget on --redis-url with --prefix that fails at once when Redis is unreachable (exit 1).
+
+        A malformed URL (a port out of range, a database that is not a number)
+        is bad input: BadInput, exit 2, before anything connects.
+        """
         from slowburn_redis.budget import Budget
 
-        return Budget.from_url(self.redis_url, prefix=self.prefix, on_unavailable="raise")
+        check_redis_url(self.redis_url)
+        try:
+            return Budget.from_url(self.redis_url, prefix=self.prefix, on_unavailable="raise")
+        except InvalidInput:
+            raise
+        except ValueError as exc:
+            raise BadInput(f"bad Redis URL (--redis-url or SLOWBURN_REDIS_URL): {one_line(exc)}") from None
+
+
+def check_redis_url(url: str) -> None:
+    """Raise BadInput (one line, no credentials) for a URL whose port or database cannot be read."""
+    from urllib.parse import urlsplit
+
+    where = "bad Redis URL (--redis-url or SLOWBURN_REDIS_URL)"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise BadInput(f"{where}: {one_line(exc)}") from None
+    if port == 0:
+        raise BadInput(f"{where}: port 0 is not a port to connect to")
+    database = parts.path.strip("/")
+    if parts.scheme in ("redis", "rediss") and database and not database.isdigit():
+        raise BadInput(f"{where}: the database must be a number such as /0, not {database[:20]!r}")
 
 
 def quiet_logging(ctx: click.Context) -> None:
