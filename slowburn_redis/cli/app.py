@@ -43,7 +43,7 @@ def cli(ctx: click.Context, redis_url: str, prefix: str) -> None:
     except InvalidInput as exc:
         raise BadInput(str(exc)) from None
     quiet_logging(ctx)
-    given = ctx.get_parameter_source("redis_url") == ParameterSource.COMMANDLINE
+    given = ctx.get_parameter_source("redis_url") in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     ctx.obj = CliState(redis_url=redis_url, prefix=prefix, url_given=given)
 
 

@@ -59,7 +59,7 @@ class CliState:
     redis_url: str
     prefix: str
     url_given: bool
-    """True when --redis-url came from the command line (the demo then leaves the embedded store)."""
+    """True when a Redis was named, by --redis-url or SLOWBURN_REDIS_URL (the demo then leaves the embedded store)."""
 
     def open_budget(self) -> Budget:
         """A Budget on --redis-url with --prefix that fails at once when Redis is unreachable (exit 1).
