@@ -64,6 +64,7 @@ READING_AND_WRITING = [
     ["reset", "acme", "--yes"],
     ["watch", "acme", "--once"],
     ["report", "acme"],
+    ["doctor"],
 ]
 
 

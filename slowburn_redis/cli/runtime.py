@@ -3,7 +3,8 @@
 Exit codes: 0 ok, 1 operational error (Redis unreachable or refusing, named
 by its URL without credentials), 2 bad usage or bad input, 3 not found (a
 tenant with nothing stored), 4 ``doctor`` found a problem with the
-deployment. Every error prints one line, never a traceback.
+deployment, 5 ``doctor`` could not make every check (and found nothing).
+Every error prints one line, never a traceback.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class NotFound(click.ClickException):
 
 EXIT_FINDINGS = 4
 """``doctor``'s exit code when it found something to fix."""
+EXIT_UNCHECKED = 5
+"""``doctor``'s exit code when it found nothing to fix but could not make every check."""
 
 
 @dataclass(frozen=True)
