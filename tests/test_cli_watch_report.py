@@ -102,7 +102,7 @@ def test_watch_speaks_dollars_and_limits_at_80_columns(server_url: str, prefix: 
         assert len(line) <= 80, line
     assert "…" not in out
     text = " ".join(out.split())  # long event lines wrap at word boundaries
-    assert "acme (agent researcher) usd 0.5/hour (agent researcher): 90 % used" in text
+    assert "acme usd 0.5/hour (agent researcher): 90 % used" in text
     assert "exhausted usd 0.5/hour (agent researcher): $0.4500 used, $0.1000 requested" in text
     assert "$4.5500" in out and "$0.0500" in out  # what is left of each, whole
     for internal in ("A:researcher", "T:usd", "amount=", "450000000", "500000000", "ticket"):

@@ -93,3 +93,13 @@ def test_event_words_hide_keys_units_and_ids(ev: Event, text: str) -> None:
 def test_known_limits_give_waiting_events_their_amount() -> None:
     known = {"T:requests:60000": Limit.parse("requests 60/min")}
     assert event_words(event("waiting", limit="T:requests:60000"), known) == "waiting on requests 60/min (tenant)"
+
+
+def test_watch_lines_name_the_agent_once() -> None:
+    from slowburn_redis.cli.watch_cmd import event_text
+
+    own = event("exhausted", agent="researcher", limit="A:researcher:usd:3600000", amount=500_000_000)
+    assert event_text(own).endswith(" acme exhausted usd 0.5/hour (agent researcher)")
+    shared = event("threshold", agent="writer", limit="T:usd:86400000", amount=5_000_000_000, level=50)
+    assert event_text(shared).endswith(" acme usd 5/day (tenant): 50 % used (by agent writer)")
+    assert event_text(event("reset", windows=1)).endswith(" acme reset 1 window(s)")

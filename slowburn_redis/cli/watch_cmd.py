@@ -45,12 +45,16 @@ def _json_line(data: dict[str, Any]) -> None:
 def event_text(event: Event, known: dict[str, Limit] | None = None) -> str:
     """One event as a line for people: time, tenant (and agent) and what happened, in dollars and seconds.
 
-    ``12:00:01 acme (agent researcher) exhausted usd 0.5/hour (agent researcher): $0.4900 used, ...``.
-    `known` maps limit keys to their Limit (from the latest status) for events
-    that carry no amount. Internal keys and ids are left to ``--json``.
+    ``12:00:01 acme exhausted usd 0.5/hour (agent researcher): $0.4900 used, $0.0200 requested``;
+    the agent whose call it was is added (``(by agent writer)``) unless the
+    limit already names it. `known` maps limit keys to their Limit (from the
+    latest status) for events that carry no amount. Internal keys and ids are
+    left to ``--json``.
     """
-    who = event.tenant + (f" (agent {event.agent})" if event.agent else "")
-    return f"{event.at:%H:%M:%S} {who} {words.event_words(event, known)}"
+    text = words.event_words(event, known)
+    if event.agent and f"(agent {event.agent})" not in text:
+        text += f" (by agent {event.agent})"
+    return f"{event.at:%H:%M:%S} {event.tenant} {text}"
 
 
 def known_limits(statuses: list[Status]) -> dict[str, Limit]:
