@@ -28,6 +28,7 @@ from slowburn_redis.cli.doctor import (
     judge_persistence,
     judge_tenants,
     judge_version,
+    run_checks,
 )
 from tests.cluster_support import running_cluster
 from tests.servers import RedisServer, free_port, redis_server_available
@@ -229,3 +230,13 @@ def test_clock_spread_between_nodes() -> None:
     assert spread is not None and spread.verdict == "finding" and "1.400 s" in spread.message
     agree = judge_clock_spread({"a": 0.1, "b": 0.2})
     assert agree is not None and agree.verdict == "ok"
+
+
+async def test_run_checks_on_an_embedded_budget() -> None:
+    async with Budget.embedded(prefix="sb") as budget:
+        await budget.set_limits("acme", ["usd 1/min"])
+        await (await budget.acquire("acme", usd=0.1)).commit(usd=0.1)
+        checks = {c.check: c for c in await run_checks(budget, name="embedded", cluster_url=False)}
+    assert checks["version"].verdict == "unknown" and "fakeredis" in checks["version"].message
+    assert checks["clock"].verdict == "ok"
+    assert checks["tenants"].verdict == "ok" and "1 tenant(s)" in checks["tenants"].message
