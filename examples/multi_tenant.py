@@ -57,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def spent_limit(exc: BudgetTimeout) -> str:
+    """The limit that was spent, in words (``usd 0.0015 (agent researcher)``), from the snapshot the error carries."""
+    for row in exc.status.limits if exc.status else []:
+        if row.key == exc.limit:
+            return f"{row.limit} ({'tenant' if row.agent is None else 'agent ' + row.agent})"
+    return "a limit"
+
+
 class Story:
     """When to stop: the startup is spent (all its agents wait) and the enterprise made `after` calls since."""
 
@@ -104,7 +112,7 @@ async def agent(
             )
         except BudgetTimeout as exc:
             if not waiting:
-                print(f"{tenant}/{name}: budget spent ({exc.limit}), waiting", flush=True)
+                print(f"{tenant}/{name}: budget spent ({spent_limit(exc)}), waiting", flush=True)
                 waiting = True
             story.spent(tenant, name)
             continue

@@ -72,7 +72,9 @@ async def test_multi_tenant_one_exhausted_the_other_goes_on(real_url: str, prefi
     # It ends by a condition (the startup spent, then 5 more enterprise calls); --seconds 0: no time limit.
     args = ["--redis-url", real_url, "--prefix", prefix, "--seconds", "0"]
     out = run_example("multi_tenant.py", *args)
-    assert re.search(r"^example-startup/(researcher|writer): budget spent \(\S+\), waiting$", out, re.MULTILINE)
+    limit = r"usd 0\.00(4 \(tenant|15 \(agent researcher)\)"  # in words, not an internal key
+    spent = rf"^example-startup/(researcher|writer): budget spent \({limit}\), waiting$"
+    assert re.search(spent, out, re.MULTILINE), out
     assert not re.search(r"^example-enterprise/\w+: budget spent", out, re.MULTILINE)
     kept = re.search(r"example-enterprise kept going: (\d+) calls after example-startup's last call", out)
     assert kept and int(kept[1]) >= 5, out
