@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from rich.console import Console
 
-from slowburn_redis import Budget, SyncBudget
+from slowburn_redis import Budget, Limit, LimitStatus, Status, SyncBudget
+from slowburn_redis.cli import render
 from tests.cli_support import Cli, assert_bad_input, assert_exit
 
 
@@ -239,3 +243,24 @@ def test_status_is_readable_at_80_columns(server_url: str, prefix: str, sync: Sy
     wide = Cli(server_url, prefix, env={"COLUMNS": "140"})("status", "acme")
     assert "remaining" in wide.stdout and "$4.9110" in wide.stdout  # the full table where there is room
     open_reservation.release()
+
+
+def test_extreme_amounts_stay_whole_at_80_columns() -> None:
+    def row(agent: str | None, limit: str, used: float, reserved: float, remaining: float) -> LimitStatus:
+        return LimitStatus(
+            scope="tenant" if agent is None else "agent", agent=agent, limit=Limit.parse(limit), key="k",
+            used=used, reserved=reserved, remaining=remaining, overrun=0, refill_in=86520, waiters=1234,
+        )  # fmt: skip
+
+    status = Status(
+        tenant="acme", agent=None, at=datetime.now(UTC), queue_length=0,
+        limits=[
+            row(None, "usd 50000/week", 12345.6789, 1234.5, 36419.8211),
+            row(None, "tokens 2B/hour", 1234567890, 2000000, 765432110),
+            row("a" * 64, "usd 0.5/hour", 0.039, 0.05, 0.411),
+        ],
+    )  # fmt: skip
+    out = io.StringIO()
+    console = Console(file=out, width=80, soft_wrap=False, highlight=False)
+    console.print(render.statuses_view([status], console.width))
+    cells_ok(out.getvalue(), "$12,345.68", "$1,234.50", "$36,419.82", "1,234,567,890", "765,432,110", "$0.4110", "1234")

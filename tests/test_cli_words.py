@@ -41,7 +41,8 @@ def test_limit_words_from_units_from_known_limits_and_without_an_amount() -> Non
 
 def test_amounts_are_dollars_and_counts() -> None:
     assert amount_words("usd", 450_000_000) == "$0.4500"
-    assert amount_words("usd", "1234500000000") == "$1,234.5000"
+    assert amount_words("usd", "1234500000000") == "$1,234.50"
+    assert amount_words("usd", 999_999_900_000) == "$999.9999"
     assert amount_words("tokens", 1500) == "1,500"
     assert scope_words("T") == "tenant" and scope_words("D") == "every agent" and scope_words("A:x") == "agent x"
 

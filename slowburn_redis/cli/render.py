@@ -31,9 +31,9 @@ def print_json(data: Any) -> None:
 
 
 def amount(dimension: str, value: float) -> str:
-    """An amount in its unit: ``$0.0123`` for usd, ``1,500`` for counts."""
+    """An amount in its unit: ``$0.0123`` for usd (cents only from $1,000: ``$12,345.68``), ``1,500`` for counts."""
     if dimension == "usd":
-        return f"${value:,.4f}"
+        return f"${value:,.4f}" if abs(value) < 1000 else f"${value:,.2f}"
     return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.2f}"
 
 

@@ -58,10 +58,10 @@ def _unit(dimension: str) -> int:
 
 
 def amount_words(dimension: str, units: int | float | str) -> str:
-    """A stored amount in its unit: usd as dollars (``$0.4500``), counts with separators (``1,500``)."""
+    """A stored amount in its unit: usd as dollars (``$0.4500``; cents from $1,000), counts as ``1,500``."""
     value = Decimal(str(units)) / _unit(dimension)
     if dimension == "usd":
-        return f"${value:,.4f}"
+        return f"${value:,.4f}" if abs(value) < 1000 else f"${value:,.2f}"
     return f"{value:,.0f}" if value == value.to_integral_value() else f"{value:,.2f}"
 
 
