@@ -41,7 +41,9 @@ def rows_by_key(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def wait_for_waiters(run: Cli, tenant: str, count: int) -> None:
-    for _ in range(200):
+    """Wait for the condition; the 60 s bound only turns a hang into a failure."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
         if status_json(run, tenant)["queue_length"] == count:
             return
         time.sleep(0.05)
@@ -94,8 +96,8 @@ def test_status_shows_used_reserved_remaining_refill_and_waiters(run: Cli, sync:
     assert "queue: 1 waiting" in table.stdout
 
     open_reservation.release()  # frees 0.5: the waiter gets in
-    assert waiter.admitted.wait(10)
-    waiter.join(10)
+    assert waiter.admitted.wait(60)
+    waiter.join(60)
     assert waiter.error is None
 
 
@@ -146,8 +148,8 @@ def test_reset_wakes_waiters_and_forgets_usage(run: Cli, sync: SyncBudget) -> No
     result = run("reset", "acme", "--yes")
     assert_exit(result)
     assert "waiters woken" in result.stdout
-    assert waiter.admitted.wait(10)
-    waiter.join(10)
+    assert waiter.admitted.wait(60)
+    waiter.join(60)
     assert waiter.error is None
     rows = rows_by_key(status_json(run, "acme"))
     assert rows["T:usd:0"]["used"] == 0
