@@ -38,7 +38,12 @@ from slowburn_redis.names import validate_name
 @click.version_option(__version__, prog_name="slowburn-redis")
 @click.pass_context
 def cli(ctx: click.Context, redis_url: str, prefix: str) -> None:
-    """Fleet-wide LLM budgets in Redis: inspect, set and reset them, watch them live, run the demo."""
+    """Fleet-wide LLM budgets in Redis: inspect, set and reset them, watch them live, run the demo.
+
+    Exit codes: 0 ok; 1 Redis unreachable or refusing; 2 bad usage or input
+    (nothing written); 3 not found (no such tenant); 4 doctor found something
+    to fix; 5 doctor could not make every check.
+    """
     try:
         validate_name("prefix", prefix)
     except InvalidInput as exc:
