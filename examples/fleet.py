@@ -7,6 +7,7 @@ does not fail: it waits until the window refills, then goes on.
 
     python examples/fleet.py --processes 4 --seconds 20
     python examples/fleet.py --redis-url redis://localhost:6379/0 --prefix sb --processes 1 --seconds 0   # forever
+    python examples/fleet.py --processes 2 --calls 5 --seconds 0     # 5 calls per process, however long they wait
 
 Limits are set by every process at start (the same limits: setting them
 twice changes nothing). Output: one line per call, then a summary line from
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tenant", default="fleet")
     parser.add_argument("--processes", type=int, default=4, help="worker processes to start")
     parser.add_argument("--seconds", type=float, default=20.0, help="how long to run; 0 runs forever")
+    parser.add_argument("--calls", type=int, default=0, help="stop each process after this many calls; 0: no limit")
     parser.add_argument("--usd", type=float, default=0.01, help="dollars the fleet may spend per window")
     parser.add_argument("--window", default="10s", help="the window: 10s, 1m, 1h...")
     return parser
@@ -56,7 +58,7 @@ def worker(args: argparse.Namespace, number: int, results: multiprocessing.Queue
     rng = random.Random()
     name, calls, spent = f"worker-{number}-{os.getpid()}", 0, 0.0
     try:
-        while deadline is None or time.monotonic() < deadline:
+        while (deadline is None or time.monotonic() < deadline) and (args.calls <= 0 or calls < args.calls):
             input_tokens = rng.randint(800, 2500)
             estimate = input_tokens * USD_PER_INPUT_TOKEN + MAX_OUTPUT_TOKENS * USD_PER_OUTPUT_TOKEN
             started = time.monotonic()

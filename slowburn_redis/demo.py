@@ -35,23 +35,62 @@ USD_PER_OUTPUT_TOKEN = 0.60 / 1_000_000
 MAX_OUTPUT_TOKENS = 600
 
 
+MAX_WORKERS = 1000
+MAX_PROCESSES = 32
+MAX_SECONDS = 86400.0
+MAX_CALLS = 1_000_000
+REARM_POINTS = 25
+"""A threshold level shown once is shown again only after usage fell this many points below it."""
+
+
 @dataclass(frozen=True)
 class DemoConfig:
-    """What the demo runs: `workers` sharing ``usd <usd>/<window>s`` for `seconds`."""
+    """What the demo runs: `workers` sharing ``usd <usd>/<window>s`` for `seconds`, or `calls` each.
+
+    With `calls` each worker stops after that many calls, however long they
+    take (and at `seconds` too, when that is given); without it the run lasts
+    `seconds`. Sizes are bounded (`MAX_WORKERS`, `MAX_PROCESSES`,
+    `MAX_SECONDS`, `MAX_CALLS`): `check` raises ValueError beyond them.
+    """
 
     tenant: str = "demo"
     workers: int = 4
-    seconds: float = 15.0
+    seconds: float | None = 15.0
     usd: float = 0.01
     window: float = 5.0
     processes: int = 0
     """0: every worker is a task of this process; N: workers spread over N OS processes."""
+    calls: int | None = None
+    """Calls per worker; None: as many as fit in `seconds`."""
     latency: tuple[float, float] = (0.15, 0.45)
     """Range of the simulated call's duration, in seconds."""
 
     @property
     def limit(self) -> str:
         return f"usd {self.usd}/{self.window:g}s"
+
+    def check(self) -> None:
+        """Raise ValueError naming the option when a size is out of bounds."""
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"--workers must be between 1 and {MAX_WORKERS}, not {self.workers}")
+        if not 0 <= self.processes <= min(MAX_PROCESSES, self.workers):
+            raise ValueError(
+                f"--processes must be between 0 and {MAX_PROCESSES} and at most --workers ({self.workers}), "
+                f"not {self.processes}"
+            )
+        if self.seconds is not None and not 0 < self.seconds <= MAX_SECONDS:
+            raise ValueError(f"--seconds must be greater than 0 and at most {MAX_SECONDS:g}, not {self.seconds:g}")
+        if self.calls is not None and not 1 <= self.calls <= MAX_CALLS:
+            raise ValueError(f"--calls must be between 1 and {MAX_CALLS}, not {self.calls}")
+        if self.seconds is None and self.calls is None:
+            raise ValueError("the demo needs --seconds or --calls to end")
+
+    @property
+    def length(self) -> str:
+        """``for 15s``, ``for 3 calls each`` or ``for 3 calls each (at most 15s)``."""
+        if self.calls is None:
+            return f"for {self.seconds:g}s"
+        return f"for {self.calls} calls each" + ("" if self.seconds is None else f" (at most {self.seconds:g}s)")
 
     def worker_names(self) -> list[str]:
         return [f"worker-{i + 1}" for i in range(self.workers)]
@@ -128,11 +167,17 @@ Progress = Callable[[str, int, int, float], None]
 """progress(worker, pid, calls, usd): a worker finished a call."""
 
 
-async def run_worker(budget: Budget, config: DemoConfig, name: str, deadline: float, progress: Progress) -> None:
-    """Call, commit, repeat until `deadline` (wall clock); a wait past the deadline ends the worker."""
+async def run_worker(budget: Budget, config: DemoConfig, name: str, deadline: float | None, progress: Progress) -> None:
+    """Call, commit, repeat until `config.calls` calls or `deadline` (wall clock; None: none).
+
+    A wait past the deadline ends the worker.
+    """
     rng = random.Random()
     calls, spent = 0, 0.0
-    while (left := deadline - time.time()) > 0:
+    while config.calls is None or calls < config.calls:
+        left = None if deadline is None else deadline - time.time()
+        if left is not None and left <= 0:
+            break
         call = SimulatedCall.draw(rng, config.latency)
         try:
             reservation = await budget.acquire(
@@ -158,12 +203,12 @@ async def run_worker(budget: Budget, config: DemoConfig, name: str, deadline: fl
 
 
 async def _run_workers(
-    budget: Budget, config: DemoConfig, names: list[str], deadline: float, progress: Progress
+    budget: Budget, config: DemoConfig, names: list[str], deadline: float | None, progress: Progress
 ) -> None:
     await asyncio.gather(*(run_worker(budget, config, name, deadline, progress) for name in names))
 
 
-def _child(url: str, prefix: str, config: DemoConfig, names: list[str], deadline: float, out: Any) -> None:
+def _child(url: str, prefix: str, config: DemoConfig, names: list[str], deadline: float | None, out: Any) -> None:
     """Entry point of a worker process: its share of the workers, reporting progress on `out`."""
     import logging
 
@@ -203,6 +248,19 @@ class _Fleet:
     def __init__(self, config: DemoConfig, view: DemoView) -> None:
         self.state = DemoState(config, workers={n: WorkerState(n) for n in config.worker_names()})
         self.view = view
+        self.announced: set[int] = set()
+        """Threshold levels shown and not yet re-armed."""
+
+    def rearm(self, status: Status) -> None:
+        """Re-arm each shown threshold level once usage fell `REARM_POINTS` below it.
+
+        The scripts announce a level again whenever a refund dips the window
+        under it and the next acquire rises past it again; the view shows each
+        level once per real crossing.
+        """
+        if status.limits:
+            percent = status.limits[0].fraction * 100
+            self.announced = {level for level in self.announced if percent >= level - REARM_POINTS}
 
     def progress(self, name: str, pid: int, calls: int, usd: float) -> None:
         worker = self.state.workers[name]
@@ -213,8 +271,10 @@ class _Fleet:
     def event(self, event: Event) -> None:
         worker = self.state.workers.get(event.agent or "")
         if event.type == "threshold":
-            extra = event.model_extra or {}
-            self.view.line(self.state, f"{self.state.config.limit}: {extra.get('level')} % used")
+            level = int((event.model_extra or {}).get("level") or 0)
+            if level not in self.announced:
+                self.announced.add(level)
+                self.view.line(self.state, f"{self.state.config.limit}: {level} % used")
         if worker is None:
             return
         if event.type == "waiting":
@@ -256,7 +316,7 @@ async def _follow_events(budget: Budget, tenant: str, fleet: _Fleet, subscribed:
 
 
 async def run_demo(budget: Budget, config: DemoConfig, view: DemoView, *, url: str | None = None) -> DemoState:
-    """Set the demo limit, run the fleet for `config.seconds`, and return the final state.
+    """Set the demo limit, run the fleet for `config.seconds` (or `config.calls` each), return the final state.
 
     `budget` is the parent's (events, status); with `config.processes` the
     workers run in OS processes that reach the same store at `url`.
@@ -270,8 +330,8 @@ async def run_demo(budget: Budget, config: DemoConfig, view: DemoView, *, url: s
     follower = asyncio.create_task(_follow_events(budget, config.tenant, fleet, subscribed))
     await subscribed.wait()
     fleet.state.started = time.monotonic()
-    deadline = time.time() + config.seconds
-    view.line(fleet.state, f"{config.workers} workers share {config.limit} for {config.seconds:g}s")
+    deadline = None if config.seconds is None else time.time() + config.seconds
+    view.line(fleet.state, f"{config.workers} workers share {config.limit} {config.length}")
     if config.processes:
         assert url is not None
         runner = asyncio.create_task(_run_processes(config, url, budget.prefix, deadline, fleet))
@@ -280,6 +340,7 @@ async def run_demo(budget: Budget, config: DemoConfig, view: DemoView, *, url: s
     try:
         while not runner.done():
             fleet.state.status = await budget.status(config.tenant)
+            fleet.rearm(fleet.state.status)
             view.tick(fleet.state)
             await asyncio.wait({runner}, timeout=0.25)
         await runner
@@ -291,7 +352,7 @@ async def run_demo(budget: Budget, config: DemoConfig, view: DemoView, *, url: s
     return fleet.state
 
 
-async def _run_processes(config: DemoConfig, url: str, prefix: str, deadline: float, fleet: _Fleet) -> None:
+async def _run_processes(config: DemoConfig, url: str, prefix: str, deadline: float | None, fleet: _Fleet) -> None:
     context = multiprocessing.get_context("spawn")
     out = context.Queue()
     names = config.worker_names()

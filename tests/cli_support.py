@@ -18,9 +18,13 @@ class Cli:
 
     url: str
     prefix: str
+    env: dict[str, str] | None = None
+    """Extra environment for the command (e.g. ``{"COLUMNS": "80"}``)."""
 
     def __call__(self, *args: str, input: str | None = None) -> Result:
-        return CliRunner().invoke(cli, ["--redis-url", self.url, "--prefix", self.prefix, *args], input=input)
+        return CliRunner().invoke(
+            cli, ["--redis-url", self.url, "--prefix", self.prefix, *args], input=input, env=self.env
+        )
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, decode_responses=True)

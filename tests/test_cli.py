@@ -21,7 +21,7 @@ def test_version_and_help() -> None:
     assert_exit(result)
     assert result.stdout.strip() == f"slowburn-redis, version {__version__}"
     help_text = CliRunner().invoke(cli, ["--help"]).stdout
-    for command in ("limits", "status", "reset", "watch", "report", "demo", "acl"):
+    for command in ("limits", "status", "reset", "watch", "report", "demo", "acl", "doctor"):
         assert command in help_text
     for name, command in cli.commands.items():  # every command has a help text that renders
         assert_exit(CliRunner().invoke(cli, [name, "--help"]))
@@ -47,6 +47,7 @@ def test_defaults_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
         monkeypatch.setenv("SLOWBURN_PREFIX", "p1")
         assert_exit(CliRunner().invoke(cli, ["_probe"]))
         assert (seen["state"].redis_url, seen["state"].prefix) == ("redis://example:6380/2", "p1")
+        assert seen["state"].url_given  # named in the environment: the demo uses it too
         assert_exit(CliRunner().invoke(cli, ["--redis-url", "redis://h/0", "_probe"]))
         assert seen["state"].url_given
     finally:
@@ -63,6 +64,7 @@ READING_AND_WRITING = [
     ["reset", "acme", "--yes"],
     ["watch", "acme", "--once"],
     ["report", "acme"],
+    ["doctor"],
 ]
 
 

@@ -157,3 +157,52 @@ def test_apply_validates_the_whole_file_first(run: Cli, tmp_path: Path, name: st
 
 def test_apply_missing_file(run: Cli, tmp_path: Path) -> None:
     assert_bad_input(run("limits", "apply", str(tmp_path / "nope.yaml")), "cannot read", "nope.yaml")
+
+
+def test_apply_dry_run_prints_the_diff_and_writes_nothing(run: Cli, tmp_path: Path) -> None:
+    assert_exit(run("limits", "set", "acme", "usd 9/day"))
+    assert_exit(run("limits", "set", "acme", "--agent", "researcher", "usd 0.50/hour"))
+    before = run.snapshot()
+    path = tmp_path / "limits.yaml"
+    path.write_text(YAML)
+    result = run("limits", "apply", "--dry-run", str(path))
+    assert_exit(result)
+    assert result.stdout.splitlines() == [
+        "acme: tenant: usd 9/day -> usd 5/day, requests 60/min",
+        "acme: every agent: (none) -> usd 1/hour",
+        "acme: agent researcher: usd 0.5/hour (unchanged)",
+        "globex: tenant: (none) -> tokens 2000000/hour",
+        f"dry run: 3 scope(s) set, 0 pruned, 1 unchanged from {path}; nothing written",
+    ]
+    assert run.snapshot() == before
+    applied = run("limits", "apply", str(path))
+    assert_exit(applied)
+    assert applied.stdout.splitlines()[:4] == result.stdout.splitlines()[:4]
+    assert "applied 4 scope(s)" in applied.stdout
+    again = run("limits", "apply", "--dry-run", str(path))
+    assert "dry run: 0 scope(s) set, 0 pruned, 4 unchanged" in again.stdout
+
+
+def test_apply_prune_clears_what_the_file_omits_for_its_tenants_only(run: Cli, tmp_path: Path) -> None:
+    assert_exit(run("limits", "set", "acme", "usd 5/day"))
+    assert_exit(run("limits", "set", "acme", "--agent", "old", "usd 1/hour"))
+    assert_exit(run("limits", "set", "acme", "--agent", "*", "requests 9/min"))
+    assert_exit(run("limits", "set", "initech", "usd 2/day"))  # not in the file: never touched
+    path = tmp_path / "limits.toml"
+    path.write_text('[tenants.acme]\nlimits = ["usd 5/day"]\n[tenants.acme.agents]\nnew = ["usd 2/hour"]\n')
+    before = run.snapshot()
+    dry = run("limits", "apply", "--prune", "--dry-run", str(path))
+    assert_exit(dry)
+    assert dry.stdout.splitlines() == [
+        "acme: tenant: usd 5/day (unchanged)",
+        "acme: agent new: (none) -> usd 2/hour",
+        "acme: every agent: requests 9/min -> (pruned)",
+        "acme: agent old: usd 1/hour -> (pruned)",
+        f"dry run: 1 scope(s) set, 2 pruned, 1 unchanged from {path}; nothing written",
+    ]
+    assert run.snapshot() == before
+    assert_exit(run("limits", "apply", "--prune", str(path)))
+    assert limit_texts(show_json(run, "acme")) == {None: ["usd 5 86400.0"], "new": ["usd 2 3600.0"]}
+    assert limit_texts(show_json(run, "initech")) == {None: ["usd 2 86400.0"]}
+    without_prune = run("limits", "apply", str(path))  # without --prune nothing is cleared
+    assert "0 pruned" in without_prune.stdout

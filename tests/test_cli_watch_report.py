@@ -7,11 +7,11 @@ import io
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from slowburn_redis import Budget, SyncBudget
+from slowburn_redis import Budget, BudgetExhausted, SyncBudget
 from tests.cli_support import Cli, assert_bad_input, assert_exit
 
 
@@ -47,32 +47,66 @@ def test_watch_once(run: Cli, sync: SyncBudget) -> None:
     assert "(no events yet)" in every.stdout
 
 
-def test_watch_follows_events_until_duration(run: Cli, sync: SyncBudget, prefix: str) -> None:
-    assert_exit(run("limits", "set", "acme", "usd 1/min"))
-    channel = f"{prefix}:{{acme}}:events"
+def spend_once_watched(run: Cli, channel: str, action: Callable[[], None]) -> threading.Thread:
+    """A thread that waits until `watch` is subscribed to `channel` (a condition, not a time), then runs `action`."""
     client = run.client()
 
-    def spend() -> None:
-        for _ in range(300):  # wait until watch is subscribed, then cross 50 % and 75 %
+    def go() -> None:
+        for _ in range(3000):
             if dict(client.pubsub_numsub(channel)).get(channel, 0) > 0:
                 break
-            time.sleep(0.02)
-        sync.acquire("acme", usd=0.8).commit(usd=0.8)
+            time.sleep(0.01)
+        else:
+            raise AssertionError("watch never subscribed")
+        action()
 
-    thread = threading.Thread(target=spend, daemon=True)
+    thread = threading.Thread(target=go, daemon=True)
     thread.start()
-    started = time.monotonic()
-    result = run("watch", "acme", "--json", "--interval", "0.3", "--duration", "3")
+    return thread
+
+
+def test_watch_follows_events_until_max_events(run: Cli, sync: SyncBudget, prefix: str) -> None:
+    assert_exit(run("limits", "set", "acme", "usd 1/min"))
+    thread = spend_once_watched(run, f"{prefix}:{{acme}}:events", lambda: sync.acquire("acme", usd=0.8).commit(usd=0.8))
+    # --duration is only a safety net: the run ends when the two threshold events (50 %, 75 %) have arrived.
+    result = run("watch", "acme", "--json", "--interval", "0.3", "--max-events", "2", "--duration", "120")
     thread.join(10)
     assert_exit(result)
-    assert time.monotonic() - started < 30
     lines = json_lines(result.stdout)
     events = [line["event"] for line in lines if line["type"] == "event"]
     levels = [e["level"] for e in events if e["type"] == "threshold"]  # type: ignore[index]
     assert levels == [50, 75]
+    assert events[0]["limit"] == "T:usd:60000"  # type: ignore[index]  # internal keys: only under --json
     statuses = [line["statuses"] for line in lines if line["type"] == "status"]
     assert len(statuses) >= 2
-    assert statuses[-1][0]["limits"][0]["used"] == 0.8  # type: ignore[index]
+    last = statuses[-1][0]["limits"][0]  # type: ignore[index]
+    assert last["used"] + last["reserved"] == 0.8  # the events came with the acquire; the commit may follow
+
+
+def test_watch_speaks_dollars_and_limits_at_80_columns(server_url: str, prefix: str, sync: SyncBudget) -> None:
+    run = Cli(server_url, prefix, env={"COLUMNS": "80"})
+    assert_exit(run("limits", "set", "acme", "usd 5/day"))
+    assert_exit(run("limits", "set", "acme", "--agent", "researcher", "usd 0.50/hour"))
+
+    def spend() -> None:
+        sync.acquire("acme", agent="researcher", usd=0.45).commit(usd=0.45)  # 50, 75 and 90 % of usd 0.5/hour
+        with pytest.raises(BudgetExhausted):
+            sync.acquire("acme", agent="researcher", usd=0.1, mode="reject")
+
+    thread = spend_once_watched(run, f"{prefix}:{{acme}}:events", spend)
+    result = run("watch", "acme", "--interval", "0.3", "--max-events", "4", "--duration", "120")
+    thread.join(10)
+    assert_exit(result)
+    out = result.stdout
+    for line in out.splitlines():
+        assert len(line) <= 80, line
+    assert "…" not in out
+    text = " ".join(out.split())  # long event lines wrap at word boundaries
+    assert "acme usd 0.5/hour (agent researcher): 90 % used" in text
+    assert "exhausted usd 0.5/hour (agent researcher): $0.4500 used, $0.1000 requested" in text
+    assert "$4.5500" in out and "$0.0500" in out  # what is left of each, whole
+    for internal in ("A:researcher", "T:usd", "amount=", "450000000", "500000000", "ticket"):
+        assert internal not in out, internal
 
 
 def test_watch_live_view_draws_tables(run: Cli) -> None:
@@ -86,6 +120,7 @@ def test_watch_bad_input(run: Cli) -> None:
     assert_bad_input(run("watch", "a b", "--once"), "tenant name")
     assert_bad_input(run("watch", "--interval", "0", "--once"), "--interval")
     assert_bad_input(run("watch", "--duration", "-1"), "--duration")
+    assert_bad_input(run("watch", "--max-events", "0"), "--max-events")
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from slowburn_redis import Limit
+from slowburn_redis.config import MAX_DEPTH
 from tests.cli_support import Cli, assert_bad_input
 from tests.test_fuzz_api import HOSTILE_NAMES, limit_texts
 
@@ -119,6 +120,12 @@ def test_reset_status_show_clear_with_hostile_arguments(
     result = run(*command.split(), *options, "--", tenant)
     if not valid_name(tenant):
         assert result.exit_code == 2, (command, tenant, result.output)
+    if result.exit_code == 3:  # not found: only status names a tenant it cannot find; one line, nothing changed
+        assert command == "status" and tenant != "acme", (command, tenant)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "no such tenant" in lines[0] and result.stdout == ""
+        assert run.snapshot() == before
+        return
     if check(run, result, before, None) and command in ("status", "limits show"):
         assert run.snapshot() == before, f"{command} changed stored state"
 
@@ -184,3 +191,50 @@ def test_a_valid_limits_file_is_applied(run: Cli, tmp_path: Path) -> None:
     result = run("limits", "apply", str(path))
     assert result.exit_code == 0, result.output
     assert run.snapshot() != before
+
+
+openers = st.sampled_from(["[", "{a: ", "- ", "{"])
+
+
+@FUZZ
+@given(
+    depth=st.integers(min_value=MAX_DEPTH + 1, max_value=3000),
+    opener=openers,
+    closed=st.booleans(),
+    suffix=st.sampled_from([".yaml", ".yml"]),
+)
+def test_deep_yaml_is_refused_in_one_line(run: Cli, depth: int, opener: str, closed: bool, suffix: str) -> None:
+    seeded(run)
+    before = run.snapshot()
+    closer = {"[": "]", "{a: ": "}", "{": "}", "- ": ""}[opener]
+    body = opener * depth + (closer * depth if closed else "")
+    if opener == "- ":  # block sequences nest by indentation
+        body = "".join("  " * i + "-\n" for i in range(depth))
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / ("limits" + suffix)
+        path.write_text("tenants: " + body if opener != "- " else "tenants:\n" + body, encoding="utf-8")
+        result = run("limits", "apply", str(path))
+    assert not check(run, result, before, False)
+    assert result.stdout == ""
+
+
+@FUZZ
+@given(
+    tenants=st.lists(st.from_regex(r"[a-z][a-z0-9]{0,6}", fullmatch=True), min_size=1, max_size=5),
+    repeat=st.integers(min_value=0, max_value=4),
+    toml=st.booleans(),
+)
+def test_a_tenant_given_twice_is_refused(run: Cli, tenants: list[str], repeat: int, toml: bool) -> None:
+    seeded(run)
+    before = run.snapshot()
+    names = [*tenants, tenants[repeat % len(tenants)]]  # one name given twice, wherever it falls
+    if toml:
+        text = "".join(f'[tenants.{name}]\nlimits = ["usd {i + 1}/day"]\n' for i, name in enumerate(names))
+    else:
+        text = "tenants:\n" + "".join(f'  {name}:\n    limits: ["usd {i + 1}/day"]\n' for i, name in enumerate(names))
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / ("limits.toml" if toml else "limits.yaml")
+        path.write_text(text, encoding="utf-8")
+        result = run("limits", "apply", str(path))
+    assert not check(run, result, before, False)
+    assert result.stdout == ""

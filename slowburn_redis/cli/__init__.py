@@ -1,4 +1,4 @@
-"""The ``slowburn-redis`` command line: limits, status, reset, watch, report, demo, acl.
+"""The ``slowburn-redis`` command line: limits, status, reset, watch, report, demo, doctor, acl.
 
 `main` is the console script; `cli` is the click group (for click's test runner).
 The CLI never imports litellm. Its own dependencies (click, rich, PyYAML and the

@@ -13,6 +13,7 @@ from click.core import ParameterSource
 from slowburn_redis import __version__
 from slowburn_redis.cli.acl_cmd import acl_command
 from slowburn_redis.cli.demo_cmd import demo_command
+from slowburn_redis.cli.doctor_cmd import doctor_command
 from slowburn_redis.cli.limits_cmd import limits_group
 from slowburn_redis.cli.report_cmd import report_command
 from slowburn_redis.cli.reset_cmd import reset_command
@@ -37,15 +38,21 @@ from slowburn_redis.names import validate_name
 @click.version_option(__version__, prog_name="slowburn-redis")
 @click.pass_context
 def cli(ctx: click.Context, redis_url: str, prefix: str) -> None:
-    """Fleet-wide LLM budgets in Redis: inspect, set and reset them, watch them live, run the demo."""
+    """Fleet-wide LLM budgets in Redis: inspect, set and reset them, watch them live, run the demo.
+
+    Exit codes: 0 ok; 1 Redis unreachable or refusing; 2 bad usage or input
+    (nothing written); 3 not found (no such tenant); 4 doctor found something
+    to fix; 5 doctor could not make every check.
+    """
     try:
         validate_name("prefix", prefix)
     except InvalidInput as exc:
         raise BadInput(str(exc)) from None
     quiet_logging(ctx)
-    given = ctx.get_parameter_source("redis_url") == ParameterSource.COMMANDLINE
+    given = ctx.get_parameter_source("redis_url") in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     ctx.obj = CliState(redis_url=redis_url, prefix=prefix, url_given=given)
 
 
 for command in (limits_group, status_command, reset_command, watch_command, report_command, demo_command, acl_command):
     cli.add_command(command)
+cli.add_command(doctor_command)

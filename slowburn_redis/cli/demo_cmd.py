@@ -11,9 +11,19 @@ import click
 from slowburn_redis.budget import Budget
 from slowburn_redis.cli import params, render
 from slowburn_redis.cli.demo_view import LineView, LiveView, workers_table
-from slowburn_redis.cli.runtime import BadInput, run_async, state
-from slowburn_redis.demo import DemoConfig, run_demo, tcp_fake_server
-from slowburn_redis.errors import InvalidInput
+from slowburn_redis.cli.runtime import BadInput, check_redis_url, run_async, state
+from slowburn_redis.demo import (
+    MAX_CALLS,
+    MAX_PROCESSES,
+    MAX_SECONDS,
+    MAX_WORKERS,
+    DemoConfig,
+    run_demo,
+    tcp_fake_server,
+)
+from slowburn_redis.limits import MAX_WINDOW
+
+DEFAULT_SECONDS = 15.0
 
 
 @contextlib.contextmanager
@@ -35,13 +45,14 @@ async def _demo(url: str | None, prefix: str, config: DemoConfig, plain: bool) -
     try:
         with view:
             final = await run_demo(budget, config, view, url=url)
-        console.print(workers_table(final))
+        if not view.shows_table:  # a live view's last frame already holds the table: print it once
+            console.print(workers_table(final))
         paused = sum(w.pauses for w in final.workers.values())
         console.print(
             f"{final.calls} calls, ${final.usd:.4f} spent under {config.limit}; "
             f"workers paused {paused} time(s) and resumed when the window refilled."
         )
-        report = await budget.report(config.tenant, since=math.ceil(final.elapsed) + 2)
+        report = await budget.report(config.tenant, since=min(math.ceil(final.elapsed) + 2, MAX_WINDOW))
         console.print()
         console.print(report.to_table())
     finally:
@@ -50,7 +61,16 @@ async def _demo(url: str | None, prefix: str, config: DemoConfig, plain: bool) -
 
 @click.command("demo")
 @click.option(
-    "--seconds", type=float, default=15.0, show_default=True, callback=params.positive, help="How long the fleet runs."
+    "--seconds",
+    type=float,
+    callback=params.positive,
+    help=f"How long the fleet runs (default 15, or no limit with --calls; at most {MAX_SECONDS:g}).",
+)
+@click.option(
+    "--calls",
+    type=int,
+    callback=params.positive,
+    help=f"Each worker stops after this many calls, however long they take (at most {MAX_CALLS}).",
 )
 @click.option(
     "--workers",
@@ -58,14 +78,14 @@ async def _demo(url: str | None, prefix: str, config: DemoConfig, plain: bool) -
     default=4,
     show_default=True,
     callback=params.positive,
-    help="How many workers share the budget.",
+    help=f"How many workers share the budget (at most {MAX_WORKERS}).",
 )
 @click.option(
     "--processes",
     type=int,
     default=0,
     show_default=True,
-    help="Spread the workers over this many OS processes (0: all in this process).",
+    help=f"Spread the workers over this many OS processes (0: all in this process; at most {MAX_PROCESSES}).",
 )
 @click.option(
     "--usd",
@@ -82,7 +102,8 @@ async def _demo(url: str | None, prefix: str, config: DemoConfig, plain: bool) -
 @click.pass_context
 def demo_command(
     ctx: click.Context,
-    seconds: float,
+    seconds: float | None,
+    calls: int | None,
     workers: int,
     processes: int,
     usd: float,
@@ -93,24 +114,30 @@ def demo_command(
 ) -> None:
     """Workers share one small dollar window: they pause when it is spent and resume when it refills.
 
-    Runs on an embedded store (no Redis needed) unless --redis-url is given
-    (here or before the command); --processes spreads the workers over OS
-    processes. Ends with the cost report.
+    Runs on an embedded store (no Redis needed) unless a Redis is named: with
+    --redis-url (here or before the command) or SLOWBURN_REDIS_URL.
+    --processes spreads the workers over OS processes. Ends with the cost
+    report.
     """
     if processes < 0:
         raise BadInput(f"--processes must not be negative, not {processes}")
     if processes > workers:
         raise BadInput(f"--processes ({processes}) must not exceed --workers ({workers})")
+    if seconds is None and calls is None:
+        seconds = DEFAULT_SECONDS
     try:
         config = DemoConfig(
-            tenant=tenant, workers=workers, seconds=seconds, usd=usd, window=window, processes=processes
+            tenant=tenant, workers=workers, seconds=seconds, usd=usd, window=window, processes=processes, calls=calls
         )
+        config.check()
         from slowburn_redis.limits import coerce_limits
 
         coerce_limits([config.limit])
-    except InvalidInput as exc:
+    except ValueError as exc:
         raise BadInput(str(exc)) from None
     cli_state = state(ctx)
     url = demo_url or (cli_state.redis_url if cli_state.url_given else None)
+    if url is not None:
+        check_redis_url(url)
     with _store(url, processes) as store_url:
         run_async(store_url or "embedded://", _demo(store_url, cli_state.prefix, config, plain))

@@ -44,7 +44,12 @@ def workers_table(state: DemoState) -> Table:
 
 
 class LiveView:
-    """A table of workers redrawn in place, with the latest state changes below it."""
+    """A table of workers redrawn in place, with the latest state changes below it.
+
+    Its last frame stays on the screen, table included (`shows_table`).
+    """
+
+    shows_table = True
 
     def __init__(self, console: Console, lines_shown: int = 8) -> None:
         self.console = console
@@ -70,7 +75,12 @@ class LiveView:
 
 
 class LineView:
-    """Plain output: each state change as a line, and the shared window once a second."""
+    """Plain output: each state change as a line, and the shared window once a second.
+
+    It never draws the table of workers (`shows_table`): the caller prints it at the end.
+    """
+
+    shows_table = False
 
     def __init__(self, console: Console) -> None:
         self.console = console

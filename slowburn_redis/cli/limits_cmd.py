@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from slowburn_redis.budget import Budget
 from slowburn_redis.cli import params, render
+from slowburn_redis.cli.limits_plan import Change, apply_plan, change_line, plan_apply, scope_name
 from slowburn_redis.cli.runtime import BadInput, with_budget
 from slowburn_redis.cli.tenants import limit_scopes
 from slowburn_redis.config import load_limits_file
@@ -28,10 +29,6 @@ class TenantLimitsView(BaseModel):
 
     tenant: str
     scopes: list[ScopeLimits]
-
-
-def _scope_name(agent: str | None) -> str:
-    return "tenant" if agent is None else "every agent" if agent == "*" else f"agent {agent}"
 
 
 class _EveryAgentCommand(click.Command):
@@ -63,7 +60,7 @@ def set_command(ctx: click.Context, tenant: str, limits: list[Limit], agent: str
     Every worker sees the change at once and waiters are woken to try again.
     """
     with_budget(ctx, lambda budget: budget.set_limits(tenant, limits, agent=agent))
-    click.echo(f"{tenant}: {_scope_name(agent)} limits set: {', '.join(str(lim) for lim in limits)}")
+    click.echo(f"{tenant}: {scope_name(agent)} limits set: {', '.join(str(lim) for lim in limits)}")
 
 
 @limits_group.command("show", cls=_EveryAgentCommand)
@@ -95,30 +92,44 @@ def show_command(ctx: click.Context, tenant: str, agent: str | None, as_json: bo
 def clear_command(ctx: click.Context, tenant: str, agent: str | None) -> None:
     """Remove every limit of TENANT's own scope (or of one --agent, or "*")."""
     with_budget(ctx, lambda budget: budget.clear_limits(tenant, agent=agent))
-    click.echo(f"{tenant}: {_scope_name(agent)} limits cleared")
+    click.echo(f"{tenant}: {scope_name(agent)} limits cleared")
 
 
 @limits_group.command("apply")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Print what would change; write nothing.")
+@click.option("--prune", is_flag=True, help="The file is the whole truth: clear the scopes of its tenants it omits.")
 @click.pass_context
-def apply_command(ctx: click.Context, file: Path) -> None:
+def apply_command(ctx: click.Context, file: Path, dry_run: bool, prune: bool) -> None:
     """Set the limits of every tenant and agent in FILE (YAML, or TOML if it ends in .toml).
 
-    The whole file is validated before the first write. Scopes the file does
-    not name are left as they are; an empty list clears a scope.
+    The whole file is validated before the first write; a file that is not a
+    regular file, is over 1 MiB, nests too deeply, uses YAML aliases or names
+    a key twice is refused (exit 2). Scopes the file does not name are left as
+    they are (an empty list clears a scope), unless --prune: then every other
+    scope of the file's tenants is cleared (tenants not in the file are never
+    touched). Prints one line per scope: ``old -> new``, ``(unchanged)`` or
+    ``-> (pruned)``. --dry-run prints the same lines and writes nothing.
     """
     try:
         config = load_limits_file(file)
     except InvalidInput as exc:
         raise BadInput(str(exc)) from None
-    writes = config.assignments()
 
-    async def apply(budget: Budget) -> None:
-        for tenant, agent, limits in writes:
-            await budget.set_limits(tenant, limits, agent=agent)
+    async def run(budget: Budget) -> list[Change]:
+        plan = await plan_apply(budget, config, prune=prune)
+        if not dry_run:
+            await apply_plan(budget, plan)
+        return plan
 
-    with_budget(ctx, apply)
-    for tenant, agent, limits in writes:
-        shown = ", ".join(str(lim) for lim in limits) or "(cleared)"
-        click.echo(f"{tenant}: {_scope_name(agent)}: {shown}")
-    click.echo(f"applied {len(writes)} scope(s) from {file}")
+    plan = with_budget(ctx, run)
+    for change in plan:
+        click.echo(change_line(change))
+    changed = sum(c.action == "set" for c in plan)
+    pruned = sum(c.action == "pruned" for c in plan)
+    unchanged = len(plan) - changed - pruned
+    counts = f"{changed} scope(s) set, {pruned} pruned, {unchanged} unchanged"
+    if dry_run:
+        click.echo(f"dry run: {counts} from {file}; nothing written")
+    else:
+        click.echo(f"applied {len(plan) - pruned} scope(s) from {file}: {counts}")

@@ -72,5 +72,5 @@ def duration(ctx: click.Context, param: click.Parameter, value: str | None) -> f
 def positive(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     """A number that must be greater than zero."""
     if value is not None and not value > 0:
-        raise BadInput(f"--{param.name} must be greater than 0, not {value}")
+        raise BadInput(f"--{str(param.name).replace('_', '-')} must be greater than 0, not {value}")
     return value

@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Any
 
+from rich import box
 from rich.console import Console, Group, JustifyMethod
 from rich.table import Table
 from rich.text import Text
@@ -30,9 +31,9 @@ def print_json(data: Any) -> None:
 
 
 def amount(dimension: str, value: float) -> str:
-    """An amount in its unit: ``$0.0123`` for usd, ``1,500`` for counts."""
+    """An amount in its unit: ``$0.0123`` for usd (cents only from $1,000: ``$12,345.68``), ``1,500`` for counts."""
     if dimension == "usd":
-        return f"${value:,.4f}"
+        return f"${value:,.4f}" if abs(value) < 1000 else f"${value:,.2f}"
     return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.2f}"
 
 
@@ -63,41 +64,63 @@ def scope_label(row: LimitStatus) -> str:
     return "tenant" if row.scope == "tenant" else f"agent {row.agent}"
 
 
-def status_table(status: Status) -> Table:
-    """Every limit of a Status: used, reserved, remaining, a bar, refill time, waiters."""
+NARROW = 110
+"""Below this many columns `status_table` switches to its compact layout."""
+
+
+def status_table(status: Status, width: int | None = None) -> Table:
+    """Every limit of a Status: used, reserved, remaining, a bar, refill time, waiters.
+
+    At `width` below `NARROW` columns (80 included) the table is compact: the
+    scope goes under the limit, headers and the bar are shorter and the table
+    has no vertical rules, so that no number is ever cut.
+    """
     who = status.tenant + (f" / agent {status.agent}" if status.agent else "")
-    table = Table(title=f"{who}  (queue: {status.queue_length} waiting)", title_justify="left")
-    for column in ("scope", "limit", "used", "reserved", "remaining", "usage", "refill in", "waiters"):
-        justify: JustifyMethod = "right" if column in ("used", "reserved", "remaining", "waiters") else "left"
-        table.add_column(column, justify=justify, no_wrap=True)
+    title = f"{who}  (queue: {status.queue_length} waiting)"
+    narrow = width is not None and width < NARROW
+    columns: tuple[str, ...]
+    if narrow:
+        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        columns = ("limit", "used", "reserved", "left", "usage", "refill", "wait")
+    else:
+        table = Table(title=title, title_justify="left")
+        columns = ("scope", "limit", "used", "reserved", "remaining", "usage", "refill in", "waiters")
+    for column in columns:
+        justify: JustifyMethod = "left" if column in ("scope", "limit", "usage", "refill", "refill in") else "right"
+        if column in ("scope", "limit"):
+            table.add_column(column, justify=justify, overflow="fold")
+        else:
+            table.add_column(column, justify=justify, no_wrap=True)
     for row in status.limits:
         dim = row.limit.dimension
-        table.add_row(
-            scope_label(row),
-            str(row.limit),
+        numbers = (
             amount(dim, row.used),
             amount(dim, row.reserved),
             amount(dim, row.remaining),
-            bar(row.fraction),
+            bar(row.fraction, 6 if narrow else BAR_WIDTH),
             seconds(row.refill_in),
             str(row.waiters),
         )
+        if narrow:
+            table.add_row(Text(f"{row.limit}\n") + Text(scope_label(row), style="dim"), *numbers)
+        else:
+            table.add_row(scope_label(row), str(row.limit), *numbers)
     return table
 
 
-def status_view(status: Status) -> Table | Text:
-    """The status table, or a line saying the scope has no limits."""
+def status_view(status: Status, width: int | None = None) -> Table | Text:
+    """The status table (compact below `NARROW` columns), or a line saying the scope has no limits."""
     if not status.limits:
         who = status.tenant + (f" / agent {status.agent}" if status.agent else "")
         return Text(f"{who}: no limits set")
-    return status_table(status)
+    return status_table(status, width)
 
 
-def statuses_view(statuses: list[Status]) -> Group:
-    """Several tenants' status, one after the other."""
+def statuses_view(statuses: list[Status], width: int | None = None) -> Group:
+    """Several tenants' status, one after the other, laid out for `width` columns."""
     if not statuses:
         return Group(Text("no tenants with limits found"))
-    return Group(*(status_view(s) for s in statuses))
+    return Group(*(status_view(s, width) for s in statuses))
 
 
 def limits_table(tenant: str, scopes: list[tuple[str | None, list[Limit]]]) -> Table | Text:

@@ -1,8 +1,10 @@
 """What every command shares: the global options, exit codes, and running a coroutine on a Budget.
 
 Exit codes: 0 ok, 1 operational error (Redis unreachable or refusing, named
-by its URL without credentials), 2 bad usage or bad input. Both errors print
-one line, never a traceback.
+by its URL without credentials), 2 bad usage or bad input, 3 not found (a
+tenant with nothing stored), 4 ``doctor`` found a problem with the
+deployment, 5 ``doctor`` could not make every check (and found nothing).
+Every error prints one line, never a traceback.
 """
 
 from __future__ import annotations
@@ -41,6 +43,18 @@ class OperationalError(click.ClickException):
     exit_code = 1
 
 
+class NotFound(click.ClickException):
+    """What the command was asked about does not exist (no such tenant): exit 3, nothing changed."""
+
+    exit_code = 3
+
+
+EXIT_FINDINGS = 4
+"""``doctor``'s exit code when it found something to fix."""
+EXIT_UNCHECKED = 5
+"""``doctor``'s exit code when it found nothing to fix but could not make every check."""
+
+
 @dataclass(frozen=True)
 class CliState:
     """The global options, kept on the click context as ``ctx.obj``."""
@@ -48,13 +62,40 @@ class CliState:
     redis_url: str
     prefix: str
     url_given: bool
-    """True when --redis-url came from the command line (the demo then leaves the embedded store)."""
+    """True when a Redis was named, by --redis-url or SLOWBURN_REDIS_URL (the demo then leaves the embedded store)."""
 
     def open_budget(self) -> Budget:
-        """A Budget on --redis-url with --prefix that fails at once when Redis is unreachable (exit 1)."""
+        """A Budget on --redis-url with --prefix that fails at once when Redis is unreachable (exit 1).
+
+        A malformed URL (a port out of range, a database that is not a number)
+        is bad input: BadInput, exit 2, before anything connects.
+        """
         from slowburn_redis.budget import Budget
 
-        return Budget.from_url(self.redis_url, prefix=self.prefix, on_unavailable="raise")
+        check_redis_url(self.redis_url)
+        try:
+            return Budget.from_url(self.redis_url, prefix=self.prefix, on_unavailable="raise")
+        except InvalidInput:
+            raise
+        except ValueError as exc:
+            raise BadInput(f"bad Redis URL (--redis-url or SLOWBURN_REDIS_URL): {one_line(exc)}") from None
+
+
+def check_redis_url(url: str) -> None:
+    """Raise BadInput (one line, no credentials) for a URL whose port or database cannot be read."""
+    from urllib.parse import urlsplit
+
+    where = "bad Redis URL (--redis-url or SLOWBURN_REDIS_URL)"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise BadInput(f"{where}: {one_line(exc)}") from None
+    if port == 0:
+        raise BadInput(f"{where}: port 0 is not a port to connect to")
+    database = parts.path.strip("/")
+    if parts.scheme in ("redis", "rediss") and database and not database.isdigit():
+        raise BadInput(f"{where}: the database must be a number such as /0, not {database[:20]!r}")
 
 
 def quiet_logging(ctx: click.Context) -> None:

@@ -25,6 +25,25 @@ async def find_tenants(budget: Budget) -> list[str]:
     return sorted(found)
 
 
+_TENANT_KEYS = ("limits", "ledger", "agents", "leases", "q", "admin")
+"""Keys under a tenant's base of which at least one exists once anything was stored for it."""
+
+
+async def tenant_exists(budget: Budget, tenant: str) -> bool:
+    """Has anything been stored for `tenant` (limits, a ledger, agents' windows, leases, a queue, an admin action)?
+
+    One EXISTS over the tenant's well-known keys (one slot, so it also works on
+    a Redis Cluster); never a SCAN.
+    """
+    base = budget.key(tenant)
+    return bool(await budget.client.exists(*(f"{base}:{name}" for name in _TENANT_KEYS)))
+
+
+def no_such_tenant(tenant: str, prefix: str) -> str:
+    """The one-line message for a tenant with nothing stored under `prefix`."""
+    return f"no such tenant {tenant!r} under prefix {prefix!r}: nothing is stored for it (see `slowburn-redis status`)"
+
+
 def _agent_of(field: str) -> str | None:
     if field == "T":
         return None
