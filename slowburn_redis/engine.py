@@ -153,6 +153,32 @@ class Engine:
         counts = dict(await self._command("pubsub_numsub", lambda c: c.pubsub_numsub(channel)))
         return int(counts.get(channel, 0))
 
+    async def exists(self, *keys: str) -> int:
+        """How many of `keys` exist (keys of one tenant share a slot, so this works on a cluster)."""
+        return int(await self._command("exists", lambda c: c.exists(*keys)))
+
+    async def primaries(self, single_name: str) -> list[tuple[str, Callable[..., Awaitable[Any]]]]:
+        """For diagnostics (``doctor``): ``(name, run)`` per primary, `run(*command)` sending a raw command there.
+
+        One server is one entry named `single_name`; a cluster is discovered first.
+        """
+        self._check_open()
+        client = self.client
+        get_nodes = getattr(client, "get_nodes", None)
+        if get_nodes is None:
+            return [(single_name, client.execute_command)]
+        await client.initialize()
+        out: list[tuple[str, Callable[..., Awaitable[Any]]]] = []
+        for node in get_nodes():
+            if getattr(node, "server_type", "primary") != "primary":
+                continue
+
+            async def run(*args: Any, _node: Any = node) -> Any:
+                return await client.execute_command(*args, target_nodes=_node)
+
+            out.append((f"{node.host}:{node.port}", run))
+        return out
+
     async def get(self, key: str) -> str | None:
         result: str | None = await self._command("get", lambda c: c.get(key))
         return result

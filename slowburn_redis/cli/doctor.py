@@ -35,7 +35,7 @@ from redis.exceptions import ResponseError
 
 from slowburn_redis.budget import Budget
 from slowburn_redis.errors import InvalidInput
-from slowburn_redis.names import base_key, validate_name
+from slowburn_redis.names import validate_name
 
 Verdict = Literal["ok", "finding", "unknown"]
 
@@ -221,21 +221,7 @@ Call = Callable[..., Awaitable[Any]]
 
 async def _nodes(budget: Budget, single_name: str) -> list[tuple[str, Call]]:
     """(name, call) per node: each primary of a Cluster (after discovering them), or the one server."""
-    client = budget.client
-    get_nodes = getattr(client, "get_nodes", None)
-    if get_nodes is None:
-        return [(single_name, client.execute_command)]
-    await client.initialize()
-    out: list[tuple[str, Call]] = []
-    for node in get_nodes():
-        if getattr(node, "server_type", "primary") != "primary":
-            continue
-
-        async def call(*args: Any, _node: Any = node) -> Any:
-            return await client.execute_command(*args, target_nodes=_node)
-
-        out.append((f"{node.host}:{node.port}", call))
-    return out
+    return await budget.engine.primaries(single_name)
 
 
 def _config(reply: Any) -> dict[str, str]:
@@ -360,7 +346,7 @@ async def tenants_with_windows(budget: Budget) -> list[str]:
     """Every tenant with a usage window (``<prefix>:{*}:w:*``), found with SCAN (never KEYS), sorted."""
     head = f"{budget.prefix}:{{"
     tenants: set[str] = set()
-    async for key in budget.client.scan_iter(match=f"{head}*}}:w:*", count=1000):
+    async for key in budget.engine.scan_keys(f"{head}*}}:w:*", count=1000):
         name = str(key)[len(head) :].partition("}")[0]
         try:
             tenants.add(validate_name("tenant", name))
@@ -373,7 +359,7 @@ async def tenants_check(budget: Budget) -> tuple[Check, list[str]]:
     """Tenants with windows but no ``:limits`` hash; and every tenant with windows."""
     try:
         tenants = await tenants_with_windows(budget)
-        missing = [t for t in tenants if not await budget.client.exists(base_key(budget.prefix, t) + ":limits")]
+        missing = [t for t in tenants if not await budget.engine.exists(budget.keys(t).limits)]
     except ResponseError as exc:
         return unknown("tenants", cannot("SCAN", exc)), []
     return judge_tenants(missing, len(tenants)), tenants
@@ -401,5 +387,5 @@ async def run_checks(budget: Budget, *, name: str, cluster_url: bool, tenant: st
     tenants, seen = await tenants_check(budget)
     checks.append(tenants)
     probe_tenant = tenant or (seen[0] if seen else "doctor-probe")
-    checks.append(await acl_check(nodes[0][1], base_key(budget.prefix, probe_tenant)))
+    checks.append(await acl_check(nodes[0][1], budget.key(probe_tenant)))
     return checks

@@ -36,7 +36,7 @@ async def tenant_exists(budget: Budget, tenant: str) -> bool:
     a Redis Cluster); never a SCAN.
     """
     base = budget.key(tenant)
-    return bool(await budget.client.exists(*(f"{base}:{name}" for name in _TENANT_KEYS)))
+    return bool(await budget.engine.exists(*(f"{base}:{name}" for name in _TENANT_KEYS)))
 
 
 def no_such_tenant(tenant: str, prefix: str) -> str:
