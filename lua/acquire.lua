@@ -22,12 +22,16 @@
 -- Reply: a list with one reply per request, in order, each one of:
 --   {1, id, now_ms, lease_expiry_ms, over}    admitted; `over` is a space-joined list of
 --                                             limit keys exceeded (advisory mode only)
---   {0, ticket, now_ms, retry_at_ms, limit_key, reason}
+--   {0, ticket, now_ms, retry_at_ms, limit_key, reason, limit_amount}
 --                                             denied; retry_at_ms is -1 when only a
 --                                             notification can help; reason is
 --                                             'capacity' or 'queue'; ticket is '' in
---                                             reject mode
+--                                             reject mode; limit_amount is the amount
+--                                             of limit_key (in its units)
 --   {-1, limit_key, limit_amount, requested}  the request exceeds the limit itself
+--   {-2, agent}                               no limits are stored for the tenant, its
+--                                             default agent or this agent: refused
+--                                             (absence is not permission)
 
 local wake = {}
 purge_leases(NOW, wake)
@@ -35,39 +39,43 @@ local waiting = anyone_waiting()
 if waiting then purge_tickets(NOW, wake) end
 local limits_of = limits_memo()
 
-local function acquire(id, agent, mode, priority, ticket, lease_ttl, queue_ttl, amounts_text)
-  local amounts = parse_amounts(amounts_text)
-  local existing = redis.call('HMGET', B .. ':r:' .. id, 't0', 'x')
-  if existing[1] then
-    return {1, id, tonumber(existing[1]), tonumber(existing[2]), ''}
-  end
+-- The waiter's rank: kept from its queue record, or, for a newcomer, after
+-- every waiter of its priority.
+local function rank_of(ticket, priority)
+  local record = ticket ~= '' and redis.call('HGET', K.queue, ticket) or false
+  if record then return parse_queue_record(record), ticket end
+  return nil, '', (MAX_PRIORITY - priority) * RANK_SPAN + RANK_SPAN - 1
+end
 
-  local queued = ticket ~= '' and redis.call('HGET', B .. ':q', ticket) or false
-  local my_score
-  if queued then
-    my_score = tonumber(split(queued, '|')[1])
-  else
-    ticket = ''
-    -- A newcomer ranks after every waiter of its priority.
-    my_score = (100 - priority) * 2 ^ 44 + 2 ^ 44 - 1
-  end
-
+-- The limits this request needs, or the reply for one it can never fit.
+local function needs(agent, amounts, mode)
   local needed = {}
   for _, L in ipairs(limits_of(agent)) do
     local amt = amounts[L.d] or 0
     if amt > 0 then
-      if amt > L.a and mode ~= 'advisory' then
-        if ticket ~= '' then drop_ticket(ticket, wake) end
-        return {-1, L.lk, L.a, amt}
-      end
+      if amt > L.a and mode ~= 'advisory' then return nil, {-1, L.lk, L.a, amt} end
       needed[#needed + 1] = {L = L, amt = amt}
     end
   end
+  return needed
+end
 
-  local blocked, capacity_blocked = {}, {}
-  local retry_at, wait_forever = 0, false
-  local first_lk, reason = '', ''
-  local over = {}
+-- When a limit that is full will have room for `n` again: -1 for never by itself.
+local function room_at(n, t)
+  if n.L.d == 'concurrency' then
+    flush_leases()
+    local soonest = redis.call('ZRANGE', K.leases, 0, 0, 'WITHSCORES')
+    return soonest[2] and tonumber(soonest[2]) + 1 or nil
+  end
+  return refill_at(n.L, t + n.amt - n.L.a, NOW)
+end
+
+-- Check every needed limit for capacity and for earlier waiters; returns the
+-- verdict: blocked limit keys (empty: admit), the limits out of capacity,
+-- the retry time, the first limit and why, and the limits passed in advisory mode.
+local function check(needed, mode, ticket, rank)
+  local v = {blocked = {}, full = {}, retry_at = 0, forever = false, first = '', first_amount = 0, reason = '',
+             over = {}}
   for _, n in ipairs(needed) do
     n.state = advance(n.L, NOW)
     local t = n.state.t
@@ -75,98 +83,113 @@ local function acquire(id, agent, mode, priority, ticket, lease_ttl, queue_ttl, 
     local full = t + n.amt > n.L.a
     local behind = false
     if mode ~= 'advisory' and waiting then
-      local head = redis.call('ZRANGE', B .. ':b:' .. n.L.lk, 0, 0, 'WITHSCORES')
-      behind = head[1] ~= nil and head[1] ~= ticket and tonumber(head[2]) < my_score
+      local head = redis.call('ZRANGE', blocked_key(n.L.lk), 0, 0, 'WITHSCORES')
+      behind = head[1] ~= nil and head[1] ~= ticket and tonumber(head[2]) < rank
     elseif full then
-      over[#over + 1] = n.L.lk
+      v.over[#v.over + 1] = n.L.lk
     end
     if mode ~= 'advisory' and (full or behind) then
-      blocked[#blocked + 1] = n.L.lk
-      if first_lk == '' or (full and reason ~= 'capacity') then
-        first_lk = n.L.lk
-        reason = full and 'capacity' or 'queue'
+      v.blocked[#v.blocked + 1] = n.L.lk
+      if v.first == '' or (full and v.reason ~= 'capacity') then
+        v.first, v.first_amount, v.reason = n.L.lk, n.L.a, full and 'capacity' or 'queue'
       end
       if full then
-        capacity_blocked[#capacity_blocked + 1] = n
-        local at
-        if n.L.d == 'concurrency' then
-          flush_leases()
-          local soonest = redis.call('ZRANGE', B .. ':leases', 0, 0, 'WITHSCORES')
-          if soonest[2] then at = tonumber(soonest[2]) + 1 end
-        else
-          at = refill_at(n.L, t + n.amt - n.L.a, NOW)
-        end
-        if at then retry_at = math.max(retry_at, at) else wait_forever = true end
+        v.full[#v.full + 1] = n
+        local at = room_at(n, t)
+        if at then v.retry_at = math.max(v.retry_at, at) else v.forever = true end
       else
-        wait_forever = true
+        v.forever = true
       end
     end
   end
+  if v.forever then v.retry_at = -1 end
+  return v
+end
 
-  if #blocked == 0 then
-    local charges = {}
-    for _, n in ipairs(needed) do
-      local _, gen, t = charge(n.L, n.state, n.amt, NOW, agent)
-      local prefix = n.L.charge_prefix  -- built once per limit per script
-      if not prefix then
-        prefix = n.L.lk .. '|' .. fmt(n.L.w) .. '|'
-        n.L.charge_prefix = prefix
-      end
-      charges[#charges + 1] = prefix .. gen .. '|' .. n.state.cur_s .. '|' .. fmt(n.amt)
-      thresholds(n.L, t - n.amt, t, agent)
-      if n.exhausted then set_mark(n.L, nil) end  -- capacity returned: re-arm
+-- Charge every needed limit, record the reservation and its lease, leave the queue.
+local function admit(id, agent, needed, amounts_text, lease_ttl, ticket, record, over)
+  local charges = {}
+  for _, n in ipairs(needed) do
+    local _, gen, t = charge(n.L, n.state, n.amt, NOW, agent)
+    local prefix = n.L.charge_prefix  -- built once per limit per script
+    if not prefix then
+      prefix = n.L.lk .. '|' .. fmt(n.L.w) .. '|'
+      n.L.charge_prefix = prefix
     end
-    local expiry = NOW + lease_ttl
-    redis.call('HSET', B .. ':r:' .. id, 's', 'open', 'a', agent, 'c', table.concat(charges, ' '),
-               'e', amounts_text, 't0', fmt(NOW), 'x', fmt(expiry))
-    add_lease(id, expiry)
-    if ticket ~= '' then
-      local created = tonumber(split(queued, '|')[2])
-      drop_ticket(ticket, wake)
-      publish_event('resumed', {agent = agent, ticket = ticket, waited_ms = NOW - created})
-    end
-    return {1, id, NOW, expiry, table.concat(over, ' ')}
+    charges[#charges + 1] = prefix .. gen .. '|' .. n.state.cur_s .. '|' .. fmt(n.amt)
+    thresholds(n.L, t - n.amt, t, agent)
+    if n.exhausted then set_mark(n.L, nil) end  -- capacity returned: re-arm
   end
+  local expiry = NOW + lease_ttl
+  redis.call('HSET', reservation_key(id), 's', 'open', 'a', agent, 'c', table.concat(charges, ' '),
+             'e', amounts_text, 't0', fmt(NOW), 'x', fmt(expiry))
+  add_lease(id, expiry)
+  if ticket ~= '' then
+    drop_ticket(ticket, wake)
+    publish_event('resumed', {agent = agent, ticket = ticket, waited_ms = NOW - record.created})
+  end
+  return {1, id, NOW, expiry, table.concat(over, ' ')}
+end
 
-  for _, n in ipairs(capacity_blocked) do
+-- Announce each limit that just ran out (once, until capacity returns).
+local function announce_exhausted(full, agent)
+  for _, n in ipairs(full) do
     if not n.exhausted then
       set_mark(n.L, '1')
       publish_event('exhausted', {agent = agent, limit = n.L.lk, dimension = n.L.d,
                                   used = n.t, amount = n.L.a, requested = n.amt})
     end
   end
+end
 
-  if wait_forever then retry_at = -1 end
-  if mode ~= 'wait' then
-    return {0, '', NOW, retry_at, first_lk, reason}
-  end
-
+-- Queue the waiter (a newcomer under its reservation id, so a client that never
+-- read this reply can still give up the place) or move it to the limits it now waits on.
+local function enqueue(id, agent, priority, ticket, record, queue_ttl, v)
+  local rank, created
   if ticket == '' then
-    local seq = redis.call('INCR', B .. ':seq')
-    -- The ticket is the reservation id, so a client that never read this reply
-    -- (cancelled in flight) can still give up the place.
     ticket = id
-    my_score = (100 - priority) * 2 ^ 44 + seq
-    publish_event('waiting', {agent = agent, ticket = ticket, limit = first_lk, reason = reason})
-    queued = fmt(my_score) .. '|' .. fmt(NOW) .. '|'
+    rank = (MAX_PRIORITY - priority) * RANK_SPAN + redis.call('INCR', K.sequence)
+    created = NOW
+    publish_event('waiting', {agent = agent, ticket = ticket, limit = v.first, reason = v.reason})
   else
-    -- Leave the blocked sets this waiter no longer waits on.
+    rank, created = record.rank, record.created
     local still = {}
-    for _, lk in ipairs(blocked) do still[lk] = true end
-    for _, lk in ipairs(split(split(queued, '|')[3] or '', ' ')) do
+    for _, lk in ipairs(v.blocked) do still[lk] = true end
+    for _, lk in ipairs(record.lks) do
       if not still[lk] then
         local was_head = queue_head(lk) == ticket
-        redis.call('ZREM', B .. ':b:' .. lk, ticket)
+        redis.call('ZREM', blocked_key(lk), ticket)
         if was_head then heads_of({lk}, wake) end
       end
     end
   end
-  local parts = split(queued, '|')
-  for _, lk in ipairs(blocked) do redis.call('ZADD', B .. ':b:' .. lk, my_score, ticket) end
-  redis.call('HSET', B .. ':q', ticket, parts[1] .. '|' .. parts[2] .. '|' .. table.concat(blocked, ' '))
-  redis.call('ZADD', B .. ':qexp', NOW + queue_ttl, ticket)
+  for _, lk in ipairs(v.blocked) do redis.call('ZADD', blocked_key(lk), rank, ticket) end
+  redis.call('HSET', K.queue, ticket, queue_record(rank, created, v.blocked))
+  redis.call('ZADD', K.queue_expiry, NOW + queue_ttl, ticket)
   waiting = true
-  return {0, ticket, NOW, retry_at, first_lk, reason}
+  return {0, ticket, NOW, v.retry_at, v.first, v.reason, v.first_amount}
+end
+
+local function acquire(id, agent, mode, priority, ticket, lease_ttl, queue_ttl, amounts_text)
+  local existing = redis.call('HMGET', reservation_key(id), 't0', 'x')
+  if existing[1] then return {1, id, tonumber(existing[1]), tonumber(existing[2]), ''} end
+  local record, rank
+  record, ticket, rank = rank_of(ticket, priority)
+  if record then rank = record.rank end
+  if not limits_of(agent).stored then
+    if ticket ~= '' then drop_ticket(ticket, wake) end
+    return {-2, agent}
+  end
+  local needed, too_large = needs(agent, parse_amounts(amounts_text), mode)
+  if too_large then
+    if ticket ~= '' then drop_ticket(ticket, wake) end
+    return too_large
+  end
+  local v = check(needed, mode, ticket, rank)
+  if #v.blocked == 0 then return admit(id, agent, needed, amounts_text, lease_ttl, ticket, record, v.over) end
+  announce_exhausted(v.full, agent)
+  if mode ~= 'wait' then return {0, '', NOW, v.retry_at, v.first, v.reason, v.first_amount} end
+  return enqueue(id, agent, priority, ticket, record, queue_ttl, v)
 end
 
 local replies = {}

@@ -13,10 +13,10 @@ local wake = {}
 purge_leases(NOW, wake)
 flush_writes()
 publish_wake(wake)
-local state = redis.call('HGET', B .. ':r:' .. id, 's')
+local state = redis.call('HGET', reservation_key(id), 's')
 if not state then return {0, 'unknown'} end
 if state ~= 'open' then return {0, state} end
 local expiry = NOW + ttl
-redis.call('HSET', B .. ':r:' .. id, 'x', fmt(expiry))
-redis.call('ZADD', B .. ':leases', 'XX', expiry, id)
+redis.call('HSET', reservation_key(id), 'x', fmt(expiry))
+redis.call('ZADD', K.leases, 'XX', expiry, id)
 return {1, expiry}

@@ -28,7 +28,23 @@
 -- numbers are doubles, exact to 2^53; they are written back with fmt().
 
 local B = KEYS[1]
+-- The tenant's keys and channels (slowburn_redis/keys.py names the same suffixes;
+-- tests/test_keys.py checks that they agree).
+local K = {
+  limits = B .. ':limits', agents = B .. ':agents', queue = B .. ':q', queue_expiry = B .. ':qexp',
+  sequence = B .. ':seq', leases = B .. ':leases', ledger = B .. ':ledger', admin = B .. ':admin',
+  wake = B .. ':wake', events = B .. ':events',
+}
+local function window_key(lk) return B .. ':w:' .. lk end
+local function blocked_key(lk) return B .. ':b:' .. lk end
+local function reservation_key(id) return B .. ':r:' .. id end
+
 local BUCKETS = 60
+local RANK_SPAN = 2 ^ 44            -- queue ranks of one priority: (MAX_PRIORITY - priority) * RANK_SPAN + sequence
+local MAX_PRIORITY = 100
+local PURGE_BATCH = 64              -- expired leases or queue places dropped per script, at most (O(1) per call)
+local EXPIRED_RECORD_TTL_MS = 3600000  -- an expired reservation's record is kept an hour (a late commit still lands)
+local SETTLED_RECORD_TTL_MS = 600000   -- a settled reservation's record is kept 10 minutes (retries stay idempotent)
 local THRESHOLDS = {50, 75, 90, 100}
 
 local function fmt(x) return string.format('%d', x) end
@@ -43,11 +59,11 @@ end
 local function publish_event(kind, fields)
   fields['type'] = kind
   fields['ts'] = NOW
-  redis.call('PUBLISH', B .. ':events', cjson.encode(fields))
+  redis.call('PUBLISH', K.events, cjson.encode(fields))
 end
 
 local function publish_wake(tickets)
-  if #tickets > 0 then redis.call('PUBLISH', B .. ':wake', table.concat(tickets, ' ')) end
+  if #tickets > 0 then redis.call('PUBLISH', K.wake, table.concat(tickets, ' ')) end
 end
 
 -- limits ------------------------------------------------------------------
@@ -57,7 +73,7 @@ local function decode_limits(json, scope)
   if not json then return out end
   for _, spec in ipairs(cjson.decode(json)) do
     local lk = scope .. ':' .. spec.d .. ':' .. fmt(spec.w)
-    out[#out + 1] = {lk = lk, key = B .. ':w:' .. lk, d = spec.d, a = spec.a, w = spec.w,
+    out[#out + 1] = {lk = lk, key = window_key(lk), d = spec.d, a = spec.a, w = spec.w,
                      n = BUCKETS, scope = scope}
   end
   return out
@@ -65,9 +81,12 @@ end
 
 -- The limits that apply to one agent ('' for none): the tenant's, then the
 -- agent's own or, when it has none, the tenant's default for every agent.
+-- `out.stored` is false when none of those scopes is stored at all: absence
+-- is not permission (an explicitly unlimited tenant stores T as '[]').
 local function applicable_limits(agent)
   local out = {}
-  local cfg = redis.call('HMGET', B .. ':limits', 'T', 'A:' .. agent, 'D')
+  local cfg = redis.call('HMGET', K.limits, 'T', 'A:' .. agent, 'D')
+  out.stored = (cfg[1] or (agent ~= '' and (cfg[2] or cfg[3]))) and true or false
   for _, L in ipairs(decode_limits(cfg[1], 'T')) do out[#out + 1] = L end
   if agent ~= '' then
     local own = cfg[2]
@@ -159,8 +178,8 @@ end
 local function drop_lease(id) lease_drops[#lease_drops + 1] = id end
 
 local function flush_leases()
-  if #lease_adds > 0 then redis.call('ZADD', B .. ':leases', unpack(lease_adds)) end
-  if #lease_drops > 0 then redis.call('ZREM', B .. ':leases', unpack(lease_drops)) end
+  if #lease_adds > 0 then redis.call('ZADD', K.leases, unpack(lease_adds)) end
+  if #lease_drops > 0 then redis.call('ZREM', K.leases, unpack(lease_drops)) end
   lease_adds, lease_drops = {}, {}
 end
 
@@ -246,7 +265,7 @@ end
 -- bucket again) and the new total. `now` must be the script's NOW (the
 -- current bucket is cached).
 local function charge(L, w, amt, now, agent)
-  if w.g == nil and agent ~= '' and L.scope ~= 'T' then redis.call('SADD', B .. ':agents', agent) end
+  if w.g == nil and agent ~= '' and L.scope ~= 'T' then redis.call('SADD', K.agents, agent) end
   add(w, w.cur, amt, now)
   return w.cur, w.g, w.t
 end
@@ -265,7 +284,7 @@ end
 
 -- Is anyone queued? Lets the common case (no waiters) skip every queue lookup.
 local function anyone_waiting()
-  return redis.call('EXISTS', B .. ':qexp') == 1
+  return redis.call('EXISTS', K.queue_expiry) == 1
 end
 
 -- The earliest time at which `need` units of the window will have expired;
@@ -300,22 +319,32 @@ end
 
 -- queue -------------------------------------------------------------------
 
+-- A queue record (the value of a ticket in K.queue) is "<rank>|<created_ms>|<LK> <LK> ...":
+-- the waiter's rank in every blocked set, when it first queued, and the limits it waits on.
+local function parse_queue_record(text)
+  local rank, created, lks = string.match(text, '^([^|]*)|([^|]*)|?(.*)$')
+  return {rank = tonumber(rank), created = tonumber(created), lks = split(lks or '', ' ')}
+end
+
+local function queue_record(rank, created, lks)
+  return fmt(rank) .. '|' .. fmt(created) .. '|' .. table.concat(lks, ' ')
+end
+
 local function queue_head(lk)
-  local h = redis.call('ZRANGE', B .. ':b:' .. lk, 0, 0)
+  local h = redis.call('ZRANGE', blocked_key(lk), 0, 0)
   return h[1]
 end
 
 -- Remove a ticket from the queue and from every blocked set it sits in; the
 -- tickets that became the head of one of those sets are appended to `wake`.
 local function drop_ticket(ticket, wake)
-  local info = redis.call('HGET', B .. ':q', ticket)
-  redis.call('HDEL', B .. ':q', ticket)
-  redis.call('ZREM', B .. ':qexp', ticket)
+  local info = redis.call('HGET', K.queue, ticket)
+  redis.call('HDEL', K.queue, ticket)
+  redis.call('ZREM', K.queue_expiry, ticket)
   if not info then return end
-  local parts = split(info, '|')
-  for _, lk in ipairs(split(parts[3] or '', ' ')) do
+  for _, lk in ipairs(parse_queue_record(info).lks) do
     local was_head = queue_head(lk) == ticket
-    redis.call('ZREM', B .. ':b:' .. lk, ticket)
+    redis.call('ZREM', blocked_key(lk), ticket)
     if was_head then
       local nxt = queue_head(lk)
       if nxt then wake[#wake + 1] = nxt end
@@ -324,7 +353,7 @@ local function drop_ticket(ticket, wake)
 end
 
 local function purge_tickets(now, wake)
-  local dead = redis.call('ZRANGEBYSCORE', B .. ':qexp', '-inf', now, 'LIMIT', 0, 64)
+  local dead = redis.call('ZRANGEBYSCORE', K.queue_expiry, '-inf', now, 'LIMIT', 0, PURGE_BATCH)
   for _, ticket in ipairs(dead) do drop_ticket(ticket, wake) end
 end
 
@@ -351,7 +380,7 @@ local function parse_charges(s)
     local L = charged_limits[lk]
     if L == nil then
       local scope, dim, w = string.match(lk, '^(.*):([%a_]+):(%d+)$')
-      L = {lk = lk, key = B .. ':w:' .. lk, d = dim, w = tonumber(w), n = BUCKETS, scope = scope}
+      L = {lk = lk, key = window_key(lk), d = dim, w = tonumber(w), n = BUCKETS, scope = scope}
       charged_limits[lk] = L
     end
     out[#out + 1] = {L = L, gen = gen, idx = tonumber(idx), amt = tonumber(amt)}
@@ -369,9 +398,9 @@ end
 -- Expire leases whose TTL ran out: the concurrency slot returns, the money
 -- stays charged at the estimate (a dead worker may have spent it).
 local function purge_leases(now, wake)
-  local ids = redis.call('ZRANGEBYSCORE', B .. ':leases', '-inf', now, 'LIMIT', 0, 64)
+  local ids = redis.call('ZRANGEBYSCORE', K.leases, '-inf', now, 'LIMIT', 0, PURGE_BATCH)
   for _, id in ipairs(ids) do
-    local key = B .. ':r:' .. id
+    local key = reservation_key(id)
     local rs = redis.call('HMGET', key, 'c', 'a')
     for _, c in ipairs(parse_charges(rs[1])) do
       if c.L.d == 'concurrency' and adjust(c.L, c.gen, c.idx, -c.amt, now) then
@@ -379,7 +408,7 @@ local function purge_leases(now, wake)
       end
     end
     redis.call('HSET', key, 's', 'expired')
-    redis.call('PEXPIRE', key, 3600000)
+    redis.call('PEXPIRE', key, EXPIRED_RECORD_TTL_MS)
     drop_lease(id)
     publish_event('lease_expired', {agent = rs[2] or '', reservation = id})
   end

@@ -22,7 +22,7 @@ local first, missing, heads = {}, {}, {}
 for start = 2, #ARGV, CHUNK do
   local tickets = {}
   for i = start, math.min(#ARGV, start + CHUNK - 1) do tickets[#tickets + 1] = ARGV[i] end
-  local infos = redis.call('HMGET', B .. ':q', unpack(tickets))
+  local infos = redis.call('HMGET', K.queue, unpack(tickets))
   local expiry = {}
   for k, ticket in ipairs(tickets) do
     local info = infos[k]
@@ -32,14 +32,14 @@ for start = 2, #ARGV, CHUNK do
       expiry[#expiry + 1] = NOW + ttl
       expiry[#expiry + 1] = ticket
       local ahead = false
-      for _, lk in ipairs(split(split(info, '|')[3] or '', ' ')) do
+      for _, lk in ipairs(parse_queue_record(info).lks) do
         if heads[lk] == nil then heads[lk] = queue_head(lk) or false end
         if heads[lk] ~= ticket then ahead = true end
       end
       if not ahead then first[#first + 1] = ticket end
     end
   end
-  if #expiry > 0 then redis.call('ZADD', B .. ':qexp', 'XX', unpack(expiry)) end
+  if #expiry > 0 then redis.call('ZADD', K.queue_expiry, 'XX', unpack(expiry)) end
 end
 publish_wake(wake)
 return {first, missing}

@@ -15,11 +15,11 @@
 -- fails with NOPERM before anything changes.
 
 local agent, dim = ARGV[1], ARGV[2]
-redis.call('SET', B .. ':admin', cjson.encode({op = 'reset', agent = agent, dimension = dim, ts = NOW}))
+redis.call('SET', K.admin, cjson.encode({op = 'reset', agent = agent, dimension = dim, ts = NOW}))
 local agents
 if agent == '' then
   agents = {''}
-  for _, a in ipairs(redis.call('SMEMBERS', B .. ':agents')) do agents[#agents + 1] = a end
+  for _, a in ipairs(redis.call('SMEMBERS', K.agents)) do agents[#agents + 1] = a end
 else
   agents = {agent}
 end
@@ -34,5 +34,5 @@ for _, a in ipairs(agents) do
 end
 
 publish_event('reset', {agent = agent, dimension = dim, windows = deleted})
-redis.call('PUBLISH', B .. ':wake', '*')
+redis.call('PUBLISH', K.wake, '*')
 return deleted

@@ -18,13 +18,13 @@
 -- B:limits is read-only as well).
 
 local field, json = ARGV[1], ARGV[2]
-redis.call('SET', B .. ':admin', cjson.encode({op = 'set_limits', scope = field, ts = NOW}))
+redis.call('SET', K.admin, cjson.encode({op = 'set_limits', scope = field, ts = NOW}))
 
 -- The agents whose applicable limits this change touches.
 local agents = {}
 if field == 'T' then agents = {''}
 elseif field == 'D' then
-  for _, a in ipairs(redis.call('SMEMBERS', B .. ':agents')) do agents[#agents + 1] = a end
+  for _, a in ipairs(redis.call('SMEMBERS', K.agents)) do agents[#agents + 1] = a end
 else agents = {string.sub(field, 3)} end
 
 local before = {}
@@ -32,9 +32,9 @@ for _, a in ipairs(agents) do
   for _, L in ipairs(applicable_limits(a)) do before[L.lk] = L end
 end
 if json == '' then
-  redis.call('HDEL', B .. ':limits', field)
+  redis.call('HDEL', K.limits, field)
 else
-  redis.call('HSET', B .. ':limits', field, json)
+  redis.call('HSET', K.limits, field, json)
 end
 local after = {}
 for _, a in ipairs(agents) do
@@ -47,5 +47,5 @@ for lk, L in pairs(before) do
 end
 
 publish_event('limits_changed', {scope = field, limits = json})
-redis.call('PUBLISH', B .. ':wake', '*')
+redis.call('PUBLISH', K.wake, '*')
 return deleted

@@ -32,7 +32,7 @@ local limits_of = limits_memo()
 local waiting = anyone_waiting()  -- settling queues nobody: true or false for the whole batch
 
 local function settle(id, kind, actual, maxlen, model, outcome, meta)
-  local rkey = B .. ':r:' .. id
+  local rkey = reservation_key(id)
 
   local rs = redis.call('HMGET', rkey, 's', 'a', 'c', 'e')
   local state, agent = rs[1], rs[2] or ''
@@ -108,14 +108,14 @@ local function settle(id, kind, actual, maxlen, model, outcome, meta)
 
   state = kind == 'commit' and 'committed' or 'released'
   redis.call('HSET', rkey, 's', state)
-  redis.call('PEXPIRE', rkey, 600000)
+  redis.call('PEXPIRE', rkey, SETTLED_RECORD_TTL_MS)
   drop_lease(id)
 
   local ledger_id = ''
   if maxlen > 0 and (kind == 'commit' or outcome ~= '') then
     if outcome == '' then outcome = (#overrun > 0) and 'overrun' or 'ok' end
     local function amount(dim) return fmt(final[dim] or 0) end
-    ledger_id = redis.call('XADD', B .. ':ledger', 'MAXLEN', '~', maxlen, '*',
+    ledger_id = redis.call('XADD', K.ledger, 'MAXLEN', '~', maxlen, '*',
       'ts', fmt(NOW), 'agent', agent, 'model', model,
       'usd', amount('usd'), 'input_tokens', amount('input_tokens'),
       'output_tokens', amount('output_tokens'), 'tokens', amount('tokens'),

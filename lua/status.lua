@@ -14,7 +14,7 @@ local agent = ARGV[1]
 local agents
 if agent == '' then
   agents = {''}
-  for _, a in ipairs(redis.call('SMEMBERS', B .. ':agents')) do agents[#agents + 1] = a end
+  for _, a in ipairs(redis.call('SMEMBERS', K.agents)) do agents[#agents + 1] = a end
   table.sort(agents)
 else
   agents = {agent}
@@ -24,9 +24,9 @@ end
 -- lease is still running and whose bucket still counts in that window.
 local function reserved_by_limit(windows)
   local out = {}
-  local open = redis.call('ZRANGEBYSCORE', B .. ':leases', '(' .. NOW, '+inf')
+  local open = redis.call('ZRANGEBYSCORE', K.leases, '(' .. NOW, '+inf')
   for _, id in ipairs(open) do
-    for _, c in ipairs(parse_charges(redis.call('HGET', B .. ':r:' .. id, 'c'))) do
+    for _, c in ipairs(parse_charges(redis.call('HGET', reservation_key(id), 'c'))) do
       local w = windows[c.L.lk]
       local live = w ~= nil and w.g == c.gen and
         (c.L.w == 0 or c.idx >= math.floor(NOW / bucket_width(c.L)) - c.L.n)
@@ -54,6 +54,6 @@ for _, L in ipairs(limits) do
   if t > 0 and L.w > 0 then refill = refill_at(L, 1, NOW) end
   local ov = tonumber(redis.call('HGET', L.key, 'ov') or '0')
   rows[#rows + 1] = {L.scope, L.lk, L.d, L.a, L.w, t, reserved[L.lk] or 0, ov, refill,
-                     redis.call('ZCARD', B .. ':b:' .. L.lk)}
+                     redis.call('ZCARD', blocked_key(L.lk))}
 end
-return {NOW, redis.call('ZCARD', B .. ':qexp'), rows}
+return {NOW, redis.call('ZCARD', K.queue_expiry), rows}

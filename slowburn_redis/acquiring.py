@@ -20,7 +20,7 @@ import structlog
 
 from slowburn_redis import protocol
 from slowburn_redis.engine import Engine
-from slowburn_redis.errors import BudgetClosed, BudgetExhausted, BudgetTimeout, RequestTooLarge
+from slowburn_redis.errors import BudgetClosed, BudgetExhausted, BudgetTimeout, LimitsMissing, RequestTooLarge
 from slowburn_redis.keys import LimitKey, describe_limit_key
 from slowburn_redis.limits import from_units
 from slowburn_redis.reservation import Reservation, Settler
@@ -63,6 +63,7 @@ class AcquireCall:
         hub: WakeHub,
         queue_ttl_ms: int,
         snapshot: Callable[[str, str | None], Awaitable[Status]],
+        seen: set[str],
     ) -> None:
         self.request = request
         self._settler = settler
@@ -70,6 +71,7 @@ class AcquireCall:
         self._hub = hub
         self._queue_ttl_ms = queue_ttl_ms
         self._snapshot = snapshot
+        self._seen = seen  # tenants whose limits this Budget has found stored
         self._rid = secrets.token_hex(12)
         self._ticket = ""
         self._waiter: Waiter | None = None
@@ -77,17 +79,21 @@ class AcquireCall:
         self._in_flight = False
 
     async def run(self) -> Reservation:
-        """Attempt until admitted; raise RequestTooLarge, BudgetExhausted (reject), BudgetTimeout or BudgetClosed."""
+        """Attempt until admitted; raise LimitsMissing, RequestTooLarge, BudgetExhausted (reject), BudgetTimeout..."""
         loop = asyncio.get_running_loop()
         timeout = self.request.timeout
         deadline = None if timeout is None else loop.time() + timeout
         try:
             while True:
                 reply = await self._attempt(deadline)
+                if not isinstance(reply, protocol.Missing):
+                    self._seen.add(self.request.tenant)
                 if isinstance(reply, protocol.Admitted):
                     return self._admitted(reply, loop.time())
                 if isinstance(reply, protocol.TooLarge):
                     raise self._too_large(reply)
+                if isinstance(reply, protocol.Missing):
+                    raise self._missing()
                 await self._denied(reply, deadline)
         except BaseException:
             await self._clean_up()
@@ -131,6 +137,23 @@ class AcquireCall:
             over_limits=reply.over_limits,
         )
 
+    def _missing(self) -> LimitsMissing:
+        self._ticket = ""
+        tenant, agent = self.request.tenant, self.request.agent
+        scope = f"tenant {tenant!r}" + (f" (agent {agent})" if agent else "")
+        if tenant in self._seen:
+            log.error(
+                "limits.vanished",
+                tenant=tenant,
+                agent=agent,
+                note="this process saw limits for the tenant and now finds none: Redis lost or evicted them",
+            )
+        return LimitsMissing(
+            f"no limits are stored for {scope}: refused (set them, or store 'unlimited' deliberately)",
+            tenant=tenant,
+            agent=agent,
+        )
+
     def _too_large(self, reply: protocol.TooLarge) -> RequestTooLarge:
         self._ticket = ""
         request = self.request
@@ -165,7 +188,7 @@ class AcquireCall:
                 tenant=request.tenant,
                 agent=request.agent,
                 limit=reply.limit_key,
-                limit_text=describe_limit_key(reply.limit_key),
+                limit_text=describe_limit_key(reply.limit_key, reply.limit_amount),
                 reason=reply.reason,
                 retry_in=retry_in,
             )
@@ -174,7 +197,7 @@ class AcquireCall:
         if deadline is not None:
             left = deadline - asyncio.get_running_loop().time()
             if left <= 0:
-                raise await self._timed_out(reply.limit_key)
+                raise await self._timed_out(reply)
             retry_in = left if retry_in is None else min(retry_in, left)
         await self._waiter.sleep(retry_in)
         self._ticket = self._waiter.ticket
@@ -184,22 +207,24 @@ class AcquireCall:
         retry_in = reply.retry_in
         when = "only when capacity is returned" if retry_in is None else f"in {retry_in:.3f}s"
         return BudgetExhausted(
-            f"budget {describe_limit_key(reply.limit_key)} of tenant {request.tenant!r} is spent; retry {when}",
+            f"budget {describe_limit_key(reply.limit_key, reply.limit_amount)} of tenant {request.tenant!r} is spent; "
+            f"retry {when}",
             tenant=request.tenant,
             agent=request.agent,
             limit=reply.limit_key,
             retry_after=retry_in,
         )
 
-    async def _timed_out(self, limit_key: str) -> BudgetTimeout:
-        request = self.request
+    async def _timed_out(self, reply: protocol.Denied) -> BudgetTimeout:
+        request, limit_key = self.request, reply.limit_key
         try:
             snapshot: Status | None = await self._snapshot(request.tenant, request.agent)
         except Exception:  # the error to raise is the timeout, not a failed snapshot
             snapshot = None
         log.info("budget.timeout", tenant=request.tenant, agent=request.agent, limit=limit_key, timeout=request.timeout)
         return BudgetTimeout(
-            f"waited {request.timeout}s for budget {describe_limit_key(limit_key)} of tenant {request.tenant!r}",
+            f"waited {request.timeout}s for budget {describe_limit_key(limit_key, reply.limit_amount)} "
+            f"of tenant {request.tenant!r}",
             tenant=request.tenant,
             agent=request.agent,
             limit=limit_key,

@@ -141,6 +141,7 @@ class Budget:
             batch_size=batch_size,
         )
         """The one path to Redis (see `slowburn_redis.engine`)."""
+        self._seen_limits: set[str] = set()
         self._hub = WakeHub(
             self.engine.open_pubsub,
             self._refresh,
@@ -229,8 +230,18 @@ class Budget:
         log.info("limits.set", tenant=tenant, agent=agent, limits=[str(lim) for lim in parsed])
 
     async def clear_limits(self, tenant: str, *, agent: str | None = None) -> None:
-        """Remove every limit of a scope."""
+        """Remove every limit of a scope. A tenant left with no scope stored is refused (LimitsMissing)."""
         await self.set_limits(tenant, [], agent=agent)
+
+    async def set_unlimited(self, tenant: str, *, agent: str | None = None) -> None:
+        """Store the deliberate choice that a scope has no limit (absent limits are refused, never unlimited).
+
+        The scope's limits are replaced by none; `get_limits` then returns [] and
+        an acquire under that scope is admitted with nothing to check.
+        """
+        key = self.key(tenant)
+        await self.engine.run(self.engine.scripts.set_limits, key, [scope_field(agent), protocol.UNLIMITED_JSON])
+        log.warning("limits.unlimited", tenant=tenant, agent=agent)
 
     async def get_limits(self, tenant: str, *, agent: str | None = None) -> list[Limit]:
         """The limits set on exactly this scope (not the ones inherited from the tenant or the default)."""
@@ -283,6 +294,7 @@ class Budget:
             hub=self._hub,
             queue_ttl_ms=round(self.heartbeat * 3000),
             snapshot=lambda tenant, agent: self.status(tenant, agent=agent),
+            seen=self._seen_limits,
         )
         return _Acquire(call.run())
 

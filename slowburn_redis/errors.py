@@ -57,6 +57,19 @@ class RequestTooLarge(BudgetDenied):
         self.requested = requested
 
 
+class LimitsMissing(SlowburnError):
+    """No limits are stored for the tenant (nor for its agents' default or this agent): refused, never unlimited.
+
+    Raised before anything is charged, in every mode. "Unlimited" is an explicit
+    stored choice (`Budget.set_unlimited`, ``slowburn-redis limits set TENANT unlimited``).
+    """
+
+    def __init__(self, message: str, *, tenant: str, agent: str | None) -> None:
+        super().__init__(message)
+        self.tenant = tenant
+        self.agent = agent
+
+
 class BudgetExhausted(BudgetDenied):
     """Raised at once in ``mode="reject"``; `retry_after` is in seconds (None: unknown)."""
 

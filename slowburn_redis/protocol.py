@@ -79,13 +79,14 @@ class Admitted:
 
 @dataclass(frozen=True)
 class Denied:
-    """acquire.lua ``{0, ticket, now_ms, retry_at_ms, limit_key, reason}``: denied, and why."""
+    """acquire.lua ``{0, ticket, now_ms, retry_at_ms, limit_key, reason, limit_amount}``: denied, and why."""
 
     ticket: str
     now_ms: int
     retry_at_ms: int
     limit_key: str
     reason: str
+    limit_amount: int
 
     @property
     def retry_in(self) -> float | None:
@@ -102,7 +103,17 @@ class TooLarge:
     requested: int
 
 
-AcquireReply = Admitted | Denied | TooLarge
+@dataclass(frozen=True)
+class Missing:
+    """acquire.lua ``{-2, agent}``: no limits are stored for the tenant, its default agent or this agent."""
+
+    agent: str
+
+
+AcquireReply = Admitted | Denied | TooLarge | Missing
+
+UNLIMITED_JSON = "[]"
+"""What set_limits.lua stores for a scope deliberately left unlimited (an absent scope is missing, not unlimited)."""
 
 
 def decode_acquire(reply: list[Any]) -> AcquireReply:
@@ -112,11 +123,13 @@ def decode_acquire(reply: list[Any]) -> AcquireReply:
         _, rid, now_ms, expiry, over = reply
         return Admitted(str(rid), int(now_ms), int(expiry), str(over).split())
     if code == 0:
-        _, ticket, now_ms, retry_at, limit_key, reason = reply
-        return Denied(str(ticket), int(now_ms), int(retry_at), str(limit_key), str(reason))
+        _, ticket, now_ms, retry_at, limit_key, reason, amount = reply
+        return Denied(str(ticket), int(now_ms), int(retry_at), str(limit_key), str(reason), int(amount))
     if code == -1:
         _, limit_key, amount, requested = reply
         return TooLarge(str(limit_key), int(amount), int(requested))
+    if code == -2:
+        return Missing(str(reply[1]))
     raise ValueError(f"unexpected acquire reply {reply!r}")
 
 

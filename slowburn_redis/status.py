@@ -33,6 +33,11 @@ class LimitStatus(BaseModel):
     """Waiters queued on this limit."""
 
     @property
+    def label(self) -> str:
+        """The limit in words: ``usd 0.5/hour (agent researcher)``, ``usd 5/day (tenant)``."""
+        return f"{self.limit} ({'tenant' if self.agent is None else 'agent ' + self.agent})"
+
+    @property
     def fraction(self) -> float:
         """(used + reserved) / amount; 1.0 or more when spent."""
         amount = float(self.limit.amount)

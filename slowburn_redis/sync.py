@@ -240,6 +240,9 @@ class SyncBudget:
     def clear_limits(self, tenant: str, *, agent: str | None = None) -> None:
         self.portal.call(self.budget.clear_limits(tenant, agent=agent))
 
+    def set_unlimited(self, tenant: str, *, agent: str | None = None) -> None:
+        self.portal.call(self.budget.set_unlimited(tenant, agent=agent))
+
     def get_limits(self, tenant: str, *, agent: str | None = None) -> list[Limit]:
         return self.portal.call(self.budget.get_limits(tenant, agent=agent))
 

@@ -67,6 +67,24 @@ def test_set_replaces_and_clear_removes(run: Cli) -> None:
     assert "no limits set" in run("limits", "show", "acme").stdout
 
 
+def test_unlimited_is_stored_deliberately_and_admits(run: Cli, server_url: str, prefix: str) -> None:
+    from slowburn_redis import Budget, LimitsMissing
+
+    twin = Budget.from_url(server_url, prefix=prefix).sync()
+    try:
+        with pytest.raises(LimitsMissing):
+            twin.acquire("acme", usd=5)
+        result = run("limits", "unlimited", "acme")
+        assert_exit(result)
+        assert "acme: tenant is unlimited" in result.stdout
+        twin.acquire("acme", usd=5).commit()
+        assert_exit(run("limits", "clear", "acme"))
+        with pytest.raises(LimitsMissing):
+            twin.acquire("acme", usd=5)
+    finally:
+        twin.close()
+
+
 @pytest.mark.parametrize(
     ("limit", "words"),
     [

@@ -111,6 +111,7 @@ async def test_over_estimate_is_refunded(budget: Budget, llm: BudgetedLLM) -> No
 
 
 async def test_registered_and_explicit_prices(budget: Budget) -> None:
+    await budget.set_unlimited(TENANT)  # this test is about prices, not limits
     litellm.register_model(
         {
             "acme-private-llm": {

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from slowburn_redis import Budget, BudgetExhausted, Limit, RequestTooLarge
+from slowburn_redis import Budget, BudgetExhausted, Limit, LimitsMissing, RequestTooLarge
 from slowburn_redis.limits import UNITS
 from slowburn_redis.testing import advance_clock, freeze_clock
 
@@ -115,6 +115,9 @@ class Model:
         return window
 
     def acquire(self, rid: str, agent: str, estimate: dict[str, int]) -> str:
+        # An empty list clears its scope: with no scope stored, the tenant is refused (absence is not permission).
+        if not self.config["T"] and not (agent and self.config["D"]):
+            return "missing"
         needed = [(k, lim, estimate.get(lim.dimension, 0)) for k, lim in self.applicable(agent)]
         needed = [(k, lim, amt) for k, lim, amt in needed if amt > 0]
         for _, lim, amt in needed:
@@ -227,6 +230,8 @@ async def run(budget: Budget, steps: list[tuple[object, ...]]) -> None:
                 outcome = "denied"
             except RequestTooLarge:
                 outcome = "too_large"
+            except LimitsMissing:
+                outcome = "missing"
             expected = model.acquire(r.id if outcome == "admitted" else "", agent, estimate)
             assert outcome == expected, (op, model.now)
             if outcome == "admitted":

@@ -125,7 +125,18 @@ def test_no_core_function_is_longer_than_60_lines() -> None:
     assert long == []
 
 
-TWIN_METHODS = ["set_limits", "clear_limits", "get_limits", "acquire", "status", "reset", "report", "events", "key"]
+TWIN_METHODS = [
+    "set_limits",
+    "clear_limits",
+    "set_unlimited",
+    "get_limits",
+    "acquire",
+    "status",
+    "reset",
+    "report",
+    "events",
+    "key",
+]
 
 
 @pytest.mark.parametrize("name", TWIN_METHODS)

@@ -152,6 +152,9 @@ def test_the_sync_twin_keeps_the_policy(closed_url: str) -> None:
 
 
 async def test_wait_goes_on_when_redis_comes_up(tmp_path: Path, server: RedisServer) -> None:
+    setup = Budget.from_url(server.url)
+    await setup.set_limits("acme", ["usd 1/hour"])  # persisted (AOF, fsync always): there after the restart
+    await setup.aclose()
     server.stop()
     budget = Budget.from_url(server.url, backoff=FAST)
     with capture_logs() as logs:
@@ -210,7 +213,7 @@ async def test_each_policy_when_the_server_is_killed_mid_run(server: RedisServer
     status = await budgets["wait"].status("acme")
     # 3 x 0.1 before, 0.2 + 0.2 committed across the outage, the allow one held at its 0.5 estimate, 3 x 0.1 after.
     assert status.limits[0].used + status.limits[0].reserved == pytest.approx(0.3 + 0.4 + 0.5 + 0.3)
-    ledger = await budgets["wait"].client.xlen(budgets["wait"].key("acme") + ":ledger")
+    ledger = await budgets["wait"].engine.client.xlen(budgets["wait"].key("acme") + ":ledger")
     assert ledger == 3 + 2 + 3
     for budget in budgets.values():
         await budget.aclose()

@@ -46,7 +46,11 @@ _agent_option = click.option(
 
 @click.group("limits")
 def limits_group() -> None:
-    """Set, show, clear and apply the limits of tenants and agents."""
+    """Set, show, clear and apply the limits of tenants and agents.
+
+    A tenant with no limits stored is refused (LimitsMissing), never treated as
+    unlimited; `limits unlimited TENANT` stores that choice explicitly.
+    """
 
 
 @limits_group.command("set", cls=_EveryAgentCommand)
@@ -61,6 +65,19 @@ def set_command(ctx: click.Context, tenant: str, limits: list[Limit], agent: str
     """
     with_budget(ctx, lambda budget: budget.set_limits(tenant, limits, agent=agent))
     click.echo(f"{tenant}: {scope_name(agent)} limits set: {', '.join(str(lim) for lim in limits)}")
+
+
+@limits_group.command("unlimited", cls=_EveryAgentCommand)
+@click.argument("tenant", callback=params.tenant_name)
+@_agent_option
+@click.pass_context
+def unlimited_command(ctx: click.Context, tenant: str, agent: str | None) -> None:
+    """Store that TENANT (or one agent) deliberately has no limit: its acquires are admitted unchecked.
+
+    Without this, a scope with no limits stored is refused, never unlimited.
+    """
+    with_budget(ctx, lambda budget: budget.set_unlimited(tenant, agent=agent))
+    click.echo(f"{tenant}: {scope_name(agent)} is unlimited (stored deliberately; `limits clear` undoes it)")
 
 
 @limits_group.command("show", cls=_EveryAgentCommand)
