@@ -76,7 +76,10 @@ class Story:
 
     def called(self, tenant: str, name: str) -> None:
         if tenant == SMALL:
+            # Not spent after all (a wait timed out on a slow machine, or a refund made room):
+            # count the enterprise's calls again from the next time every startup agent waits.
             self.waiting.discard(name)
+            self.calls_since_spent = None
         elif self.calls_since_spent is not None:
             self.calls_since_spent += 1
             if self.calls_since_spent >= self.after:

@@ -83,8 +83,8 @@ local function check(needed, mode, ticket, rank)
     local full = t + n.amt > n.L.a
     local behind = false
     if mode ~= 'advisory' and waiting then
-      local head = redis.call('ZRANGE', blocked_key(n.L.lk), 0, 0, 'WITHSCORES')
-      behind = head[1] ~= nil and head[1] ~= ticket and tonumber(head[2]) < rank
+      local head, head_rank = queue_head(n.L.lk)
+      behind = head ~= nil and head ~= ticket and head_rank < rank
     elseif full then
       v.over[#v.over + 1] = n.L.lk
     end
@@ -200,6 +200,7 @@ for _, request in ipairs(ARGV) do
   replies[#replies + 1] = acquire(id, agent, mode, tonumber(priority), ticket, tonumber(lease_ttl),
                                   tonumber(queue_ttl), amounts)
 end
+purge_met_tickets(wake)
 flush_writes()
 publish_wake(wake)
 return replies

@@ -40,6 +40,7 @@ local function blocked_key(lk) return B .. ':b:' .. lk end
 local function reservation_key(id) return B .. ':r:' .. id end
 
 local BUCKETS = 60
+local MAX_UNITS = 2 ^ 53 - 1        -- the largest integer a double holds exactly; no total goes past it
 local RANK_SPAN = 2 ^ 44            -- queue ranks of one priority: (MAX_PRIORITY - priority) * RANK_SPAN + sequence
 local MAX_PRIORITY = 100
 local PURGE_BATCH = 64              -- expired leases or queue places dropped per script, at most (O(1) per call)
@@ -195,6 +196,7 @@ local function flush_writes()
       elseif field == 'o' then value = fmt(w.o)
       elseif field == 'g' then value = w.g
       elseif field == 'th' then value = w.th
+      elseif field == 'cap' then name, value = 'cap', '1'
       else
         name = 'b' .. field
         if w.b[field] then value = fmt(w.b[field]) end
@@ -238,6 +240,13 @@ end
 -- returned. A new window gets its generation (and oldest bucket).
 local function add(w, idx, amt, now)
   local L = w.L
+  if w.t + amt > MAX_UNITS then
+    -- No wraparound: a total is capped at MAX_UNITS (exact in a double, and
+    -- above any limit), and the window records that it was capped.
+    amt = MAX_UNITS - w.t
+    w.capped = true
+    w.dirty.cap = true
+  end
   w.t = w.t + amt
   w.dirty.t = true
   if w.g == nil then
@@ -258,6 +267,12 @@ local function add(w, idx, amt, now)
     w.b[idx] = before + amt
     w.dirty[idx] = true
   end
+end
+
+-- Record `dt` units charged beyond the estimates on the window of L (capped, like totals).
+local function add_overrun(L, dt)
+  local ov = tonumber(redis.call('HGET', L.key, 'ov') or '0')
+  redis.call('HSET', L.key, 'ov', fmt(math.min(ov + dt, MAX_UNITS)))
 end
 
 -- Charge `amt` to the current bucket of a window `advance` returned. Returns
@@ -319,6 +334,8 @@ end
 
 -- queue -------------------------------------------------------------------
 
+local drop_ticket_later = {}  -- expired heads met by queue_head, dropped whole by purge_met_tickets
+
 -- A queue record (the value of a ticket in K.queue) is "<rank>|<created_ms>|<LK> <LK> ...":
 -- the waiter's rank in every blocked set, when it first queued, and the limits it waits on.
 local function parse_queue_record(text)
@@ -330,9 +347,24 @@ local function queue_record(rank, created, lks)
   return fmt(rank) .. '|' .. fmt(created) .. '|' .. table.concat(lks, ' ')
 end
 
+-- The first live waiter blocked on `lk` and its rank. The queue heals itself:
+-- a head whose queue record is gone (a ghost) or whose place expired is
+-- dropped here, by the first script that meets it, so nothing outside the
+-- library's own bookkeeping can hold a queue up.
 local function queue_head(lk)
-  local h = redis.call('ZRANGE', blocked_key(lk), 0, 0)
-  return h[1]
+  local key = blocked_key(lk)
+  for _ = 1, PURGE_BATCH do
+    local head = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    local ticket = head[1]
+    if not ticket then return nil end
+    local expiry = redis.call('ZSCORE', K.queue_expiry, ticket)
+    if expiry and tonumber(expiry) > NOW and redis.call('HEXISTS', K.queue, ticket) == 1 then
+      return ticket, tonumber(head[2])
+    end
+    redis.call('ZREM', key, ticket)
+    if expiry then drop_ticket_later[#drop_ticket_later + 1] = ticket end
+  end
+  return nil
 end
 
 -- Remove a ticket from the queue and from every blocked set it sits in; the
@@ -350,6 +382,11 @@ local function drop_ticket(ticket, wake)
       if nxt then wake[#wake + 1] = nxt end
     end
   end
+end
+
+-- Drop the expired tickets queue_head met (from every queue they sat in).
+local function purge_met_tickets(wake)
+  while #drop_ticket_later > 0 do drop_ticket(table.remove(drop_ticket_later), wake) end
 end
 
 local function purge_tickets(now, wake)
@@ -391,7 +428,13 @@ end
 -- "dim=int dim=int ..." -> {dim = int, ...}
 local function parse_amounts(s)
   local out = {}
-  for k, v in string.gmatch(s, '([%a_]+)=(-?%d+)') do out[k] = tonumber(v) end
+  for k, v in string.gmatch(s, '([%a_]+)=(-?%d+)') do
+    local n = tonumber(v)
+    if n > MAX_UNITS or n < -MAX_UNITS then
+      error({err = 'ERR amount out of range: ' .. k .. '=' .. v .. ' (at most 2^53-1 units)'})
+    end
+    out[k] = n
+  end
   return out
 end
 

@@ -71,7 +71,7 @@ local function settle(id, kind, actual, maxlen, model, outcome, meta)
     if window then
       if dt < 0 then refunded[#refunded + 1] = c.L.lk end
       if dt > 0 then
-        redis.call('HINCRBY', c.L.key, 'ov', fmt(dt))
+        add_overrun(c.L, dt)
         local L = current_limits()[c.L.lk]
         if L then thresholds(L, window.t - dt, window.t, agent) end
       end
@@ -91,7 +91,7 @@ local function settle(id, kind, actual, maxlen, model, outcome, meta)
       if not charged[lk] and v > 0 and L.d ~= 'concurrency' then
         charged_now[L.d] = true
         local _, _, t = charge(L, advance(L, NOW), v, NOW, agent)
-        redis.call('HINCRBY', L.key, 'ov', fmt(v))
+        add_overrun(L, v)
         thresholds(L, t - v, t, agent)
       end
     end

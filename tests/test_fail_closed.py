@@ -120,3 +120,41 @@ def test_a_sync_twin_is_refused_the_same(make_budget: Callable[..., Budget]) -> 
             twin.acquire(T, usd=0.01)
     finally:
         twin.close()
+
+
+async def test_totals_never_wrap_around(budget: Budget) -> None:
+    """1,024 commits of 2^53-1 tokens on a lifetime cap: the total is capped, the next acquire is refused."""
+    from slowburn_redis import BudgetExhausted
+
+    biggest = 2**53 - 1
+    await budget.set_limits(T, [f"tokens {biggest}"])
+    await (await budget.acquire(T, tokens=1)).commit(tokens=biggest)
+    for _ in range(1023):  # advisory: admitted whatever the limit says, so each commit adds 2^53-1 again
+        reservation = await budget.acquire(T, tokens=1, mode="advisory")
+        await reservation.commit(tokens=biggest)
+    (limit,) = (await budget.status(T)).limits
+    assert limit.used == biggest and limit.remaining == 0
+    with pytest.raises(BudgetExhausted):
+        await budget.acquire(T, tokens=1, mode="reject")
+    window = await budget.engine.client.hgetall(budget.keys(T).window("T:tokens:0"))
+    assert window["cap"] == "1" and 0 <= int(window["ov"]) <= biggest and int(window["t"]) == biggest
+
+
+async def test_a_ghost_at_the_head_of_a_queue_is_dropped_by_the_next_script(make_budget: Callable[..., Budget]) -> None:
+    """A blocked-set entry with no queue record (written by hand, allowed to a worker user) blocks nobody."""
+    budget = make_budget(heartbeat=60.0)  # only a notification can wake the waiter within its timeout
+    try:
+        await budget.set_limits(T, ["usd 1/hour"])
+        holder = await budget.acquire(T, usd=0.9)
+        waiter = asyncio.ensure_future(budget.acquire(T, usd=0.5, timeout=30))
+        for _ in range(500):  # bounded: until the waiter holds its place
+            if await budget.engine.client.hlen(budget.keys(T).queue) == 1:
+                break
+            await asyncio.sleep(0.02)
+        await budget.engine.client.zadd(budget.keys(T).blocked("T:usd:3600000"), {"ghost": 0})
+        await holder.release()  # wakes the head of the queue: the ghost is dropped, the waiter is next
+        admitted = await waiter
+        await admitted.commit()
+        assert await budget.engine.client.zrange(budget.keys(T).blocked("T:usd:3600000"), 0, -1) == []
+    finally:
+        await budget.aclose()

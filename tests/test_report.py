@@ -106,6 +106,7 @@ async def test_since_keeps_only_recent_entries(budget: Budget) -> None:
 
 async def test_report_reads_the_ledger_in_pages(budget: Budget, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(report_module, "PAGE", 3)
+    await budget.set_unlimited("acme")  # this test is about reading the ledger, not limits
     for i in range(10):
         r = await budget.acquire("acme", f"a{i % 3}", usd=0.01)
         await r.commit(usd=0.001 * (i + 1), input_tokens=i, output_tokens=1, model="m")
@@ -226,6 +227,7 @@ def test_sync_report_matches(make_budget: Any) -> None:
     budget = make_budget()
     sync = budget.sync()
     try:
+        sync.set_unlimited("acme")
         r = sync.acquire("acme", "a", usd=0.5)
         r.commit(usd=0.25, model="m", input_tokens=3, output_tokens=4)
         report = sync.report("acme", since="5m")

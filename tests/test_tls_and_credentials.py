@@ -303,6 +303,7 @@ def test_cli_errors_do_not_show_credentials(tls: TlsServer) -> None:
         assert "Traceback" not in result.output
         assert len(result.output.strip().splitlines()) == 1, result.output
         assert_secret_free(result.output, exception_text(result.exception) if result.exception else "")
+    assert runner.invoke(cli, ["--redis-url", tls.url(), "limits", "set", "acme", "usd 1/day"]).exit_code == 0
     good = runner.invoke(cli, ["--redis-url", tls.url(), "status", "acme"])
     assert good.exit_code == 0, good.output
     assert_secret_free(good.output)
