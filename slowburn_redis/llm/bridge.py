@@ -1,0 +1,129 @@
+"""Run budget coroutines on the loop that owns the budget's connections, from any thread or loop.
+
+A `Budget`'s Redis connections belong to the event loop they were opened on.
+Frameworks call hooks from elsewhere: LangChain runs an async callback of a
+blocking ``invoke`` in a fresh ``asyncio.Runner``, CrewAI and AG2 call from
+worker threads, a blocking call may even run inside a coroutine and stall
+its own loop. `LoopBridge` picks, per call:
+
+- on the budget's home loop (the loop running when the bridge was built, or
+  the portal loop of a `SyncBudget`): the budget itself, awaited in place;
+- anywhere else (another loop, a thread, blocking code): a private blocking
+  twin (``budget.sync()``, built once, on its own thread), which no caller
+  can stall. From a coroutine it is awaited without blocking that loop.
+
+So no combination waits on a loop that cannot run: nothing hangs. A call
+opened on one side is settled on the same side (`MeteredCall` remembers its
+loop; `run_on` sends a coroutine there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from slowburn_redis.budget import Budget
+from slowburn_redis.errors import InvalidInput
+from slowburn_redis.sync import SyncBudget
+
+T = TypeVar("T")
+
+
+class LoopMismatch(InvalidInput):
+    """A blocking settle was asked on the very thread whose loop must run it: it could never finish."""
+
+
+class LoopBridge:
+    """The budget a coroutine may use here and now, and a way to run it there (see the module docstring)."""
+
+    def __init__(self, budget: Budget | SyncBudget) -> None:
+        self._lock = threading.Lock()
+        self._twin: SyncBudget | None = None
+        self._own_twin = False
+        if isinstance(budget, SyncBudget):
+            self.budget = budget.budget
+            self.home: asyncio.AbstractEventLoop | None = budget._portal.loop
+            self._twin = budget
+        elif isinstance(budget, Budget):
+            self.budget = budget
+            try:
+                self.home = asyncio.get_running_loop()
+            except RuntimeError:
+                self.home = None
+        else:
+            raise InvalidInput(f"expected a Budget or a SyncBudget, not {type(budget).__name__}")
+
+    def twin(self) -> SyncBudget:
+        """The blocking side: the SyncBudget given, or one built (once) from the Budget."""
+        with self._lock:
+            if self._twin is None:
+                self._twin = self.budget.sync()
+                self._own_twin = True
+            return self._twin
+
+    def _here(self) -> asyncio.AbstractEventLoop | None:
+        try:
+            return asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+
+    def on_home(self) -> bool:
+        """True when the running loop is the budget's own (the budget may be awaited in place)."""
+        here = self._here()
+        return here is not None and here is self.home
+
+    async def arun(self, make: Callable[[Budget], Coroutine[Any, Any, T]]) -> T:
+        """Await ``make(budget)`` on the home loop in place, else on the twin's loop without blocking this one."""
+        if self.on_home():
+            return await make(self.budget)
+        twin = self.twin()
+        if self._here() is twin._portal.loop:
+            return await make(twin.budget)
+        return await _await_on(twin._portal.loop, make(twin.budget))
+
+    def run(self, make: Callable[[Budget], Coroutine[Any, Any, T]]) -> T:
+        """Block until ``make(budget)`` has run on the twin's loop (from any thread, even a loop's own)."""
+        twin = self.twin()
+        return twin._portal.call(make(twin.budget))
+
+    def close(self) -> None:
+        """Close the twin this bridge built (a SyncBudget passed in stays the caller's)."""
+        with self._lock:
+            twin, self._twin = (self._twin, None) if self._own_twin else (None, self._twin)
+            self._own_twin = False
+        if twin is not None:
+            twin.close()
+
+
+async def _await_on(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` on `loop` (another thread's) and await it here; cancelling here cancels it there."""
+    future = asyncio.run_coroutine_threadsafe(coro, loop)
+    return await asyncio.wrap_future(future)
+
+
+async def arun_on(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
+    """Await `coro` on `loop`: in place when it is the running loop, else across threads."""
+    try:
+        here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        here = None
+    if here is loop:
+        return await coro
+    return await _await_on(loop, coro)
+
+
+def run_on(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
+    """Block until `coro` ran on `loop`; LoopMismatch (at once) when this thread is the one running `loop`."""
+    try:
+        here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        here = None
+    if here is loop:
+        coro.close()
+        raise LoopMismatch(
+            "a call admitted on this thread's running event loop cannot be settled by blocking it: "
+            "settle it with the async method (await), or admit it from blocking code"
+        )
+    return asyncio.run_coroutine_threadsafe(coro, loop).result()
