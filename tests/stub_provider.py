@@ -35,7 +35,8 @@ PRICES_NANO = {
 }
 """Nano-dollars per (input, output) token: the provider's own price list (litellm's list has the same)."""
 
-WORDS = "budget window token redis stream agent fleet refill limit spend queue lease commit wait".split()
+WORDS = ["budget", "window", "token", "redis", "stream", "agent", "fleet"]
+WORDS += ["refill", "limit", "spend", "queue", "lease", "commit", "wait"]
 FAIL = "[fail]"
 
 

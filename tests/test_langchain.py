@@ -113,7 +113,7 @@ async def test_handler_commits_reported_usage(budget: Budget) -> None:
     assert entry["meta"]["est_input_tokens"] == litellm.token_counter(
         MODEL, messages=[{"role": "user", "content": PROMPT}]
     )
-    assert handler.hooks.calls == {}
+    assert handler.calls == {}
     status = await budget.status(TENANT)
     assert status.limits[0].reserved == 0
 
