@@ -80,6 +80,8 @@ class StubProvider:
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
+        self.arrived = threading.Event()
+        """Set when a request arrives (before the stub's delay): a test waits on it, never on the clock."""
 
     # lifecycle ---------------------------------------------------------------
 
@@ -185,6 +187,7 @@ class StubProvider:
             self.records.append(record)
 
     def _answer(self, handler: Any, path: str, body: dict[str, Any], key: str, received: float) -> None:
+        self.arrived.set()
         rng = self._rng(body)
         time.sleep(rng.uniform(*self.delay))
         record = Record(path, body, key, received)
