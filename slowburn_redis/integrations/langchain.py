@@ -31,7 +31,9 @@ invocation parameters. Needs the extra ``slowburn-redis[langchain]``.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
+import re
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -49,12 +51,23 @@ from slowburn_redis.llm.metering import MeteredCall, Usage
 from slowburn_redis.sync import SyncBudget
 
 __all__ = [
+    "CURRENT_AGENT",
     "BudgetCallbackHandler",
     "SyncBudgetCallbackHandler",
     "estimate_messages",
     "message_usage",
     "result_usage",
 ]
+
+
+CURRENT_AGENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("slowburn_agent", default=None)
+"""The agent model calls are charged to inside a `slowburn_redis.integrations.langgraph.budget_node`."""
+
+
+def agent_name(value: str) -> str:
+    """A framework's name (a node, a role, an SDK agent) as a budget agent name: other characters become '-'."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.@-]", "-", value).strip("-.@_")[:64]
+    return cleaned or "agent"
 
 
 async def _template() -> None:  # its code object marks a hook as a coroutine function to `inspect`
@@ -156,17 +169,36 @@ class BudgetCallbackHandler(AsyncCallbackHandler):
     `slowburn_redis.llm.Meter` (model, price_per_token, default_max_tokens,
     mode, wait_timeout, priority, headroom). Open calls are in `calls`
     (by LangChain run id) until they settle.
+
+    The agent a call is charged to: the one set by a LangGraph `budget_node`
+    around it, else (with `per_node`) the LangGraph node it runs in, else `agent`.
     """
 
     raise_error = True
     run_inline = True
 
-    def __init__(self, budget: Budget | SyncBudget, tenant: str, agent: str | None = None, **options: Any) -> None:
-        self.meter = Meter(budget, tenant, agent, framework="langchain", **options)
+    def __init__(
+        self,
+        budget: Budget | SyncBudget,
+        tenant: str,
+        agent: str | None = None,
+        *,
+        per_node: bool = False,
+        framework: str = "langchain",
+        **options: Any,
+    ) -> None:
+        self.meter = Meter(budget, tenant, agent, framework=framework, **options)
+        self.per_node = per_node
         self.calls: dict[UUID, MeteredCall] = {}
         setattr(self, "on_chat_model_start", _Hook("on_chat_model_start", self._astart, self._start))  # noqa: B010
         setattr(self, "on_llm_end", _Hook("on_llm_end", self._aend, self._end))  # noqa: B010
         setattr(self, "on_llm_error", _Hook("on_llm_error", self._aerror, self._error))  # noqa: B010
+
+    def _agent(self, metadata: dict[str, Any]) -> str | None:
+        chosen = CURRENT_AGENT.get()
+        if chosen is None and self.per_node and isinstance(metadata.get("langgraph_node"), str):
+            chosen = agent_name(metadata["langgraph_node"])
+        return chosen or self.meter.agent
 
     def _estimate(
         self, run_id: UUID, serialized: dict[str, Any] | None, messages: Sequence[Sequence[BaseMessage]], kw: Any
@@ -185,11 +217,13 @@ class BudgetCallbackHandler(AsyncCallbackHandler):
         self, serialized: dict[str, Any], messages: list[list[BaseMessage]], *, run_id: UUID, **kw: Any
     ) -> None:
         estimate, meta = self._estimate(run_id, serialized, messages, kw)
-        self.calls[run_id] = await self.meter.aopen(estimate, metadata=meta)
+        agent = self._agent(kw.get("metadata") or {})
+        self.calls[run_id] = await self.meter.aopen(estimate, agent=agent, metadata=meta)
 
     def _start(self, serialized: dict[str, Any], messages: list[list[BaseMessage]], *, run_id: UUID, **kw: Any) -> None:
         estimate, meta = self._estimate(run_id, serialized, messages, kw)
-        self.calls[run_id] = self.meter.open(estimate, metadata=meta)
+        agent = self._agent(kw.get("metadata") or {})
+        self.calls[run_id] = self.meter.open(estimate, agent=agent, metadata=meta)
 
     async def _aend(self, response: LLMResult, *, run_id: UUID, **kw: Any) -> None:
         call = self.calls.pop(run_id, None)
