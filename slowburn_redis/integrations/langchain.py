@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextvars
 import inspect
-import re
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -45,6 +44,7 @@ from langchain_core.outputs import LLMResult
 
 from slowburn_redis.budget import Budget
 from slowburn_redis.errors import InvalidInput
+from slowburn_redis.integrations.names import agent_name
 from slowburn_redis.llm.estimate import CallEstimate, count_input_tokens, count_text_tokens, output_cap
 from slowburn_redis.llm.meter import Meter
 from slowburn_redis.llm.metering import MeteredCall, Usage
@@ -62,12 +62,6 @@ __all__ = [
 
 CURRENT_AGENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("slowburn_agent", default=None)
 """The agent model calls are charged to inside a `slowburn_redis.integrations.langgraph.budget_node`."""
-
-
-def agent_name(value: str) -> str:
-    """A framework's name (a node, a role, an SDK agent) as a budget agent name: other characters become '-'."""
-    cleaned = re.sub(r"[^A-Za-z0-9_.@-]", "-", value).strip("-.@_")[:64]
-    return cleaned or "agent"
 
 
 async def _template() -> None:  # its code object marks a hook as a coroutine function to `inspect`

@@ -38,10 +38,10 @@ from slowburn_redis.budget import Budget
 from slowburn_redis.integrations.langchain import (
     CURRENT_AGENT,
     BudgetCallbackHandler,
-    agent_name,
     estimate_messages,
     message_usage,
 )
+from slowburn_redis.integrations.names import agent_name
 from slowburn_redis.llm.estimate import CallEstimate
 from slowburn_redis.llm.meter import Meter
 from slowburn_redis.llm.metering import MeteredCall, Usage

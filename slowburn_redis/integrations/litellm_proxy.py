@@ -26,7 +26,8 @@ Which budget a request spends is `tenant_from` / `agent_from`: the proxy's
 virtual key (``key_alias``, else its hashed token), its team (``team_alias``
 or ``team_id``), its user (``user_id``), the OpenAI ``user`` field of the
 request, a request metadata field (``metadata:NAME``), or none (the fixed
-`tenant` / no agent). Names are cleaned to the budget's name rules.
+`tenant` / no agent). Names are cleaned to the budget's name rules
+(`slowburn_redis.integrations.names.agent_name`).
 
 Needs the extra ``slowburn-redis[litellm_proxy]``.
 """
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from typing import Any
 
 import structlog
@@ -44,6 +44,7 @@ from litellm.integrations.custom_logger import CustomLogger
 
 from slowburn_redis.budget import Budget, Mode
 from slowburn_redis.errors import BudgetDenied, BudgetExhausted, BudgetTimeout, InvalidInput, RequestTooLarge
+from slowburn_redis.integrations.names import agent_name
 from slowburn_redis.llm.estimate import CallEstimate
 from slowburn_redis.llm.meter import Meter
 from slowburn_redis.llm.metering import MeteredCall
@@ -151,7 +152,7 @@ class BudgetHook(CustomLogger):
                 if isinstance(meta, dict) and meta.get(field):
                     value = meta[field]
                     break
-        return clean_name(str(value)) if value else None
+        return agent_name(str(value)) if value else None
 
     def _meter(self, tenant: str) -> Meter:
         meter = self.meters.get(tenant)
@@ -254,12 +255,6 @@ def _priced_model(model: str) -> str:
         if deployment.get("model_name") == model:
             return str((deployment.get("litellm_params") or {}).get("model") or model)
     return model
-
-
-def clean_name(value: str) -> str:
-    """A proxy name (alias, id, email) as a budget name: other characters become '-', 64 at most."""
-    cleaned = re.sub(r"[^A-Za-z0-9_.@-]", "-", value).strip("-.@_")[:64]
-    return cleaned or "unnamed"
 
 
 budget_hook = BudgetHook.from_env()

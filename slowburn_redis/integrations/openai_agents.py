@@ -36,6 +36,7 @@ from agents.tracing import get_current_span
 from agents.tracing.span_data import AgentSpanData
 
 from slowburn_redis.budget import Budget
+from slowburn_redis.integrations.names import agent_name
 from slowburn_redis.llm.estimate import CallEstimate
 from slowburn_redis.llm.meter import Meter
 from slowburn_redis.llm.metering import MeteredCall, Usage
@@ -70,7 +71,7 @@ class BudgetedModel(Model):
         if self.agent is not _KEEP:
             return self.agent  # type: ignore[return-value]
         name = running_agent()
-        return check_agent(_safe(name)) if name else self.meter.agent
+        return check_agent(agent_name(name)) if name else self.meter.agent
 
     def _estimate(self, system_instructions: str | None, input: Any, settings: Any, tools: Any) -> CallEstimate:
         params: dict[str, Any] = {"instructions": system_instructions}
@@ -179,11 +180,3 @@ def _usage(usage: Any, call: MeteredCall) -> Usage:
 
 def _plain(item: Any) -> Any:
     return item.model_dump() if hasattr(item, "model_dump") else item
-
-
-def _safe(name: str) -> str:
-    """An SDK agent name as a budget agent name (spaces and other characters become '-')."""
-    import re
-
-    cleaned = re.sub(r"[^A-Za-z0-9_.@-]", "-", name).strip("-")[:64]
-    return cleaned or "agent"

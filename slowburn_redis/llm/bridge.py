@@ -15,12 +15,18 @@ its own loop. `LoopBridge` picks, per call:
 So no combination waits on a loop that cannot run: nothing hangs. A call
 opened on one side is settled on the same side (`MeteredCall` remembers its
 loop; `run_on` sends a coroutine there).
+
+One twin per Budget, shared by every bridge on it (one thread, one
+connection pool, one pub/sub connection per process, as the budget's own
+waiting design wants). It is closed with the Budget (``await budget.aclose()``
+closes it too) or by `close_twin`; the next blocking use builds a new one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -31,6 +37,45 @@ from slowburn_redis.sync import SyncBudget
 T = TypeVar("T")
 
 
+_TWINS: weakref.WeakKeyDictionary[Budget, SyncBudget] = weakref.WeakKeyDictionary()
+_TWINS_LOCK = threading.Lock()
+
+
+def twin_of(budget: Budget) -> SyncBudget:
+    """The blocking twin of `budget`, built once and shared; closed when the budget is closed."""
+    with _TWINS_LOCK:
+        twin = _TWINS.get(budget)
+        if twin is not None:
+            return twin
+        twin = budget.sync()
+        _TWINS[budget] = twin
+        if not getattr(budget, "_slowburn_twin_aclose", False):
+            original = budget.aclose
+
+            async def aclose() -> None:
+                try:
+                    await original()
+                finally:
+                    await asyncio.to_thread(close_twin, budget)
+
+            setattr(budget, "aclose", aclose)  # noqa: B010 - the instance closes its twin with itself
+            setattr(budget, "_slowburn_twin_aclose", True)  # noqa: B010
+        return twin
+
+
+def close_twin(budget: Budget) -> None:
+    """Close the shared blocking twin of `budget`, if one was built (the next blocking use builds another)."""
+    with _TWINS_LOCK:
+        twin = _TWINS.pop(budget, None)
+    if twin is not None:
+        from slowburn_redis.llm.client import stop_litellm_worker
+
+        try:
+            twin._portal.call(stop_litellm_worker())  # litellm's logging task, if it ran on the twin's loop
+        finally:
+            twin.close()
+
+
 class LoopMismatch(InvalidInput):
     """A blocking settle was asked on the very thread whose loop must run it: it could never finish."""
 
@@ -39,9 +84,7 @@ class LoopBridge:
     """The budget a coroutine may use here and now, and a way to run it there (see the module docstring)."""
 
     def __init__(self, budget: Budget | SyncBudget) -> None:
-        self._lock = threading.Lock()
         self._twin: SyncBudget | None = None
-        self._own_twin = False
         if isinstance(budget, SyncBudget):
             self.budget = budget.budget
             self.home: asyncio.AbstractEventLoop | None = budget._portal.loop
@@ -56,12 +99,12 @@ class LoopBridge:
             raise InvalidInput(f"expected a Budget or a SyncBudget, not {type(budget).__name__}")
 
     def twin(self) -> SyncBudget:
-        """The blocking side: the SyncBudget given, or one built (once) from the Budget."""
-        with self._lock:
-            if self._twin is None:
-                self._twin = self.budget.sync()
-                self._own_twin = True
-            return self._twin
+        """The blocking side: the SyncBudget given, or the Budget's shared twin (`twin_of`)."""
+        return self._twin if self._twin is not None else twin_of(self.budget)
+
+    def has_twin(self) -> bool:
+        """True when a blocking side exists now (given, or built by some blocking use)."""
+        return self._twin is not None or self.budget in _TWINS
 
     def _here(self) -> asyncio.AbstractEventLoop | None:
         try:
@@ -89,12 +132,9 @@ class LoopBridge:
         return twin._portal.call(make(twin.budget))
 
     def close(self) -> None:
-        """Close the twin this bridge built (a SyncBudget passed in stays the caller's)."""
-        with self._lock:
-            twin, self._twin = (self._twin, None) if self._own_twin else (None, self._twin)
-            self._own_twin = False
-        if twin is not None:
-            twin.close()
+        """Close the Budget's shared twin, if built (a SyncBudget passed in stays the caller's to close)."""
+        if self._twin is None:
+            close_twin(self.budget)
 
 
 async def _await_on(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:

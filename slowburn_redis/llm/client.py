@@ -285,8 +285,8 @@ class BudgetedLLM:
     def close(self) -> None:
         """Stop litellm's background logging on the blocking side's loop; close the twin this object opened."""
         bridge = self.meter.bridge
-        if bridge._twin is not None:
-            bridge._twin._portal.call(stop_litellm_worker())
+        if bridge.has_twin():
+            bridge.twin()._portal.call(stop_litellm_worker())
         bridge.close()
 
     def __repr__(self) -> str:

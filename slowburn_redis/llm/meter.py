@@ -221,7 +221,7 @@ class Meter:
         return run_on(call.loop, call.fail(exc, produced=produced, extra=extra))
 
     def close(self) -> None:
-        """Close the blocking twin this meter built, if any."""
+        """Close the budget's shared blocking twin, if one was built (closing the Budget does it too)."""
         self.bridge.close()
 
     def __repr__(self) -> str:
