@@ -104,3 +104,18 @@ async def test_a_cancelled_run_keeps_the_estimate_and_frees_the_slot(budget: Bud
     assert entry["outcome"] == "cancelled" and int(entry["usd"]) > 0
     status = await budget.status(TENANT)
     assert next(s for s in status.limits if s.limit.dimension == "concurrency").reserved == 0
+
+
+async def test_a_streamed_run_commits_what_the_stream_reported(budget: Budget, stub: StubProvider) -> None:
+    await budget.set_limits(TENANT, ["usd 1/hour", "concurrency 2"])
+    provider = BudgetedModelProvider(budget, TENANT, model=MODEL)
+    model = provider.model(OpenAIChatCompletionsModel(MODEL, client(stub, "s")), agent="streamer")
+    agent = Agent(name="streamer", instructions="Stream.", model=model, model_settings=settings())
+    run = Runner.run_streamed(agent, "stream something", run_config=RunConfig(tracing_disabled=True))
+    events = [event async for event in run.stream_events()]
+    assert events and run.final_output
+    (entry,) = await ledger(budget)
+    assert entry["outcome"] == "ok" and entry["meta"]["stream"] is True
+    assert entry["meta"].get("usage") != "counted"  # the usage the stream reported, not a count
+    assert await ledger_by_agent(budget) == {"streamer": stub.bill()["s"]}
+    assert all(s.reserved == 0 for s in (await budget.status(TENANT)).limits)

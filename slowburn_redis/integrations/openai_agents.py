@@ -15,7 +15,8 @@ Before each model call (``get_response`` and ``stream_response``, each
 retry on its own) the call is estimated (instructions and input items
 counted as text, output at ``ModelSettings.max_tokens`` or
 `default_max_tokens`) and admitted; afterwards the usage the SDK reports is
-committed. A call that raises is refunded (a timeout keeps the estimate);
+committed (a stream asks the provider to report usage, ``include_usage``,
+unless the model settings say otherwise). A call that raises is refunded (a timeout keeps the estimate);
 a run cancelled while the provider works, or a stream closed early, keeps
 the estimate (the provider may bill it) and frees the concurrency slot.
 The agent a call is charged to is the model's `agent`, else the name of the
@@ -27,6 +28,7 @@ Needs the extra ``slowburn-redis[openai_agents]``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -109,6 +111,7 @@ class BudgetedModel(Model):
 
     async def stream_response(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         """Admit, stream the wrapped model's events, commit at ``response.completed`` (or settle on failure)."""
+        args, kwargs = _with_stream_usage(args, kwargs)
         call = await self._open(args, kwargs, stream=True)
         settled = False
         try:
@@ -169,6 +172,21 @@ class BudgetedModelProvider(ModelProvider):
     def model(self, inner: Model, *, agent: str | None = None) -> BudgetedModel:
         """Wrap one SDK model for one agent (``Agent(model=provider.model(m, agent="researcher"))``)."""
         return BudgetedModel(inner, self.meter, agent=agent)
+
+
+def _with_stream_usage(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Ask the provider for usage in the stream (``include_usage``) unless the settings say otherwise.
+
+    The SDK asks for it only from api.openai.com; without it a stream is
+    committed at locally counted tokens.
+    """
+    settings = kwargs.get("model_settings", args[2] if len(args) > 2 else None)
+    if settings is None or getattr(settings, "include_usage", False) is not None:
+        return args, kwargs
+    settings = dataclasses.replace(settings, include_usage=True)
+    if "model_settings" in kwargs:
+        return args, {**kwargs, "model_settings": settings}
+    return (*args[:2], settings, *args[3:]), kwargs
 
 
 def _usage(usage: Any, call: MeteredCall) -> Usage:
