@@ -221,3 +221,38 @@ async def test_reject_mode_answers_429_with_retry_after_and_failures_refund(
     assert entries[1]["usd"] == "0"
     assert await ledger_by_agent(budget) == {"r": stub.bill()["proxy"]}
     await budget.aclose()
+
+
+async def test_key_team_user_and_metadata_map_to_tenant_and_agent(budget: Budget, stub: StubProvider) -> None:
+    """The hook class itself, with the proxy's own UserAPIKeyAuth and a real litellm call in between."""
+    import litellm
+    from litellm.proxy._types import UserAPIKeyAuth
+
+    from slowburn_redis.integrations.litellm_proxy import BudgetHook
+
+    for tenant in ("Team-Blue", "acme"):
+        await budget.set_limits(tenant, ["usd 1/hour"])
+    key = UserAPIKeyAuth(
+        api_key="hashed", token="0123456789abcdef", key_alias="ci bot", team_alias="Team Blue", user_id="u@x.io"
+    )
+    data: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+    cases = [
+        ("team", "key", "Team-Blue", "ci-bot"),
+        ("none", "user", "acme", "u@x.io"),
+        ("none", "metadata:agent", "acme", "from-metadata"),
+    ]
+    for i, (tenant_from, agent_from, tenant, agent) in enumerate(cases):
+        hook = BudgetHook(budget, tenant="acme", tenant_from=tenant_from, agent_from=agent_from)
+        request = {**data, "litellm_call_id": f"call-{i}", "metadata": {"agent": "from-metadata"}}
+        assert await hook.async_pre_call_hook(key, None, request, "acompletion") is request
+        (call,) = hook.calls.values()
+        assert (call.reservation.tenant, call.reservation.agent) == (tenant, agent)
+        response = await litellm.acompletion(
+            model=f"openai/{MODEL}", messages=data["messages"], max_tokens=20, api_base=stub.base_url, api_key="k"
+        )
+        kwargs = {"litellm_call_id": f"call-{i}", "response_cost": litellm.completion_cost(response), "model": MODEL}
+        await hook.async_log_success_event(kwargs, response, None, None)
+        assert hook.calls == {}
+    by_tenant = {t: await ledger_by_agent(budget, t) for t in ("Team-Blue", "acme")}
+    assert sum(sum(v.values()) for v in by_tenant.values()) == stub.bill()["k"]
+    assert set(by_tenant["Team-Blue"]) == {"ci-bot"} and set(by_tenant["acme"]) == {"u@x.io", "from-metadata"}
