@@ -153,3 +153,21 @@ async def test_headroom_keeps_the_provider_side_window(
     assert worst <= 1.0, worst
     assert await ledger_by_agent(budget) == {"h": stub.bill()["h"]}
     assert all(e["meta"].get("headroom") for e in await ledger(budget))
+
+
+async def test_an_impossible_blocking_settle_fails_at_once(budget: Budget) -> None:
+    """Blocking on the loop that must run the settle could never finish: a typed error at once, never a hang."""
+    from slowburn_redis.llm import Meter, Usage
+    from slowburn_redis.llm.bridge import LoopMismatch
+
+    await budget.set_limits(TENANT, ["usd 1/hour"])
+    meter = Meter(budget, TENANT, agent="m", model=MODEL)
+    call = await meter.aopen(meter.estimate_chat(None, ask(0), {"max_tokens": 10}))
+    used = Usage(call.estimate.input_tokens, 5, call.price.cost(call.estimate.input_tokens, 5))
+    with pytest.raises(LoopMismatch):
+        meter.succeed(call, used)  # blocking, on this very loop
+    await meter.asucceed(call, used)  # the async settle works
+    # blocking admission from inside this loop uses the budget's twin: it blocks this loop, but returns
+    blocking = meter.open(meter.estimate_chat(None, ask(1), {"max_tokens": 10}))
+    meter.succeed(blocking, used)
+    assert [e["outcome"] for e in await ledger(budget)] == ["ok", "ok"]
