@@ -17,7 +17,7 @@ import sys
 import textwrap
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import pytest
 pytest.importorskip("litellm.proxy.proxy_server", reason="the litellm_proxy extra is not installed")
 
 from slowburn_redis import Budget
+from slowburn_redis.llm.client import stop_litellm_worker
 from slowburn_redis.llm.meter import Meter
 from tests.servers import free_port
 from tests.stub_provider import StubProvider
@@ -117,6 +118,12 @@ class Proxy:
             self.proc.kill()
             self.proc.wait(10)
         self.log.close()
+
+
+@pytest.fixture(autouse=True)
+async def _litellm_worker_stopped() -> AsyncIterator[None]:
+    yield
+    await stop_litellm_worker()
 
 
 @pytest.fixture
