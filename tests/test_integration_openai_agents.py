@@ -90,7 +90,7 @@ async def test_chat_completions_model_per_agent_and_a_failure_refunds(budget: Bu
 
 async def test_a_cancelled_run_keeps_the_estimate_and_frees_the_slot(budget: Budget, stub: StubProvider) -> None:
     await budget.set_limits(TENANT, ["usd 1/hour", "concurrency 1"])
-    stub.delay = (5.0, 5.0)
+    stub.delay = (30.0, 30.0)  # far longer than any machine needs to cancel it
     provider = BudgetedModelProvider(
         budget, TENANT, "c", model=MODEL, provider_options={"openai_client": client(stub, "c")}
     )
