@@ -142,6 +142,12 @@ class Engine:
     async def xrange(self, key: str, low: str, high: str, count: int) -> list[tuple[str, dict[str, str]]]:
         return list(await self._command("xrange", lambda c: c.xrange(key, min=low, max=high, count=count)))
 
+    async def xread(self, key: str, after: str, *, block_ms: int, count: int) -> list[tuple[str, dict[str, str]]]:
+        """Stream entries of `key` after id `after` (``$``: only new ones), waiting up to `block_ms` for one."""
+        self._check_open()
+        reply = await self.client.xread({key: after}, block=block_ms, count=count)
+        return [entry for _, entries in reply or [] for entry in entries]
+
     async def scan_keys(self, match: str, count: int = 500) -> AsyncIterator[str]:
         """Every key matching the glob `match` (on a cluster: on every primary)."""
         self._check_open()

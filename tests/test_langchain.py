@@ -25,7 +25,7 @@ from structlog.testing import capture_logs
 from slowburn_redis import Budget, BudgetTimeout, InvalidInput
 from slowburn_redis.integrations.langchain import BudgetCallbackHandler, SyncBudgetCallbackHandler
 from slowburn_redis.llm import UnpricedModel
-from slowburn_redis.llm.client import stop_litellm_worker
+from slowburn_redis.llm.bridge import stop_litellm_worker
 from slowburn_redis.llm.estimate import count_text_tokens
 
 MODEL = "gpt-4o-mini"
@@ -113,7 +113,7 @@ async def test_handler_commits_reported_usage(budget: Budget) -> None:
     assert entry["meta"]["est_input_tokens"] == litellm.token_counter(
         MODEL, messages=[{"role": "user", "content": PROMPT}]
     )
-    assert handler.hooks.calls == {}
+    assert handler.calls == {}
     status = await budget.status(TENANT)
     assert status.limits[0].reserved == 0
 

@@ -21,7 +21,7 @@ from structlog.testing import capture_logs
 
 from slowburn_redis import Budget, BudgetExhausted, InvalidInput
 from slowburn_redis.llm import BudgetedLLM, UnpricedModel, mock_reply
-from slowburn_redis.llm.client import stop_litellm_worker
+from slowburn_redis.llm.bridge import stop_litellm_worker
 from slowburn_redis.llm.estimate import count_text_tokens
 
 MODEL = "gpt-4o-mini"
@@ -440,7 +440,7 @@ async def test_batch_of_20_under_a_budget_for_5_pauses_and_stays_in_the_window(b
     out_tokens = count_text_tokens(MODEL, reply_text)
     prompts = [[{"role": "user", "content": f"Question number {i:02d}: what is a token bucket?"}] for i in range(20)]
     llm = BudgetedLLM(budget, TENANT, agent="batch", model=MODEL)
-    estimate = llm._plan(prompts[0], {"max_tokens": out_tokens}).estimate.usd
+    estimate = llm._plan("chat", prompts[0], {"max_tokens": out_tokens}).estimate.usd
     limit = 5 * estimate * 1.001  # room for five calls, not six
     await budget.set_limits(TENANT, [f"usd {limit:.9f}/{WINDOW_MS // 1000}s"])
     replies = [mock_reply(MODEL, p, reply_text) for p in prompts]
@@ -468,7 +468,7 @@ async def test_abatch_pauses_and_completes(budget: Budget) -> None:
     out_tokens = count_text_tokens(MODEL, reply_text)
     prompts = [[{"role": "user", "content": f"Item {i:02d}: define backpressure."}] for i in range(20)]
     llm = BudgetedLLM(budget, TENANT, agent="batch", model=MODEL, max_tokens=out_tokens)
-    estimate = llm._plan(prompts[0], {}).estimate.usd
+    estimate = llm._plan("chat", prompts[0], {}).estimate.usd
     limit = 5 * estimate * 1.001
     await budget.set_limits(TENANT, [f"usd {limit:.9f}/{WINDOW_MS // 1000}s"])
     reply = mock_reply(MODEL, prompts[0], reply_text)  # same size for every prompt
@@ -519,11 +519,11 @@ def test_sync_completion_and_stream_reuse_the_async_path(make_budget: Callable[.
         assert text == ANSWER and stream.settlement is not None
         results = llm.batch([QUESTION] * 3, max_tokens=50, mock_response=mock_reply(MODEL, QUESTION, "ok").model_dump())
         assert len(results) == 3
-        with pytest.raises(InvalidInput):
-            asyncio.run(llm.acompletion(QUESTION))  # a SyncBudget-backed LLM only blocks
+        # the async side works too, from any loop (run on the SyncBudget's own loop, this one never blocked)
+        asyncio.run(llm.acompletion(QUESTION, max_tokens=20, mock_response=mock_reply(MODEL, QUESTION, "ok")))
         report = sync.report(TENANT)
         llm.close()
-        assert report.entries == 5 and report.agents[0].name == "sync"
+        assert report.entries == 6 and report.agents[0].name == "sync"
         assert report.totals.usd_nano >= nano(litellm.completion_cost(completion_response=response))
     finally:
         sync.close()

@@ -3,7 +3,7 @@
 - No import cycle between modules of ``slowburn_redis`` (imports inside
   ``if TYPE_CHECKING:`` blocks aside; imports inside functions count).
 - No module reaches into another object's private members (``x._name``
-  where x is not ``self`` or ``cls``).
+  where x is not ``self``, ``cls`` or ``super()``; ``sys._getframe`` aside).
 - Only `slowburn_redis.engine` and the connection factories touch a Redis client.
 - No function of the core is longer than 60 lines.
 - The sync twin's public methods have the async Budget's signatures.
@@ -94,7 +94,8 @@ def _private_reaches(path: Path) -> list[str]:
             isinstance(node, ast.Attribute)
             and node.attr.startswith("_")
             and not node.attr.startswith("__")
-            and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+            and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls", "sys"))
+            and not (isinstance(node.value, ast.Call) and getattr(node.value.func, "id", "") == "super")
         ):
             found.append(f"{path.name}:{node.lineno} .{node.attr}")
     return found

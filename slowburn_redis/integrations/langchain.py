@@ -2,136 +2,125 @@
 
     from slowburn_redis.integrations.langchain import BudgetCallbackHandler
 
-    handler = BudgetCallbackHandler(budget, "acme", agent="researcher", model="gpt-4o-mini")
-    await chat_model.ainvoke("...", config={"callbacks": [handler]})
+    handler = BudgetCallbackHandler(budget, "acme", agent="researcher")
+    chat.invoke("...", config={"callbacks": [handler]})            # or ainvoke, batch, abatch, stream, astream
 
-Before each chat-model call the handler estimates it (prompt tokens counted
-by litellm, output at the call's ``max_tokens`` or `default_max_tokens`,
-priced from litellm's map or `price_per_token`) and acquires it, waiting
-while the budget is spent. After the call it commits the usage the model
-reported (``usage_metadata``, or ``llm_output["token_usage"]``), or the
-counted tokens when it reported none; on an error it releases (a timeout
-keeps the estimate). The handler sets ``raise_error``, so a budget error
-(BudgetTimeout, BudgetExhausted, UnpricedModel) stops the call before it is
-made.
+One handler for every way of running a chat model: ``invoke``, ``ainvoke``,
+``batch``, ``abatch``, ``stream`` and ``astream``, from the main thread, from
+worker threads, and from inside a running event loop. Before each call it
+estimates it (prompt tokens counted by litellm, output at the call's
+``max_tokens`` or `default_max_tokens`, priced from litellm's map or
+`price_per_token`) and waits until the budget admits it; after the call it
+commits the usage the model reported (``usage_metadata``, or
+``llm_output["token_usage"]``), or the counted tokens when it reported none;
+on an error it refunds (a timeout keeps the estimate). Budget errors
+(BudgetExhausted in ``mode="reject"``, BudgetTimeout, UnpricedModel) stop
+the call before it is made, in blocking and async code alike.
 
-`BudgetCallbackHandler` is for async code (``ainvoke``, ``astream``) on a
-`Budget`; `SyncBudgetCallbackHandler` is for blocking code (``invoke``) on a
-`SyncBudget`. Both run the same code.
+How it never hangs: LangChain awaits the handler's hooks in async code and
+calls them in blocking code (the handler answers each way: it is both a
+coroutine function to LangChain's async manager and a plain blocking call
+to its sync one, so errors are raised in both). Async hooks run on the
+budget's own loop when that is the running loop, and on a private blocking
+twin otherwise (`slowburn_redis.llm.bridge`), so no hook ever waits on a
+loop that cannot run.
 
-Needs the extra ``slowburn-redis[langchain]`` (langchain-core and litellm).
+`model` is optional: without it the model name comes from the chat model's
+invocation parameters. Needs the extra ``slowburn-redis[langchain]``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextvars
+import inspect
+import sys
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 from uuid import UUID
 
-from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
+from langchain_core.callbacks import AsyncCallbackHandler
 from langchain_core.messages import BaseMessage, convert_to_openai_messages
 from langchain_core.outputs import LLMResult
 
-from slowburn_redis.budget import Budget, Mode
+from slowburn_redis.budget import Budget
 from slowburn_redis.errors import InvalidInput
+from slowburn_redis.integrations.names import agent_name
 from slowburn_redis.llm.estimate import CallEstimate, count_input_tokens, count_text_tokens, output_cap
-from slowburn_redis.llm.metering import MeteredCall, Usage, open_call
-from slowburn_redis.llm.options import check_call_options
-from slowburn_redis.llm.pricing import PricePerToken, resolve_price
+from slowburn_redis.llm.meter import Meter
+from slowburn_redis.llm.metering import MeteredCall, Usage
 from slowburn_redis.sync import SyncBudget
 
-__all__ = ["BudgetCallbackHandler", "BudgetHooks", "SyncBudgetCallbackHandler"]
+__all__ = [
+    "CURRENT_AGENT",
+    "BudgetCallbackHandler",
+    "SyncBudgetCallbackHandler",
+    "estimate_messages",
+    "message_usage",
+    "result_usage",
+]
 
 
-class BudgetHooks:
-    """The budget side of a chat-model call, keyed by LangChain's run id (shared by both handlers)."""
-
-    def __init__(
-        self,
-        budget: Budget,
-        tenant: str,
-        agent: str | None = None,
-        *,
-        model: str | None = None,
-        price_per_token: PricePerToken | None = None,
-        default_max_tokens: int = 1024,
-        wait_timeout: float | None = None,
-        priority: int = 0,
-        mode: Mode = "wait",
-    ) -> None:
-        agent = check_call_options(
-            tenant=tenant, agent=agent, mode=mode, default_max_tokens=default_max_tokens, who="the handler"
-        )
-        if model is not None:
-            resolve_price(model, price_per_token)  # an unpriced model fails now, not at the first call
-        self.budget = budget
-        self.tenant = tenant
-        self.agent = agent
-        self.model = model
-        self.price_per_token = price_per_token
-        self.default_max_tokens = default_max_tokens
-        self.wait_timeout = wait_timeout
-        self.priority = priority
-        self.mode: Mode = mode
-        self.calls: dict[UUID, MeteredCall] = {}
-
-    def _model_of(self, serialized: dict[str, Any] | None, params: dict[str, Any]) -> str:
-        if self.model is not None:
-            return self.model
-        for source in (params, (serialized or {}).get("kwargs") or {}):
-            for key in ("model", "model_name"):
-                if isinstance(source.get(key), str) and source[key]:
-                    return str(source[key])
-        raise InvalidInput("cannot tell which model this chat model calls: pass model= to the handler")
-
-    async def start(
-        self,
-        run_id: UUID,
-        serialized: dict[str, Any] | None,
-        messages: Sequence[Sequence[BaseMessage]],
-        invocation_params: dict[str, Any] | None,
-        metadata: dict[str, Any] | None = None,
-    ) -> None:
-        """Estimate the call and wait until the budget admits it."""
-        params = dict(invocation_params or {})
-        model = self._model_of(serialized, params)
-        price = resolve_price(model, self.price_per_token)
-        input_tokens = sum(
-            count_input_tokens(model, convert_to_openai_messages(list(batch)), params) for batch in messages
-        )
-        output_tokens = output_cap(params, self.default_max_tokens) * max(1, len(messages))
-        estimate = CallEstimate(model, input_tokens, output_tokens, price.cost(input_tokens, output_tokens))
-        meta: dict[str, Any] = {"framework": "langchain", "run_id": str(run_id)}
-        if metadata and metadata.get("ls_provider"):
-            meta["provider"] = metadata["ls_provider"]
-        call = await open_call(
-            self.budget,
-            self.tenant,
-            self.agent,
-            estimate,
-            price,
-            wait_timeout=self.wait_timeout,
-            priority=self.priority,
-            mode=self.mode,
-            metadata=meta,
-        )
-        call.keep_lease(self.budget.lease_ttl)
-        self.calls[run_id] = call
-
-    async def end(self, run_id: UUID, response: LLMResult) -> None:
-        """Commit what the call used."""
-        call = self.calls.pop(run_id, None)
-        if call is not None:
-            await call.succeed(_usage(call, response))
-
-    async def error(self, run_id: UUID, error: BaseException) -> None:
-        """Refund the call (a timeout keeps the estimate)."""
-        call = self.calls.pop(run_id, None)
-        if call is not None:
-            await call.fail(error)
+CURRENT_AGENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("slowburn_agent", default=None)
+"""The agent model calls are charged to inside a `slowburn_redis.integrations.langgraph.budget_node`."""
 
 
-def _usage(call: MeteredCall, response: LLMResult) -> Usage:
+async def _template() -> None:  # its code object marks a hook as a coroutine function to `inspect`
+    return None
+
+
+class _Hook:
+    """A handler method LangChain's async manager awaits and its sync manager calls (see the module docstring).
+
+    ``inspect.iscoroutinefunction`` says True (so ``AsyncCallbackManager``
+    awaits it, in place); called from the blocking ``handle_event`` it runs
+    the blocking side at once and returns None (so errors propagate there
+    too, which LangChain does not do for coroutines it runs itself).
+    """
+
+    def __init__(self, name: str, acall: Callable[..., Coroutine[Any, Any, None]], call: Callable[..., None]):
+        self.__name__ = self.__qualname__ = name
+        self.__code__ = _template.__code__
+        self.__defaults__ = None
+        self.__kwdefaults__ = None
+        self.__annotations__: dict[str, Any] = {}
+        self._acall = acall
+        self._call = call
+        if hasattr(inspect, "markcoroutinefunction"):  # Python 3.12+
+            inspect.markcoroutinefunction(self)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, None] | None:
+        if sys._getframe(1).f_code.co_name == "handle_event":  # langchain_core's blocking callback manager
+            self._call(*args, **kwargs)
+            return None
+        return self._acall(*args, **kwargs)
+
+
+def estimate_messages(
+    meter: Meter, model: str, batches: Sequence[Sequence[BaseMessage]], params: dict[str, Any]
+) -> CallEstimate:
+    """The estimate of a chat-model call on one or more message lists (LangChain messages)."""
+    price = meter.price(model)
+    input_tokens = sum(
+        count_input_tokens(price.model, convert_to_openai_messages(list(batch)), params) for batch in batches
+    )
+    output_tokens = output_cap(params, meter.default_max_tokens) * max(1, len(batches))
+    return CallEstimate(price.model, input_tokens, output_tokens, price.cost(input_tokens, output_tokens))
+
+
+def message_usage(call: MeteredCall, message: Any) -> Usage:
+    """Usage of one AIMessage: its ``usage_metadata``, else the tokens of its text."""
+    usage = getattr(message, "usage_metadata", None)
+    if usage:
+        prompt, completion = int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)
+        return Usage(prompt, completion, call.price.cost(prompt, completion))
+    prompt = call.estimate.input_tokens
+    text = getattr(message, "text", None)
+    text = text() if callable(text) else text
+    completion = count_text_tokens(call.estimate.model, str(text or getattr(message, "content", "") or ""))
+    return Usage(prompt, completion, call.price.cost(prompt, completion), reported=False)
+
+
+def result_usage(call: MeteredCall, response: LLMResult) -> Usage:
     """Reported usage (usage_metadata, then llm_output token_usage), else counted tokens."""
     prompt = completion = 0
     reported = False
@@ -156,83 +145,111 @@ def _usage(call: MeteredCall, response: LLMResult) -> Usage:
     return Usage(prompt, completion, call.price.cost(prompt, completion), reported=reported)
 
 
+def model_of(meter: Meter, serialized: dict[str, Any] | None, params: dict[str, Any]) -> str:
+    """The model a chat model calls: the meter's `model`, else its invocation parameters."""
+    if meter.model is not None:
+        return meter.model
+    for source in (params, (serialized or {}).get("kwargs") or {}):
+        for key in ("model", "model_name"):
+            if isinstance(source.get(key), str) and source[key]:
+                return str(source[key])
+    raise InvalidInput("cannot tell which model this chat model calls: pass model= to the handler")
+
+
 class BudgetCallbackHandler(AsyncCallbackHandler):
-    """Async LangChain callback handler on a `Budget` (see the module docstring)."""
+    """A LangChain callback handler metering every chat-model call on the shared budget.
+
+    `budget` is a `Budget` or a `SyncBudget`; `options` are those of
+    `slowburn_redis.llm.Meter` (model, price_per_token, default_max_tokens,
+    mode, wait_timeout, priority, headroom). Open calls are in `calls`
+    (by LangChain run id) until they settle.
+
+    The agent a call is charged to: the one set by a LangGraph `budget_node`
+    around it, else (with `per_node`) the LangGraph node it runs in, else `agent`.
+    """
 
     raise_error = True
     run_inline = True
 
-    def __init__(self, budget: Budget, tenant: str, agent: str | None = None, **options: Any) -> None:
-        self.hooks = BudgetHooks(budget, tenant, agent, **options)
-
-    async def on_chat_model_start(
+    def __init__(
         self,
-        serialized: dict[str, Any],
-        messages: list[list[BaseMessage]],
+        budget: Budget | SyncBudget,
+        tenant: str,
+        agent: str | None = None,
         *,
-        run_id: UUID,
-        parent_run_id: UUID | None = None,
-        tags: list[str] | None = None,
-        metadata: dict[str, Any] | None = None,
-        **kwargs: Any,
+        per_node: bool = False,
+        framework: str = "langchain",
+        **options: Any,
     ) -> None:
-        await self.hooks.start(run_id, serialized, messages, kwargs.get("invocation_params"), metadata)
+        self.meter = Meter(budget, tenant, agent, framework=framework, **options)
+        self.per_node = per_node
+        self.calls: dict[UUID, MeteredCall] = {}
+        setattr(self, "on_chat_model_start", _Hook("on_chat_model_start", self._astart, self._start))  # noqa: B010
+        setattr(self, "on_llm_end", _Hook("on_llm_end", self._aend, self._end))  # noqa: B010
+        setattr(self, "on_llm_error", _Hook("on_llm_error", self._aerror, self._error))  # noqa: B010
 
-    async def on_llm_end(
-        self,
-        response: LLMResult,
-        *,
-        run_id: UUID,
-        parent_run_id: UUID | None = None,
-        tags: list[str] | None = None,
-        **kwargs: Any,
+    def _agent(self, metadata: dict[str, Any]) -> str | None:
+        chosen = CURRENT_AGENT.get()
+        if chosen is None and self.per_node and isinstance(metadata.get("langgraph_node"), str):
+            chosen = agent_name(metadata["langgraph_node"])
+        return chosen or self.meter.agent
+
+    def _estimate(
+        self, run_id: UUID, serialized: dict[str, Any] | None, messages: Sequence[Sequence[BaseMessage]], kw: Any
+    ) -> tuple[CallEstimate, dict[str, Any]]:
+        params = dict(kw.get("invocation_params") or {})
+        estimate = estimate_messages(self.meter, model_of(self.meter, serialized, params), messages, params)
+        meta: dict[str, Any] = {"run_id": str(run_id)}
+        metadata = kw.get("metadata") or {}
+        if metadata.get("ls_provider"):
+            meta["provider"] = metadata["ls_provider"]
+        if metadata.get("langgraph_node"):
+            meta["node"] = metadata["langgraph_node"]
+        return estimate, meta
+
+    async def _astart(
+        self, serialized: dict[str, Any], messages: list[list[BaseMessage]], *, run_id: UUID, **kw: Any
     ) -> None:
-        await self.hooks.end(run_id, response)
+        estimate, meta = self._estimate(run_id, serialized, messages, kw)
+        agent = self._agent(kw.get("metadata") or {})
+        self.calls[run_id] = await self.meter.aopen(estimate, agent=agent, metadata=meta)
 
-    async def on_llm_error(
-        self,
-        error: BaseException,
-        *,
-        run_id: UUID,
-        parent_run_id: UUID | None = None,
-        tags: list[str] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        await self.hooks.error(run_id, error)
+    def _start(self, serialized: dict[str, Any], messages: list[list[BaseMessage]], *, run_id: UUID, **kw: Any) -> None:
+        estimate, meta = self._estimate(run_id, serialized, messages, kw)
+        agent = self._agent(kw.get("metadata") or {})
+        self.calls[run_id] = self.meter.open(estimate, agent=agent, metadata=meta)
+
+    async def _aend(self, response: LLMResult, *, run_id: UUID, **kw: Any) -> None:
+        call = self.calls.pop(run_id, None)
+        if call is not None:
+            await self.meter.asucceed(call, result_usage(call, response))
+
+    def _end(self, response: LLMResult, *, run_id: UUID, **kw: Any) -> None:
+        call = self.calls.pop(run_id, None)
+        if call is not None:
+            self.meter.succeed(call, result_usage(call, response))
+
+    async def _aerror(self, error: BaseException, *, run_id: UUID, **kw: Any) -> None:
+        call = self.calls.pop(run_id, None)
+        if call is not None:
+            await self.meter.afail(call, error)
+
+    def _error(self, error: BaseException, *, run_id: UUID, **kw: Any) -> None:
+        call = self.calls.pop(run_id, None)
+        if call is not None:
+            self.meter.fail(call, error)
+
+    def close(self) -> None:
+        """Close the blocking twin the handler built for blocking code, if any."""
+        self.meter.close()
 
 
-class SyncBudgetCallbackHandler(BaseCallbackHandler):
-    """Blocking LangChain callback handler on a `SyncBudget`: the same hooks, run on its loop."""
-
-    raise_error = True
+class SyncBudgetCallbackHandler(BudgetCallbackHandler):
+    """The same handler, built on a `SyncBudget` (kept for code written before one handler did both)."""
 
     def __init__(self, budget: SyncBudget, tenant: str, agent: str | None = None, **options: Any) -> None:
         if not isinstance(budget, SyncBudget):
             raise InvalidInput(
                 "SyncBudgetCallbackHandler takes a SyncBudget (budget.sync()); use BudgetCallbackHandler"
             )
-        self._portal = budget.portal
-        self.hooks = BudgetHooks(budget.budget, tenant, agent, **options)
-
-    def on_chat_model_start(
-        self,
-        serialized: dict[str, Any],
-        messages: list[list[BaseMessage]],
-        *,
-        run_id: UUID,
-        parent_run_id: UUID | None = None,
-        tags: list[str] | None = None,
-        metadata: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        self._portal.call(self.hooks.start(run_id, serialized, messages, kwargs.get("invocation_params"), metadata))
-
-    def on_llm_end(
-        self, response: LLMResult, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
-    ) -> None:
-        self._portal.call(self.hooks.end(run_id, response))
-
-    def on_llm_error(
-        self, error: BaseException, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
-    ) -> None:
-        self._portal.call(self.hooks.error(run_id, error))
+        super().__init__(budget, tenant, agent, **options)

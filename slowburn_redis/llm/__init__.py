@@ -8,15 +8,20 @@ price map it ships instead of fetching one.
 
 from slowburn_redis.llm.client import BudgetedLLM
 from slowburn_redis.llm.estimate import CallEstimate, count_input_tokens, estimate_call, output_cap
+from slowburn_redis.llm.meter import Meter
 from slowburn_redis.llm.metering import MeteredCall, Usage, open_call
 from slowburn_redis.llm.mock import mock_reply
+from slowburn_redis.llm.options import BUDGET_OPTIONS, CallOptions
 from slowburn_redis.llm.pricing import Price, PricePerToken, UnpricedModel, resolve_price
 from slowburn_redis.llm.stream import BudgetedStream, SyncBudgetedStream
 
 __all__ = [
+    "BUDGET_OPTIONS",
     "BudgetedLLM",
     "BudgetedStream",
     "CallEstimate",
+    "CallOptions",
+    "Meter",
     "MeteredCall",
     "Price",
     "PricePerToken",

@@ -3,14 +3,16 @@
     llm = BudgetedLLM(budget, "acme", agent="researcher", model="gpt-4o-mini")
     response = await llm.acompletion([{"role": "user", "content": "hi"}], max_tokens=300)
 
-One async implementation; the blocking methods (`completion`, `batch`) run
-it on the private loop of a `SyncBudget` (the budget's sync twin).
+Chat completions (streamed or not), embeddings and the Responses API, through
+litellm or a litellm ``Router``. Everything goes through one `Meter`; the
+blocking methods (`completion`, `batch`, `embedding`, `responses`) run the
+same async code on the budget's blocking twin.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,40 +20,47 @@ import litellm
 
 from slowburn_redis.budget import Budget, Mode
 from slowburn_redis.errors import InvalidInput
-from slowburn_redis.llm.estimate import CallEstimate, check_messages, count_text_tokens, estimate_call
-from slowburn_redis.llm.metering import MeteredCall, Usage, open_call, reported_usage
-from slowburn_redis.llm.options import check_call_options
+from slowburn_redis.llm.bridge import stop_litellm_worker
+from slowburn_redis.llm.estimate import CallEstimate
+from slowburn_redis.llm.meter import Meter
+from slowburn_redis.llm.metering import MeteredCall, Usage
+from slowburn_redis.llm.options import split_budget_options
 from slowburn_redis.llm.pricing import Price, PricePerToken, resolve_price
 from slowburn_redis.llm.stream import BudgetedStream, SyncBudgetedStream
-from slowburn_redis.sync import Portal, SyncBudget
+from slowburn_redis.llm.usage import chat_usage, embedding_usage, responses_usage
+from slowburn_redis.sync import SyncBudget
 
 
 @dataclass(frozen=True)
 class _Plan:
-    """A validated call: what to send to litellm and what to reserve."""
+    """A validated call: what to send and what to reserve, and the budget options it takes."""
 
     model: str
-    messages: list[dict[str, Any]]
     params: dict[str, Any]
-    price: Price
     estimate: CallEstimate
+    options: dict[str, Any]
     metadata: dict[str, Any]
 
 
 class BudgetedLLM:
-    """litellm chat completions that wait on a shared budget and commit what they cost.
+    """litellm calls that wait on a shared budget and commit what they cost.
 
-    `budget` is a `Budget` (asyncio) or a `SyncBudget` (then only the
-    blocking methods are offered). `model` is any litellm model name; it must
-    have a price (litellm's map, ``litellm.register_model``) unless
-    `price_per_token` is given (dollars per token, or an ``(input, output)``
-    pair; it then prices every call of this object). Output tokens are
-    reserved at ``max_tokens`` or `default_max_tokens`. `wait_timeout`,
-    `priority` and `mode` go to `Budget.acquire`. Other keyword arguments
-    are defaults for every litellm call (``temperature``, ``api_base``...).
+    `budget` is a `Budget` or a `SyncBudget`; either way both the async and
+    the blocking methods work, from any thread or loop. `model` is any
+    litellm model name (or, with `router`, a model group of that
+    ``litellm.Router``, priced at its most expensive deployment until the
+    reply says which one served); it must have a price (litellm's map,
+    ``litellm.register_model``) unless `price_per_token` is given. Output
+    tokens are reserved at ``max_tokens`` or `default_max_tokens`.
 
-    Each call reserves usd, tokens, input_tokens, output_tokens, one request
-    and one concurrency slot, and commits the actual usage and cost to the
+    `wait_timeout`, `priority`, `mode` and `headroom` say how calls wait on
+    the budget (`slowburn_redis.llm.options.CallOptions`); each call may
+    override them as keyword arguments, which are then taken out: no budget
+    option ever reaches the provider. Other keyword arguments are defaults
+    for every litellm call (``temperature``, ``api_base``...).
+
+    Each call reserves usd, tokens, input and output tokens, one request and
+    one concurrency slot, and commits the actual usage and cost to the
     tenant's ledger with the model and call metadata (``ledger_metadata=``
     on a call adds to it).
     """
@@ -63,123 +72,163 @@ class BudgetedLLM:
         agent: str | None = None,
         *,
         model: str,
+        router: Any = None,
         price_per_token: PricePerToken | None = None,
         default_max_tokens: int = 1024,
         wait_timeout: float | None = None,
         priority: int = 0,
         mode: Mode = "wait",
+        headroom: bool = False,
         **defaults: Any,
     ) -> None:
-        agent = check_call_options(
-            tenant=tenant, agent=agent, mode=mode, default_max_tokens=default_max_tokens, who="a BudgetedLLM"
-        )
         if not isinstance(model, str) or not model:
             raise InvalidInput(f"model must be a non-empty string, not {model!r}")
         if price_per_token is not None:
             resolve_price(model, price_per_token)  # validates the price now
-        self.tenant = tenant
-        self.agent = agent
+        self.router = router
+        if router is not None and price_per_token is None:
+            price_per_token = router_price(router, model)
+        self.meter = Meter(
+            budget,
+            tenant,
+            agent,
+            price_per_token=price_per_token,
+            default_max_tokens=default_max_tokens,
+            mode=mode,
+            wait_timeout=wait_timeout,
+            priority=priority,
+            headroom=headroom,
+        )
+        self._source = budget
         self.model = model
         self.price_per_token = price_per_token
-        self.default_max_tokens = default_max_tokens
-        self.wait_timeout = wait_timeout
-        self.priority = priority
-        self.mode: Mode = mode
         self.defaults = defaults
-        self._portal: Portal | None = None
-        self._twin: BudgetedLLM | None = None
-        self._own_sync: SyncBudget | None = None
-        self._source = budget
-        if isinstance(budget, SyncBudget):
-            self.budget = budget.budget
-            self._portal = budget.portal
-            self._twin = self
-        else:
-            self.budget = budget
 
-    def _config(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "price_per_token": self.price_per_token,
-            "default_max_tokens": self.default_max_tokens,
-            "wait_timeout": self.wait_timeout,
-            "priority": self.priority,
-            "mode": self.mode,
-            **self.defaults,
-        }
+    @property
+    def budget(self) -> Budget:
+        return self.meter.budget
+
+    @property
+    def tenant(self) -> str:
+        return self.meter.tenant
+
+    @property
+    def agent(self) -> str | None:
+        return self.meter.agent
 
     def for_agent(self, agent: str | None) -> BudgetedLLM:
-        """The same LLM (same budget, model and defaults) spending as another agent of the tenant."""
-        return BudgetedLLM(self._source, self.tenant, agent, **self._config())
+        """The same LLM (same budget, model, options and defaults) spending as another agent of the tenant."""
+        o = self.meter.options
+        return BudgetedLLM(
+            self._source,
+            self.tenant,
+            agent,
+            model=self.model,
+            router=self.router,
+            price_per_token=self.price_per_token,
+            default_max_tokens=self.meter.default_max_tokens,
+            wait_timeout=o.wait_timeout,
+            priority=o.priority,
+            mode=o.mode,
+            headroom=o.headroom,
+            **self.defaults,
+        )
 
-    # async -----------------------------------------------------------------
+    # planning --------------------------------------------------------------
 
-    def _plan(self, messages: object, kwargs: dict[str, Any]) -> _Plan:
-        params = {**self.defaults, **kwargs}
-        model = params.pop("model", self.model)
+    def _plan(self, kind: str, payload: object, kwargs: dict[str, Any]) -> _Plan:
+        options, params = split_budget_options({**self.defaults, **kwargs})
+        self.meter.options.merged(options)  # bad options fail before anything is sent
+        model = params.pop("model", None) or self.model
         metadata = params.pop("ledger_metadata", None) or {}
         if not isinstance(metadata, dict):
             raise InvalidInput("ledger_metadata must be a dict")
-        checked = check_messages(messages)
-        price = resolve_price(model, self.price_per_token)
-        estimate = estimate_call(price, checked, params, self.default_max_tokens)
         meta: dict[str, Any] = {}
-        if params.get("tools"):
-            meta["tools"] = len(params["tools"])
-        images = _count_images(checked)
-        if images:
-            meta["images"] = images
+        if kind == "chat":
+            estimate = self.meter.estimate_chat(model, payload, params)
+            if params.get("tools"):
+                meta["tools"] = len(params["tools"])
+            images = _count_images(payload)
+            if images:
+                meta["images"] = images
+        elif kind == "embedding":
+            estimate = self.meter.estimate_embedding(model, payload)
+        else:
+            estimate = self.meter.estimate_responses(model, payload, params)
+        if kind != "chat":
+            meta["api"] = kind
+        if self.router is not None:
+            meta["router"] = True
         meta.update(metadata)
-        return _Plan(model, checked, params, price, estimate, meta)
+        return _Plan(model, params, estimate, options, meta)
 
-    def _check_loop(self) -> None:
-        if self._portal is not None and asyncio.get_running_loop() is not self._portal.loop:
-            raise InvalidInput("this BudgetedLLM is built on a SyncBudget: use completion()/batch(), or pass a Budget")
+    # async -----------------------------------------------------------------
 
     async def acompletion(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> Any:
-        """Estimate, wait for the budget, call ``litellm.acompletion``, commit the actual cost.
+        """Estimate, wait for the budget, call the provider, commit the actual cost.
 
         Returns litellm's ModelResponse, or a `BudgetedStream` with ``stream=True``.
         Raises UnpricedModel (before any call) for a model without a price,
         InvalidInput for bad arguments, the budget's errors (BudgetTimeout,
-        BudgetExhausted, RequestTooLarge), and whatever the provider raises
-        (after settling the reservation).
+        BudgetExhausted in ``mode="reject"``, RequestTooLarge), and whatever
+        the provider raises (after settling the reservation).
         """
-        self._check_loop()
-        return await self._run(self._plan(messages, kwargs))
-
-    async def _run(self, plan: _Plan) -> Any:
-        call = await open_call(
-            self.budget,
-            self.tenant,
-            self.agent,
-            plan.estimate,
-            plan.price,
-            wait_timeout=self.wait_timeout,
-            priority=self.priority,
-            mode=self.mode,
-            metadata=plan.metadata,
-        )
+        plan = self._plan("chat", messages, kwargs)
         if plan.params.get("stream"):
-            return await self._stream(call, plan)
-        call.keep_lease(self.budget.lease_ttl)
+            return await self._stream(plan, list(messages))
+        return await self._run(plan, lambda: self._chat(plan, list(messages)), chat_usage)
+
+    async def _chat(self, plan: _Plan, messages: list[dict[str, Any]]) -> Any:
+        call = self.router.acompletion if self.router is not None else litellm.acompletion
+        return await call(model=plan.model, messages=messages, **plan.params)
+
+    async def _run(
+        self, plan: _Plan, send: Callable[[], Awaitable[Any]], usage_of: Callable[[Any, MeteredCall], Usage]
+    ) -> Any:
+        meter = self.meter
+        call = await meter.aopen(plan.estimate, options=plan.options, metadata=plan.metadata)
         try:
-            response = await litellm.acompletion(model=plan.model, messages=plan.messages, **plan.params)
+            response = await send()
         except BaseException as exc:
-            await call.fail(exc)
+            await meter.afail(call, exc)
             raise
-        await call.succeed(_response_usage(response, plan, call), extra=_response_meta(response))
+        usage = usage_of(response, call)
+        if self.router is not None:
+            usage = _served_cost(response, usage)
+        await meter.asucceed(call, usage, extra=_response_meta(response))
         return response
 
-    async def _stream(self, call: MeteredCall, plan: _Plan) -> BudgetedStream:
+    async def _stream(self, plan: _Plan, messages: list[dict[str, Any]]) -> BudgetedStream:
+        call = await self.meter.aopen(plan.estimate, options=plan.options, metadata=plan.metadata, keep_lease=False)
         params = dict(plan.params)
         params.setdefault("stream_options", {"include_usage": True})
         try:
-            inner = await litellm.acompletion(model=plan.model, messages=plan.messages, **params)
+            send = self.router.acompletion if self.router is not None else litellm.acompletion
+            inner = await send(model=plan.model, messages=messages, **params)
         except BaseException as exc:
-            await call.fail(exc, extra={"stream": True})
+            await self.meter.afail(call, exc, extra={"stream": True})
             raise
         return BudgetedStream(inner, call, lease_ttl=self.budget.lease_ttl)
+
+    async def aembedding(self, input: str | Sequence[str], **kwargs: Any) -> Any:
+        """Embeddings, metered the same way (input tokens reserved and committed, no output tokens)."""
+        plan = self._plan("embedding", input, kwargs)
+
+        async def send() -> Any:
+            call = self.router.aembedding if self.router is not None else litellm.aembedding
+            return await call(model=plan.model, input=input, **plan.params)
+
+        return await self._run(plan, send, embedding_usage)
+
+    async def aresponses(self, input: str | Sequence[Any], **kwargs: Any) -> Any:
+        """The Responses API (``litellm.aresponses``), metered the same way; ``max_output_tokens`` caps the estimate."""
+        plan = self._plan("responses", input, kwargs)
+
+        async def send() -> Any:
+            call = self.router.aresponses if self.router is not None else litellm.aresponses
+            return await call(model=plan.model, input=input, **plan.params)
+
+        return await self._run(plan, send, responses_usage)
 
     async def abatch(
         self, list_of_messages: Sequence[Sequence[dict[str, Any]]], *, return_exceptions: bool = False, **kwargs: Any
@@ -191,13 +240,15 @@ class BudgetedLLM:
         Without `return_exceptions`, the first error cancels the calls still
         pending (each settles its reservation) and is raised.
         """
-        self._check_loop()
         if kwargs.get("stream"):
             raise InvalidInput("abatch does not stream; call acompletion(stream=True) per request")
         if isinstance(list_of_messages, (str, bytes)) or not isinstance(list_of_messages, Sequence):
             raise InvalidInput("abatch takes a list of message lists")
-        plans = [self._plan(messages, dict(kwargs)) for messages in list_of_messages]
-        tasks = [asyncio.ensure_future(self._run(plan)) for plan in plans]
+        plans = [(self._plan("chat", m, dict(kwargs)), list(m)) for m in list_of_messages]
+        tasks = [
+            asyncio.ensure_future(self._run(plan, lambda p=plan, m=msgs: self._chat(p, m), chat_usage))  # type: ignore[misc]
+            for plan, msgs in plans
+        ]
         if return_exceptions:
             return list(await asyncio.gather(*tasks, return_exceptions=True))
         try:
@@ -210,75 +261,64 @@ class BudgetedLLM:
 
     # blocking --------------------------------------------------------------
 
-    def _sync_side(self) -> tuple[BudgetedLLM, Portal]:
-        if self._twin is None or self._portal is None:
-            self._own_sync = self.budget.sync()
-            self._portal = self._own_sync.portal
-            self._twin = BudgetedLLM(self._own_sync, self.tenant, self.agent, **self._config())
-        return self._twin, self._portal
+    def _block(self, coro: Any) -> Any:
+        return self.meter.bridge.twin().portal.call(coro)
 
     def completion(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> Any:
-        """Blocking `acompletion` (same code, run on the sync twin's loop); streams come back as iterators."""
-        twin, portal = self._sync_side()
-        result = portal.call(twin.acompletion(messages, **kwargs))
+        """Blocking `acompletion` (same code, run on the blocking twin's loop); streams come back as iterators."""
+        result = self._block(self.acompletion(messages, **kwargs))
         if isinstance(result, BudgetedStream):
-            return SyncBudgetedStream(portal, result)
+            return SyncBudgetedStream(self.meter.bridge.twin().portal, result)
         return result
 
     def batch(self, list_of_messages: Sequence[Sequence[dict[str, Any]]], **kwargs: Any) -> list[Any]:
         """Blocking `abatch`."""
-        twin, portal = self._sync_side()
-        return portal.call(twin.abatch(list_of_messages, **kwargs))
+        return list(self._block(self.abatch(list_of_messages, **kwargs)))
+
+    def embedding(self, input: str | Sequence[str], **kwargs: Any) -> Any:
+        """Blocking `aembedding`."""
+        return self._block(self.aembedding(input, **kwargs))
+
+    def responses(self, input: str | Sequence[Any], **kwargs: Any) -> Any:
+        """Blocking `aresponses`."""
+        return self._block(self.aresponses(input, **kwargs))
 
     def close(self) -> None:
         """Stop litellm's background logging on the blocking side's loop; close the twin this object opened."""
-        if self._portal is not None:
-            self._portal.call(stop_litellm_worker())
-        if self._own_sync is not None:
-            self._own_sync.close()
-            self._own_sync = None
-            self._twin = None
-            self._portal = None
+        bridge = self.meter.bridge
+        if bridge.has_twin():
+            bridge.twin().portal.call(stop_litellm_worker())
+        bridge.close()
 
     def __repr__(self) -> str:
         who = self.tenant + (f"/{self.agent}" if self.agent else "")
         return f"<BudgetedLLM {self.model} {who}>"
 
 
-async def stop_litellm_worker() -> None:
-    """Stop litellm's background logging task if it runs on this loop.
-
-    litellm starts one on every loop it is used from; on a private loop that
-    is about to stop, a pending task would otherwise be left behind.
-    """
-    try:
-        from litellm.litellm_core_utils.logging_worker import GLOBAL_LOGGING_WORKER
-    except ImportError:  # another litellm version: nothing to stop
-        return
-    if getattr(GLOBAL_LOGGING_WORKER, "_bound_loop", None) is asyncio.get_running_loop():
-        await GLOBAL_LOGGING_WORKER.stop()
-
-
-def _response_usage(response: Any, plan: _Plan, call: MeteredCall) -> Usage:
-    tokens = reported_usage(response)
-    if tokens is None:
-        prompt = plan.estimate.input_tokens
-        output = count_text_tokens(plan.model, _response_text(response))
-        return Usage(prompt, output, plan.price.cost(prompt, output), reported=False)
-    return Usage(tokens[0], tokens[1], plan.price.response_cost(response, *tokens))
+def router_price(router: Any, model: str) -> tuple[float, float]:
+    """The highest (input, output) price per token over the deployments of `model` in a litellm Router."""
+    deployments = [d for d in router.model_list if d.get("model_name") == model]
+    if not deployments:
+        raise InvalidInput(f"the router has no deployment of model group {model!r}")
+    prices: list[Price] = []
+    for deployment in deployments:
+        params = deployment.get("litellm_params") or {}
+        info = deployment.get("model_info") or {}
+        if info.get("input_cost_per_token") is not None or info.get("output_cost_per_token") is not None:
+            pair = (float(info.get("input_cost_per_token") or 0), float(info.get("output_cost_per_token") or 0))
+            prices.append(resolve_price(params.get("model", model), pair))
+        else:
+            prices.append(resolve_price(params.get("model", model)))
+    return max(p.input_per_token for p in prices), max(p.output_per_token for p in prices)
 
 
-def _response_text(response: Any) -> str:
-    parts: list[str] = []
-    for choice in getattr(response, "choices", None) or []:
-        message = getattr(choice, "message", None)
-        content = getattr(message, "content", None)
-        if isinstance(content, str):
-            parts.append(content)
-        for tool_call in getattr(message, "tool_calls", None) or []:
-            function = getattr(tool_call, "function", None)
-            parts.extend(str(getattr(function, name, "") or "") for name in ("name", "arguments"))
-    return "".join(parts)
+def _served_cost(response: Any, usage: Usage) -> Usage:
+    """A router reply is priced by the deployment that served it (litellm's own ``response_cost``)."""
+    hidden = getattr(response, "_hidden_params", None) or {}
+    cost = hidden.get("response_cost")
+    if cost is None or not usage.reported:
+        return usage
+    return Usage(usage.input_tokens, usage.output_tokens, float(cost), reported=True)
 
 
 def _response_meta(response: Any) -> dict[str, Any]:
@@ -296,10 +336,10 @@ def _response_meta(response: Any) -> dict[str, Any]:
     return meta
 
 
-def _count_images(messages: list[dict[str, Any]]) -> int:
+def _count_images(messages: object) -> int:
     count = 0
-    for message in messages:
-        content = message.get("content")
+    for message in messages if isinstance(messages, Sequence) else []:
+        content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, list):
             count += sum(1 for part in content if isinstance(part, dict) and part.get("type") == "image_url")
     return count

@@ -10,6 +10,17 @@ How a call settles:
   provider reported usage or tokens were already produced, which are then
   committed with outcome ``error``.
 
+With ``headroom`` (`CallOptions`), a call that costs something is not
+committed where it was admitted: its cost is charged anew, at settle time,
+by an advisory acquire committed at once, and the admitted reservation is
+then released (no ledger entry). The cost then sits in the window from
+admission (as the estimate) until W after the call returned, so any window
+of length W on the provider's own clock (which saw the call between the
+two) holds only calls that were all in the budget's window when the last of
+them was admitted: the provider-side window holds the limit too, whatever
+the delay between admission and the provider. It costs one more script call
+per call.
+
 Settling is shielded from cancellation, so a cancelled caller still settles.
 """
 
@@ -25,6 +36,7 @@ from litellm.exceptions import Timeout as ProviderTimeout
 
 from slowburn_redis.budget import Budget, Mode
 from slowburn_redis.llm.estimate import CallEstimate
+from slowburn_redis.llm.options import CallOptions
 from slowburn_redis.llm.pricing import Price
 from slowburn_redis.reservation import Reservation, Settlement
 
@@ -66,11 +78,22 @@ def _field(source: Any, name: str) -> Any:
 class MeteredCall:
     """An admitted call: its reservation, estimate and price. Settle it with `succeed` or `fail`."""
 
-    def __init__(self, reservation: Reservation, estimate: CallEstimate, price: Price, metadata: dict[str, Any]):
+    def __init__(
+        self,
+        reservation: Reservation,
+        estimate: CallEstimate,
+        price: Price,
+        metadata: dict[str, Any],
+        *,
+        budget: Budget | None = None,
+        headroom: bool = False,
+    ):
         self.reservation = reservation
         self.estimate = estimate
         self.price = price
         self.metadata = metadata
+        self.budget = budget
+        self.headroom = headroom and budget is not None
         self._loop = asyncio.get_running_loop()
         self.started = self._loop.time()
         self._keeper: asyncio.Task[None] | None = None
@@ -79,6 +102,11 @@ class MeteredCall:
     @property
     def settled(self) -> bool:
         return self.reservation.settled
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop this call was admitted on: settle it there (`slowburn_redis.llm.bridge.run_on`)."""
+        return self._loop
 
     def keep_lease(self, ttl: float, *, horizon: float = 3600.0) -> None:
         """Extend the lease every ttl/3 seconds until the call settles, for at most `horizon` seconds.
@@ -117,6 +145,8 @@ class MeteredCall:
         """Commit the actual usage and cost (outcome ``ok``, or ``overrun`` when it exceeded the estimate)."""
         if not usage.reported:
             extra = {**(extra or {}), "usage": "counted"}
+        if self.headroom:
+            return await self._settle(self._moved(usage, outcome, self._meta(extra)))
         return await self._settle(
             self.reservation.commit(
                 usd=usage.usd,
@@ -136,6 +166,8 @@ class MeteredCall:
         if is_timeout(exc) or isinstance(exc, asyncio.CancelledError):
             outcome = "timeout" if is_timeout(exc) else "cancelled"
             meta = self._meta(extra)
+            if self.headroom:
+                return await self._settle(self._moved(None, outcome, meta))
             return await self._settle(
                 self.reservation.commit(model=self.estimate.model, outcome=outcome, metadata=meta)
             )
@@ -148,6 +180,34 @@ class MeteredCall:
         # A release writes no model field: name the model in the metadata for the report.
         meta = {**self._meta(extra), "model": self.estimate.model}
         return await self._settle(self.reservation.release(outcome="error", metadata=meta))
+
+    async def _moved(self, usage: Usage | None, outcome: str | None, meta: dict[str, Any]) -> Settlement:
+        """Charge the cost now (advisory acquire, committed at once), then release the admission."""
+        assert self.budget is not None
+        est = self.estimate
+        if usage is None:
+            usage = Usage(est.input_tokens, est.output_tokens, est.usd)
+        r = self.reservation
+        moved = await self.budget.acquire(
+            r.tenant,
+            r.agent,
+            usd=usage.usd,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            tokens=usage.input_tokens + usage.output_tokens,
+            requests=1,
+            mode="advisory",
+        )
+        settlement = await moved.commit(
+            usd=usage.usd,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            model=est.model,
+            outcome=outcome,
+            metadata={**meta, "headroom": True, "admitted_as": r.id},
+        )
+        await r.release()
+        return settlement
 
     async def _settle(self, settle: Any) -> Settlement:
         """Run a commit or release to the end even if the caller is cancelled meanwhile.
@@ -177,12 +237,19 @@ async def open_call(
     estimate: CallEstimate,
     price: Price,
     *,
-    wait_timeout: float | None,
-    priority: int,
-    mode: Mode,
+    options: CallOptions | None = None,
     metadata: dict[str, Any],
+    wait_timeout: float | None = None,
+    priority: int = 0,
+    mode: Mode = "wait",
 ) -> MeteredCall:
-    """Acquire the estimate (usd, tokens, input/output tokens, one request, one concurrency slot)."""
+    """Acquire the estimate (usd, tokens, input/output tokens, one request, one concurrency slot).
+
+    `options` (else the loose `wait_timeout`, `priority`, `mode`) say how to
+    wait; the acquire runs on the running loop, which must own `budget`.
+    """
+    if options is None:
+        options = CallOptions(mode=mode, wait_timeout=wait_timeout, priority=priority)
     reservation = await budget.acquire(
         tenant,
         agent,
@@ -191,8 +258,8 @@ async def open_call(
         output_tokens=estimate.output_tokens,
         tokens=estimate.tokens,
         requests=1,
-        timeout=wait_timeout,
-        priority=priority,
-        mode=mode,
+        timeout=options.wait_timeout,
+        priority=options.priority,
+        mode=options.mode,
     )
-    return MeteredCall(reservation, estimate, price, metadata)
+    return MeteredCall(reservation, estimate, price, metadata, budget=budget, headroom=options.headroom)

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from types import TracebackType
 from typing import Any
 
+from slowburn_redis.llm.bridge import arun_on
 from slowburn_redis.llm.estimate import count_text_tokens
 from slowburn_redis.llm.metering import MeteredCall, Usage, reported_usage
 from slowburn_redis.reservation import Settlement
@@ -65,7 +66,7 @@ class BudgetedStream:
         self._observe(chunk)
         if self._loop.time() >= self._next_extend:
             self._next_extend = self._loop.time() + self._ttl / 3
-            await self.call.reservation.extend(self._ttl)
+            await arun_on(self.call.loop, self.call.reservation.extend(self._ttl))
         return chunk
 
     def _observe(self, chunk: Any) -> None:
@@ -104,12 +105,13 @@ class BudgetedStream:
         extra = {"stream": True, "chunks": self.chunks}
         if exc is not None:
             produced = self._produced() if self.chunks else None
-            self.settlement = await self.call.fail(exc, produced=produced, extra=extra)
+            self.settlement = await arun_on(self.call.loop, self.call.fail(exc, produced=produced, extra=extra))
             return self.settlement
         usage = self._produced() or Usage(
             self.call.estimate.input_tokens, 0, self.call.price.cost(self.call.estimate.input_tokens, 0), reported=False
         )
-        self.settlement = await self.call.succeed(usage, outcome="abandoned" if abandoned else None, extra=extra)
+        outcome = "abandoned" if abandoned else None
+        self.settlement = await arun_on(self.call.loop, self.call.succeed(usage, outcome=outcome, extra=extra))
         return self.settlement
 
     async def aclose(self) -> Settlement:
