@@ -31,17 +31,9 @@ purge_leases(NOW, wake)
 local limits_of = limits_memo()
 local waiting = anyone_waiting()  -- settling queues nobody: true or false for the whole batch
 
-local function settle(id, kind, actual, maxlen, model, outcome, meta)
-  local rkey = reservation_key(id)
-
-  local rs = redis.call('HMGET', rkey, 's', 'a', 'c', 'e')
-  local state, agent = rs[1], rs[2] or ''
-  if not state then return {0, 'unknown'} end
-  if state ~= 'open' and state ~= 'expired' then return {0, state} end
-  if state == 'expired' and kind == 'release' then return {0, 'expired'} end
-  local expired = state == 'expired'
-
-  local estimate = parse_amounts(rs[4])
+-- What each dimension finally costs: the actual where given, else the
+-- estimate; a release costs nothing; concurrency is always returned.
+local function final_amounts(kind, estimate, actual)
   local final = {}
   for dim, est in pairs(estimate) do
     if kind == 'release' or dim == 'concurrency' then final[dim] = 0
@@ -51,18 +43,15 @@ local function settle(id, kind, actual, maxlen, model, outcome, meta)
   if kind == 'commit' then
     for dim, v in pairs(actual) do if final[dim] == nil then final[dim] = v end end
   end
+  return final
+end
 
-  local refunded, overrun, charged = {}, {}, {}
-  local config = nil
-  local function current_limits()
-    if config == nil then
-      config = {}
-      for _, L in ipairs(limits_of(agent)) do config[L.lk] = L end
-    end
-    return config
-  end
-
-  for _, c in ipairs(parse_charges(rs[3])) do
+-- Replace each charge of the reservation by its final amount, in the bucket
+-- it was charged to. Returns the limits that got capacity back, and the set
+-- of limits the reservation was charged on.
+local function settle_charges(charges_text, final, expired, agent, current_limits)
+  local refunded, charged = {}, {}
+  for _, c in ipairs(parse_charges(charges_text)) do
     local dim = c.L.d
     charged[c.L.lk] = true
     local dt = final[dim] - c.amt
@@ -77,33 +66,75 @@ local function settle(id, kind, actual, maxlen, model, outcome, meta)
       end
     end
   end
+  return refunded, charged
+end
 
-  -- Usage in a dimension that was not reserved at all is charged now, to the
-  -- current bucket: an estimate that was too low is still charged.
-  local unreserved = false
+-- Usage in a dimension that was not reserved at all is charged now, to the
+-- current bucket: an estimate that was too low is still charged. Returns the
+-- dimensions so charged.
+local function charge_unreserved(final, estimate, charged, agent, current_limits)
+  local charged_now, unreserved = {}, false
   for dim, v in pairs(final) do
     if v > 0 and (estimate[dim] or 0) == 0 then unreserved = true end
   end
-  local charged_now = {}
-  if kind == 'commit' and unreserved then
-    for lk, L in pairs(current_limits()) do
-      local v = final[L.d] or 0
-      if not charged[lk] and v > 0 and L.d ~= 'concurrency' then
-        charged_now[L.d] = true
-        local _, _, t = charge(L, advance(L, NOW), v, NOW, agent)
-        add_overrun(L, v)
-        thresholds(L, t - v, t, agent)
-      end
+  if not unreserved then return charged_now end
+  for lk, L in pairs(current_limits()) do
+    local amount = final[L.d] or 0
+    if not charged[lk] and amount > 0 and L.d ~= 'concurrency' then
+      charged_now[L.d] = true
+      local _, _, t = charge(L, advance(L, NOW), amount, NOW, agent)
+      add_overrun(L, amount)
+      thresholds(L, t - amount, t, agent)
     end
   end
-  if kind == 'commit' then
-    for dim, v in pairs(final) do
-      -- An overrun is usage beyond what was reserved, in a dimension that was
-      -- reserved or that a limit had to charge; usage nothing limits is not one.
-      local est = estimate[dim] or 0
-      local counted = est > 0 or charged_now[dim]
-      if dim ~= 'concurrency' and counted and v > est then overrun[#overrun + 1] = dim .. '=' .. fmt(v - est) end
+  return charged_now
+end
+
+-- An overrun is usage beyond what was reserved, in a dimension that was
+-- reserved or that a limit had to charge; usage nothing limits is not one.
+local function overruns(final, estimate, charged_now)
+  local out = {}
+  for dim, v in pairs(final) do
+    local est = estimate[dim] or 0
+    local counted = est > 0 or charged_now[dim]
+    if dim ~= 'concurrency' and counted and v > est then out[#out + 1] = dim .. '=' .. fmt(v - est) end
+  end
+  return out
+end
+
+local function write_ledger(id, agent, final, estimate, maxlen, model, outcome, meta, expired)
+  local function amount(dim) return fmt(final[dim] or 0) end
+  return redis.call('XADD', K.ledger, 'MAXLEN', '~', maxlen, '*',
+    'ts', fmt(NOW), 'agent', agent, 'model', model,
+    'usd', amount('usd'), 'input_tokens', amount('input_tokens'),
+    'output_tokens', amount('output_tokens'), 'tokens', amount('tokens'),
+    'requests', amount('requests'), 'est_usd', fmt(estimate['usd'] or 0),
+    'reservation', id, 'outcome', outcome, 'late', expired and '1' or '0', 'meta', meta)
+end
+
+local function settle(id, kind, actual, maxlen, model, outcome, meta)
+  local rkey = reservation_key(id)
+  local rs = redis.call('HMGET', rkey, 's', 'a', 'c', 'e')
+  local state, agent = rs[1], rs[2] or ''
+  if not state then return {0, 'unknown'} end
+  if state ~= 'open' and state ~= 'expired' then return {0, state} end
+  if state == 'expired' and kind == 'release' then return {0, 'expired'} end
+  local expired = state == 'expired'
+
+  local config = nil
+  local function current_limits()
+    if config == nil then
+      config = {}
+      for _, L in ipairs(limits_of(agent)) do config[L.lk] = L end
     end
+    return config
+  end
+  local estimate = parse_amounts(rs[4])
+  local final = final_amounts(kind, estimate, actual)
+  local refunded, charged = settle_charges(rs[3], final, expired, agent, current_limits)
+  local over = {}
+  if kind == 'commit' then
+    over = overruns(final, estimate, charge_unreserved(final, estimate, charged, agent, current_limits))
   end
 
   state = kind == 'commit' and 'committed' or 'released'
@@ -113,21 +144,14 @@ local function settle(id, kind, actual, maxlen, model, outcome, meta)
 
   local ledger_id = ''
   if maxlen > 0 and (kind == 'commit' or outcome ~= '') then
-    if outcome == '' then outcome = (#overrun > 0) and 'overrun' or 'ok' end
-    local function amount(dim) return fmt(final[dim] or 0) end
-    ledger_id = redis.call('XADD', K.ledger, 'MAXLEN', '~', maxlen, '*',
-      'ts', fmt(NOW), 'agent', agent, 'model', model,
-      'usd', amount('usd'), 'input_tokens', amount('input_tokens'),
-      'output_tokens', amount('output_tokens'), 'tokens', amount('tokens'),
-      'requests', amount('requests'), 'est_usd', fmt(estimate['usd'] or 0),
-      'reservation', id, 'outcome', outcome, 'late', expired and '1' or '0', 'meta', meta)
+    if outcome == '' then outcome = (#over > 0) and 'overrun' or 'ok' end
+    ledger_id = write_ledger(id, agent, final, estimate, maxlen, model, outcome, meta, expired)
   end
-
-  if #overrun > 0 then
-    publish_event('overrun', {agent = agent, reservation = id, overrun = table.concat(overrun, ' ')})
+  if #over > 0 then
+    publish_event('overrun', {agent = agent, reservation = id, overrun = table.concat(over, ' ')})
   end
   if waiting then heads_of(refunded, wake) end
-  return {1, state, table.concat(overrun, ' '), ledger_id}
+  return {1, state, table.concat(over, ' '), ledger_id}
 end
 
 local replies = {}

@@ -163,19 +163,21 @@ def describe_limit_key(text: str, amount_units: int | None = None) -> str:
     `amount_units` is the limit's amount in stored units (usd in nano-dollars).
     A string that is not a limit key is returned as it is.
     """
-    from slowburn_redis.limits import Limit, from_units
+    from slowburn_redis.limits import Limit, decimal_from_units
 
     try:
         key = LimitKey.parse(text)
-    except ValueError:
+    except (ValueError, KeyError):
         return text
     window = key.window_ms / 1000 or None
     try:
         if amount_units is not None:
-            limit = Limit(dimension=key.dimension, amount=from_units(key.dimension, amount_units), window=window)
+            limit = Limit(
+                dimension=key.dimension, amount=decimal_from_units(key.dimension, amount_units), window=window
+            )
             return f"{limit} ({key.scope_words()})"
         per = Limit(dimension=key.dimension, amount=1, window=window)
         period = str(per).partition("/")[2]
         return f"{key.dimension}{' per ' + period if period else ' (lifetime)'} ({key.scope_words()})"
-    except ValueError:
+    except (ValueError, KeyError):
         return text

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from slowburn_redis import keys
 from slowburn_redis.errors import InvalidInput
 from slowburn_redis.events import Event
 from slowburn_redis.limits import UNITS, Limit
+from slowburn_redis.names import EVERY_AGENT
 
 
 @dataclass(frozen=True)
@@ -32,16 +34,18 @@ class LimitKey:
 
 def parse_limit_key(key: str) -> LimitKey | None:
     """``T:usd:86400000`` -> LimitKey("tenant", None, "usd", 86400000); None when `key` is not a limit key."""
-    parts = key.split(":")
-    if len(parts) == 3 and parts[0] in ("T", "D"):
-        scope, agent, (dimension, window) = ("tenant" if parts[0] == "T" else "every agent"), None, parts[1:]
-    elif len(parts) == 4 and parts[0] == "A" and parts[1]:
-        scope, agent, (dimension, window) = "agent", parts[1], parts[2:]
-    else:
+    try:
+        parsed = keys.LimitKey.parse(key)
+    except ValueError:
         return None
-    if not dimension or not window.isdigit():
+    agent = parsed.agent
+    if parsed.scope.count(":") > 1 or agent == "" or (agent is None and parsed.scope != keys.TENANT_SCOPE):
         return None
-    return LimitKey(scope, agent, dimension, int(window))
+    if agent is None:
+        return LimitKey("tenant", None, parsed.dimension, parsed.window_ms)
+    if agent == EVERY_AGENT:
+        return LimitKey("every agent", None, parsed.dimension, parsed.window_ms)
+    return LimitKey("agent", agent, parsed.dimension, parsed.window_ms)
 
 
 def scope_words(field: str) -> str:
@@ -85,15 +89,11 @@ def limit_words(key: str, amount: int | None = None, known: dict[str, Limit] | N
     parsed = parse_limit_key(key)
     if parsed is None:
         return key
-    limit = (known or {}).get(key) or _limit(parsed.dimension, amount, parsed.window_ms)
-    if limit is not None:
-        what = str(limit)
-    else:
-        window = Limit(dimension="requests", amount=1, window=parsed.window_ms / 1000 or None)
-        per = str(window).partition("/")[2]
-        what = f"{parsed.dimension} per {per}" if per else f"{parsed.dimension} (lifetime)"
+    limit = (known or {}).get(key)
+    if limit is None:
+        return keys.describe_limit_key(key, amount)
     who = parsed.scope if parsed.agent is None else f"agent {parsed.agent}"
-    return f"{what} ({who})"
+    return f"{limit} ({who})"
 
 
 def _int(value: Any) -> int | None:
