@@ -18,6 +18,8 @@ connection, open or new, chunk by chunk as bytes arrive:
   and every new one as soon as it is accepted.
 - ``blackhole()``: accept, keep reading, forward nothing either way (as a
   hung server or a dead path whose kernel still ACKs: no error, no answer).
+  ``blackhole(after=n)`` passes `n` more server chunks first (to land the
+  blackhole between a reply and the next request).
 - back to ``passthrough()``: a connection that had bytes swallowed by the
   blackhole can never be resumed consistently (a reply would be missing), so
   it is reset; the others go on.
@@ -63,6 +65,8 @@ class Stats:
     """Replies cut (connection closed inside a reply)."""
     resets: int = 0
     """Connections aborted with an RST."""
+    held: int = 0
+    """Chunks held by the delay right now (not yet forwarded or dropped)."""
 
 
 class _Link:
@@ -104,6 +108,7 @@ class FaultProxy:
         self._delay = 0.0
         self._keep: int | None = None
         self._cuts_left: int | None = None
+        self._blackhole_after = 0
         self._stats = Stats()
         self._links: set[_Link] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -197,18 +202,33 @@ class FaultProxy:
         """RST every open connection and every new one."""
         self._set("reset")
 
-    def blackhole(self) -> None:
-        """Accept and read, never forward or answer."""
-        self._set("blackhole")
+    def blackhole(self, after: int = 0) -> None:
+        """Accept and read, never forward or answer; with `after`, only once `after` more server chunks passed."""
+        if after < 0:
+            raise ValueError("after must not be negative")
+        if after:
+            self._set("passthrough", blackhole_after=after)
+        else:
+            self._set("blackhole")
 
-    def _set(self, mode: Mode, *, delay: float = 0.0, keep: int | None = None, times: int | None = None) -> None:
+    def _set(
+        self,
+        mode: Mode,
+        *,
+        delay: float = 0.0,
+        keep: int | None = None,
+        times: int | None = None,
+        blackhole_after: int = 0,
+    ) -> None:
         loop = self._loop
         if loop is None:
             raise RuntimeError("the fault proxy is not running")
-        asyncio.run_coroutine_threadsafe(self._apply(mode, delay, keep, times), loop).result(10)
+        future = asyncio.run_coroutine_threadsafe(self._apply(mode, delay, keep, times, blackhole_after), loop)
+        future.result(10)
 
-    async def _apply(self, mode: Mode, delay: float, keep: int | None, times: int | None) -> None:
+    async def _apply(self, mode: Mode, delay: float, keep: int | None, times: int | None, after: int) -> None:
         self._mode, self._delay, self._keep, self._cuts_left = mode, delay, keep, times
+        self._blackhole_after = after
         if mode == "reset":
             for link in list(self._links):
                 self._abort(link, rst=True)
@@ -286,7 +306,11 @@ class FaultProxy:
                 if not data:
                     break
                 if self._mode == "delay":
-                    await asyncio.sleep(self._delay)
+                    self._count(held=1)
+                    try:
+                        await asyncio.sleep(self._delay)
+                    finally:
+                        self._count(held=-1)
                 mode = self._mode
                 if link.closed:
                     return
@@ -309,6 +333,10 @@ class FaultProxy:
                             self._mode = "passthrough"
                     self._abort(link, rst=False)
                     return
+                if not upstream and self._blackhole_after and mode == "passthrough":
+                    self._blackhole_after -= 1
+                    if not self._blackhole_after:  # this chunk is the last to pass
+                        self._mode = "blackhole"
                 target.write(data)
                 await target.drain()
                 self._count(**{"up" if upstream else "down": len(data)})

@@ -120,12 +120,12 @@ def test_reset_aborts_open_and_new_connections_with_rst(proxy: FaultProxy) -> No
     sock.sendall(b"PING\r\n")
     assert sock.recv(100) == b"+PONG\r\n"
     proxy.reset()
-    with pytest.raises(ConnectionResetError):
+    with pytest.raises((ConnectionResetError, BrokenPipeError)):  # the RST may land before the write
         sock.sendall(b"PING\r\n")
         sock.recv(100)
     sock.close()
     fresh = raw(proxy)
-    with pytest.raises(ConnectionResetError):
+    with pytest.raises((ConnectionResetError, BrokenPipeError)):
         fresh.sendall(b"PING\r\n")
         fresh.recv(100)
     fresh.close()
@@ -170,3 +170,16 @@ def test_blackhole_swallows_what_the_server_sends(proxy: FaultProxy, direct: red
     with pytest.raises(redis.ConnectionError):
         subscriber.get_message(timeout=5)
     subscriber.close()
+
+
+def test_blackhole_after_passes_that_many_server_chunks_first(proxy: FaultProxy) -> None:
+    sock = raw(proxy)
+    proxy.blackhole(after=1)
+    sock.sendall(b"PING\r\n")
+    assert sock.recv(100) == b"+PONG\r\n"
+    assert proxy.mode == "blackhole"
+    sock.settimeout(0.5)
+    sock.sendall(b"PING\r\n")
+    with pytest.raises(TimeoutError):
+        sock.recv(100)
+    sock.close()
