@@ -19,11 +19,39 @@ Clients are built with one immediate retry of a failed command (enough for a
 pooled connection that went stale when Redis restarted); longer outages are
 the business of `slowburn_redis.resilience` and the Budget's
 ``on_unavailable`` policy.
+
+Sockets have explicit timeouts and keepalive (`client_options`); a query
+string in the URL (``?socket_timeout=10``) wins over them:
+
+- ``socket_timeout`` = `SOCKET_TIMEOUT` (5 s): the longest one read of a
+  command's reply may take. It bounds every attempt of a call that has no
+  deadline of its own, and the connection handshake. Scripts answer in well
+  under a millisecond; 5 s is Redis's own ``busy-reply-threshold``, past which
+  Redis itself answers ``BUSY``. A call with a deadline (an acquire's
+  ``timeout``, ``retry_timeout``) is cut at its deadline by
+  `slowburn_redis.resilience` whatever this says.
+- ``socket_connect_timeout`` = `SOCKET_CONNECT_TIMEOUT` (2 s): a TCP (and TLS)
+  connect; room for one lost SYN (retransmitted after 1 s).
+- ``socket_keepalive`` with `KEEPALIVE` (idle 10 s, then a probe every 5 s,
+  3 probes): an idle connection to a host that vanished without a FIN or RST
+  is found dead in about 25 s instead of the kernel's two hours. This matters
+  most for the pub/sub connection, which waits for messages with no read
+  timeout. Not set on ``unix://`` sockets.
+- ``health_check_interval`` = `HEALTH_CHECK_INTERVAL` (30 s): a pooled
+  connection idle for longer is checked with a PING before it is used, so a
+  connection broken while idle fails there, not in the middle of a script.
+
+Pub/sub connections come from a pool of their own without ``socket_timeout``
+(where redis-py would apply it to the blocking read of the next message,
+which must wait as long as nothing is published) and without health checks;
+keepalive and the connect timeout still apply. A waiter never depends on the
+pub/sub connection for its deadline: it sleeps with its own timeout.
 """
 
 from __future__ import annotations
 
 import itertools
+import socket
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -91,6 +119,60 @@ def connect_url(url: str, *, cluster: bool = False) -> tuple[ConnectFactory, Pub
     return connect, open_pubsub, redact_url(url.replace(scheme + "://", scheme + "+cluster://", 1))
 
 
+SOCKET_TIMEOUT = 5.0
+"""Seconds one read of a command's reply may take (redis-py ``socket_timeout``); see the module docstring."""
+
+SOCKET_CONNECT_TIMEOUT = 2.0
+"""Seconds a connect may take (redis-py ``socket_connect_timeout``)."""
+
+HEALTH_CHECK_INTERVAL = 30
+"""Seconds a pooled command connection may sit idle before it is PINGed on its next use."""
+
+KEEPALIVE = {"TCP_KEEPIDLE": 10, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 3}
+"""TCP keepalive: idle seconds before the first probe, seconds between probes, probes before the peer is dead."""
+
+
+def keepalive_options() -> dict[int, int]:
+    """`KEEPALIVE` as socket options, keeping those this platform has (macOS names the idle one TCP_KEEPALIVE)."""
+    options: dict[int, int] = {}
+    for name, value in KEEPALIVE.items():
+        option = getattr(socket, name, None)
+        if option is None and name == "TCP_KEEPIDLE":
+            option = getattr(socket, "TCP_KEEPALIVE", None)
+        if option is not None:
+            options[int(option)] = value
+    return options
+
+
+def _pubsub_read_timeout() -> float | None:
+    """`SOCKET_TIMEOUT` where redis-py keeps it off the blocking pub/sub read (8.1 and later), else None.
+
+    Older redis-py applies ``socket_timeout`` to ``get_message(timeout=None)``,
+    which would end every quiet wait with a TimeoutError.
+    """
+    import redis
+
+    try:
+        major, minor = (int(part) for part in str(redis.__version__).split(".")[:2])
+    except ValueError:
+        return None
+    return SOCKET_TIMEOUT if (major, minor) >= (8, 1) else None
+
+
+def client_options(scheme: str, *, pubsub: bool = False) -> dict[str, Any]:
+    """The socket options of a client for a URL of `scheme` (see the module docstring); `pubsub` for a subscriber."""
+    options: dict[str, Any] = {
+        "socket_timeout": _pubsub_read_timeout() if pubsub else SOCKET_TIMEOUT,
+        "socket_connect_timeout": SOCKET_CONNECT_TIMEOUT,
+    }
+    if scheme != "unix":
+        options["socket_keepalive"] = True
+        options["socket_keepalive_options"] = keepalive_options()
+    if not pubsub:
+        options["health_check_interval"] = HEALTH_CHECK_INTERVAL
+    return options
+
+
 def _client_retry() -> Any:
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
@@ -102,17 +184,54 @@ MAX_CONNECTIONS = 128
 """Script calls in flight per Budget; more wait in the Budget instead of failing for want of a connection."""
 
 
+def _single_class() -> type[Any]:
+    import redis.asyncio as aioredis
+
+    class SubscribingRedis(aioredis.Redis):
+        """A Redis client whose `pubsub` objects use a pool of their own, built with the pub/sub socket options."""
+
+        _subscriber: Any = None
+        _pubsub_url = ""
+
+        def pubsub(self, **kwargs: Any) -> Any:
+            if self._subscriber is None:
+                scheme = urlsplit(self._pubsub_url).scheme
+                pool = aioredis.ConnectionPool.from_url(
+                    self._pubsub_url,
+                    decode_responses=True,
+                    retry=_client_retry(),
+                    **client_options(scheme, pubsub=True),
+                )
+                self._subscriber = aioredis.Redis.from_pool(pool)
+            return self._subscriber.pubsub(**kwargs)
+
+        async def aclose(self, close_connection_pool: bool | None = None) -> None:
+            subscriber, self._subscriber = self._subscriber, None
+            try:
+                await super().aclose(close_connection_pool)
+            finally:
+                if subscriber is not None:
+                    await subscriber.aclose()
+
+    return SubscribingRedis
+
+
 def _connect_single(url: str) -> ConnectFactory:
     import redis.asyncio as aioredis
 
+    client_class = _single_class()
+    options = client_options(urlsplit(url).scheme)
+
     def connect() -> Any:
         # Script calls are bounded by the Budget's semaphore (MAX_CONNECTIONS);
-        # the rest of the pool serves pub/sub and the few direct reads. A plain
-        # pool costs less per call than a blocking one.
+        # the rest of the pool serves the few direct reads. A plain pool costs
+        # less per call than a blocking one.
         pool = aioredis.ConnectionPool.from_url(
-            url, decode_responses=True, retry=_client_retry(), max_connections=MAX_CONNECTIONS * 2
+            url, decode_responses=True, retry=_client_retry(), max_connections=MAX_CONNECTIONS * 2, **options
         )
-        return aioredis.Redis.from_pool(pool)
+        client = client_class.from_pool(pool)
+        client._pubsub_url = url
+        return client
 
     return connect
 
@@ -152,13 +271,15 @@ def _connect_cluster(url: str) -> tuple[ConnectFactory, PubSubFactory]:
 
     cluster_class = _cluster_class()
     parts = urlsplit(url)
+    options = client_options(parts.scheme)
+    pubsub_options = client_options(parts.scheme, pubsub=True)
     seed = (parts.hostname or "localhost", parts.port or 6379)
     clients: list[Any] = []
     turn = itertools.count()
 
     def connect() -> Any:
         client = cluster_class.from_url(
-            url, decode_responses=True, retry=_client_retry(), max_connections=MAX_CONNECTIONS
+            url, decode_responses=True, retry=_client_retry(), max_connections=MAX_CONNECTIONS, **options
         )
         clients[:] = [client]  # the newest client knows the newest node list
         return client
@@ -175,7 +296,7 @@ def _connect_cluster(url: str) -> tuple[ConnectFactory, PubSubFactory]:
     def open_pubsub() -> Any:
         nodes = known_nodes()
         host, port = nodes[next(turn) % len(nodes)]
-        node = Redis.from_url(node_url(url, host, port), decode_responses=True, retry=_client_retry())
+        node = Redis.from_url(node_url(url, host, port), decode_responses=True, retry=_client_retry(), **pubsub_options)
         return node.pubsub()
 
     return connect, open_pubsub

@@ -108,3 +108,62 @@ class PermissionDenied(SlowburnError):
     A worker user (see ``slowburn-redis acl``) gets it for set_limits, reset
     and any other tenant's budget.
     """
+
+
+class RedisRefused(SlowburnError):
+    """Redis answered, and refused the command: nothing it would have written was written.
+
+    `code` is Redis's error code (``OOM``, ``MISCONF``, ``READONLY``,
+    ``LOADING``, ``BUSY``). A refusal is never treated as permission: no
+    policy, ``on_unavailable="allow"`` included, admits a request Redis
+    refused. The subclasses say which refusals pass by themselves (retried
+    within the call's deadline, like an outage) and which need an operator.
+    """
+
+    code = ""
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class RedisOutOfMemory(RedisRefused):
+    """``OOM``: Redis reached ``maxmemory`` under ``noeviction``. Raised at once, never retried, never admitted.
+
+    Free memory or raise ``maxmemory``; evicting budget keys instead would
+    lose spend history (see ``slowburn-redis doctor``).
+    """
+
+    code = "OOM"
+
+
+class RedisMisconfigured(RedisRefused):
+    """``MISCONF``: Redis refuses writes because it cannot persist (a failed RDB save or AOF write).
+
+    Raised at once, never retried, never admitted: the disk needs an operator.
+    """
+
+    code = "MISCONF"
+
+
+class RedisReadOnly(RedisRefused, RedisUnavailable):
+    """``READONLY``: the server is a read-only replica (typically just after a failover).
+
+    Retried within the call's deadline like an outage, then raised; being
+    also a RedisUnavailable, it is caught wherever an outage is.
+    """
+
+    code = "READONLY"
+
+
+class RedisLoading(RedisRefused, RedisUnavailable):
+    """``LOADING``: Redis is loading its dataset after a restart. Retried within the deadline, then raised."""
+
+    code = "LOADING"
+
+
+class RedisBusy(RedisRefused, RedisUnavailable):
+    """``BUSY``: another client's script ran past ``busy-reply-threshold``. Retried within the deadline, then raised."""
+
+    code = "BUSY"

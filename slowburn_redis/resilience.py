@@ -1,14 +1,35 @@
-"""What a Budget does when Redis cannot be reached: backoff, retries and the ``on_unavailable`` policy.
+"""What a Budget does when Redis cannot be reached or refuses: deadlines, backoff, retries and ``on_unavailable``.
 
-Every script call of a Budget goes through `Resilience.call`. A call that
-fails because Redis is unreachable (connection refused or reset, timeout,
-``LOADING`` after a restart, ``CLUSTERDOWN``/``TRYAGAIN`` on a cluster) is
-handled by the policy:
+Every script call of a Budget goes through `Resilience.call`.
+
+**Deadlines.** A call has a deadline (event-loop time): an acquire's
+``timeout``, else the Budget's ``retry_timeout`` counted from the start of
+the call, else none. Every network attempt is bounded by the time left, so a
+call ends by its deadline whatever Redis does (a blackholed server that
+accepts and never answers included): an attempt still in flight at the
+deadline is cancelled (redis-py drops that connection, so no late reply can
+be read by another command) and the call raises `RedisUnavailable`. Such an
+attempt may have run on Redis: for an acquire the Budget then releases the
+reservation id it sent (``Budget._release_unseen``), so a cut acquire is
+treated as possibly admitted, never as denied-and-forgotten. The first
+attempt of a call always gets at least `FINAL_ATTEMPT` seconds (0.1 s), even
+when the deadline is nearer or already passed: that is the "one attempt"
+of a cleanup call made after its acquire's deadline (release of an
+interrupted acquire, `Budget.aclose`), and what lets ``timeout=0`` ask Redis
+once. A queue ``leave`` is cleanup only and always gets one attempt of at
+most `FINAL_ATTEMPT` seconds. So an acquire on a blackholed Redis ends at
+most about ``2 * FINAL_ATTEMPT`` after its deadline (its own cut attempt,
+then the release and the leave, one final attempt each); ``bench/deadlines.py``
+measures it. Without any deadline (no timeout, ``retry_timeout=None``) an
+attempt is bounded by the socket timeouts of `slowburn_redis.connection`
+and retried until Redis answers.
+
+**Unreachable.** A call that fails because Redis is unreachable (connection
+refused or reset, socket timeout, ``CLUSTERDOWN``/``TRYAGAIN`` on a cluster)
+is handled by the policy:
 
 - ``"wait"`` (default): retry with exponential backoff and jitter until the
-  call succeeds or its deadline passes (an acquire's ``timeout``; for other
-  operations the Budget's ``retry_timeout``, None for no bound), then raise
-  `RedisUnavailable`.
+  call succeeds or its deadline passes, then raise `RedisUnavailable`.
 - ``"raise"``: raise `RedisUnavailable` at once.
 - ``"allow"``: fail open. An acquire is admitted without Redis: it returns a
   reservation that is not backed by Redis (nothing was charged, nothing is
@@ -18,15 +39,30 @@ handled by the policy:
   (status, limits, reset) raise `RedisUnavailable`. Every fail-open decision
   is logged at error level.
 
+**Refused.** Redis answered and refused (`slowburn_redis.errors.RedisRefused`):
+
+- ``READONLY`` (a replica, just after a failover), ``LOADING`` (a restarting
+  server) and ``BUSY`` (another script past ``busy-reply-threshold``) pass by
+  themselves: under ``"wait"`` and ``"allow"`` they are retried like an
+  outage within the deadline, then raised as `RedisReadOnly`,
+  `RedisLoading` or `RedisBusy` (also RedisUnavailable); under ``"raise"``
+  they are raised at once.
+- ``OOM`` (`RedisOutOfMemory`) and ``MISCONF`` (`RedisMisconfigured`) need an
+  operator: raised at once under every policy.
+- No refusal is ever failed open: ``"allow"`` applies to an unreachable
+  Redis only. A refused script wrote nothing (Redis refuses a script at its
+  first write), so nothing was admitted.
+
 Retrying is safe because every script is idempotent under a retry with the
 same arguments: acquire takes a client-made reservation id and returns the
 first admission for a known id, and settling a reservation twice changes
 nothing the second time. So a call whose reply was lost is simply run again.
 
-Errors that are not about reachability (a script error, a refused
-authentication, a NOPERM) are never retried. The heartbeat and queue-leave
-calls (``refresh``, ``leave``) are tried once and raise the original error:
-their callers already treat a failure as "try again later".
+Other errors (a script error, a refused authentication, a NOPERM) are never
+retried. The heartbeat and queue-leave calls (``refresh``, ``leave``) are
+tried once and raise the original error (a redis-py ``TimeoutError`` when
+their attempt was cut by the deadline): their callers already treat a
+failure as "try again later".
 """
 
 from __future__ import annotations
@@ -37,31 +73,56 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import structlog
 from redis.exceptions import (
     AuthenticationError,
     AuthenticationWrongNumberOfArgsError,
     AuthorizationError,
+    BusyLoadingError,
     ClusterDownError,
+    OutOfMemoryError,
     ReadOnlyError,
     RedisClusterException,
+    ResponseError,
     SlotNotCoveredError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from slowburn_redis.errors import InvalidInput, RedisUnavailable
+from slowburn_redis.errors import (
+    InvalidInput,
+    RedisBusy,
+    RedisLoading,
+    RedisMisconfigured,
+    RedisOutOfMemory,
+    RedisReadOnly,
+    RedisRefused,
+    RedisUnavailable,
+)
 
 log = structlog.get_logger("slowburn_redis")
+
+T = TypeVar("T")
 
 OnUnavailable = Literal["wait", "raise", "allow"]
 ON_UNAVAILABLE: tuple[OnUnavailable, ...] = ("wait", "raise", "allow")
 
 ONCE = frozenset({"refresh", "leave"})
 """Scripts tried once whatever the policy: their callers retry on their own schedule."""
+
+CLEANUP = frozenset({"leave"})
+"""Scripts that are only ever cleanup: one attempt of at most `FINAL_ATTEMPT` seconds, whatever the deadline."""
+
+FINAL_ATTEMPT = 0.1
+"""Seconds the first attempt of a call may take at least, even past its deadline (see the module docstring).
+
+On loopback or a LAN a script answers in well under a millisecond, and in
+a few milliseconds on a loaded server; 0.1 s leaves room for a loaded
+client. It is also the cost of each cleanup call after a deadline, so it
+sets the slack of the ``timeout=`` guarantee (about twice this)."""
 
 _NOT_REACHABILITY = (AuthenticationError, AuthorizationError, AuthenticationWrongNumberOfArgsError)
 _REACHABILITY = (
@@ -76,6 +137,16 @@ _REACHABILITY = (
 )
 _MAX_UNBACKED = 100_000
 
+PASSING_REFUSALS: dict[str, type[RedisRefused]] = {
+    "READONLY": RedisReadOnly,
+    "LOADING": RedisLoading,
+    "BUSY": RedisBusy,
+}
+"""Refusals that pass by themselves: retried within the deadline like an outage (never failed open)."""
+
+FINAL_REFUSALS: dict[str, type[RedisRefused]] = {"OOM": RedisOutOfMemory, "MISCONF": RedisMisconfigured}
+"""Refusals that need an operator: raised at once under every policy."""
+
 
 def is_unavailable(exc: BaseException) -> bool:
     """True when `exc` says Redis could not be reached (worth a retry), not that it refused the call."""
@@ -85,6 +156,69 @@ def is_unavailable(exc: BaseException) -> bool:
         return True
     # asyncio RedisCluster raises a bare RedisClusterException when no node answers.
     return isinstance(exc, RedisClusterException) and "cannot be connected" in str(exc)
+
+
+def refusal_code(exc: BaseException) -> str | None:
+    """The Redis error code of a refusal in `PASSING_REFUSALS` or `FINAL_REFUSALS`, else None.
+
+    redis-py types OOM, LOADING and READONLY; BUSY and MISCONF arrive as a
+    plain ResponseError whose text starts with the code. Redis 7 keeps the
+    code of an error raised inside a script (``OOM command not allowed ...
+    script: ...``).
+    """
+    if isinstance(exc, OutOfMemoryError):
+        return "OOM"
+    if isinstance(exc, BusyLoadingError):
+        return "LOADING"
+    if isinstance(exc, ReadOnlyError):
+        return "READONLY"
+    if isinstance(exc, ResponseError):
+        code = str(exc).lstrip("-").split(" ", 1)[0]
+        if code in PASSING_REFUSALS or code in FINAL_REFUSALS:
+            return code
+    return None
+
+
+async def bounded(awaitable: Awaitable[T], deadline: float | None, *, what: str = "waiting for Redis") -> T:
+    """Await `awaitable` until `deadline` (event-loop time; None: no bound), then cancel it and raise.
+
+    A deadline nearer than `FINAL_ATTEMPT` seconds, or already passed,
+    still gives it `FINAL_ATTEMPT` seconds (one last chance, as for a
+    script call). Raises RedisUnavailable naming `what` when the bound cut
+    it; any other outcome is the awaitable's own.
+    """
+    if deadline is None:
+        return await awaitable
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    cut_at = max(deadline, start + FINAL_ATTEMPT)
+    try:
+        async with asyncio.timeout_at(cut_at) as scope:
+            return await awaitable
+    except TimeoutError as exc:
+        if scope.expired():
+            raise RedisUnavailable(f"{what}: no answer from Redis within {cut_at - start:.2f}s (deadline)") from exc
+        raise
+
+
+class _Cut(Exception):
+    """An attempt was still in flight when its bound passed."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"no reply within {seconds:.2f}s")
+        self.seconds = seconds
+
+
+async def _attempt(operation: Callable[[], Awaitable[Any]], cut_at: float | None, start: float) -> Any:
+    if cut_at is None:
+        return await operation()
+    try:
+        async with asyncio.timeout_at(cut_at) as scope:
+            return await operation()
+    except TimeoutError as exc:
+        if scope.expired():
+            raise _Cut(cut_at - start) from exc
+        raise
 
 
 @dataclass(frozen=True)
@@ -117,8 +251,10 @@ class Resilience:
     """The ``on_unavailable`` policy of one Budget; see the module docstring.
 
     `description` (a URL without credentials) names Redis in errors and logs.
-    `retry_timeout` bounds the retries of a call that has no deadline of its
-    own, in ``"wait"`` mode (None: retry until Redis answers).
+    `retry_timeout` is the deadline of a call that has none of its own,
+    counted from the call's start (None: retry until Redis answers).
+    `final_attempt` is the least time a call's first attempt gets (see
+    `FINAL_ATTEMPT`).
     """
 
     def __init__(
@@ -128,15 +264,19 @@ class Resilience:
         backoff: Backoff | None = None,
         retry_timeout: float | None = None,
         description: str = "redis",
+        final_attempt: float = FINAL_ATTEMPT,
     ) -> None:
         if on_unavailable not in ON_UNAVAILABLE:
             raise InvalidInput(f"on_unavailable must be one of {', '.join(ON_UNAVAILABLE)}, not {on_unavailable!r}")
         if retry_timeout is not None and not (isinstance(retry_timeout, (int, float)) and retry_timeout >= 0):
             raise InvalidInput(f"retry_timeout must be a non-negative number of seconds or None, not {retry_timeout!r}")
+        if not (isinstance(final_attempt, (int, float)) and final_attempt > 0):
+            raise InvalidInput(f"final_attempt must be a positive number of seconds, not {final_attempt!r}")
         self.on_unavailable: OnUnavailable = on_unavailable
         self.backoff = backoff or Backoff()
         self.retry_timeout = retry_timeout
         self.description = description
+        self.final_attempt = float(final_attempt)
         self._unbacked: OrderedDict[str, None] = OrderedDict()
 
     def is_backed(self, reservation_id: str) -> bool:
@@ -151,27 +291,57 @@ class Resilience:
         *,
         deadline: float | None = None,
     ) -> Any:
-        """Run `operation` (the script `name` with `args`) under the policy.
+        """Run `operation` (the script `name` with `args`) under the policy, by `deadline`.
 
-        `deadline` is an event-loop time (``loop.time()``) after which a
-        ``"wait"`` retry gives up; None means the `retry_timeout` from the first
-        failure.
+        `deadline` is an event-loop time (``loop.time()``); None means
+        `retry_timeout` from now (and no bound when that is None too). The
+        call returns or raises by the deadline, or by ``now + final_attempt``
+        when that is later; see the module docstring for what it raises.
         """
         if name == "settle" and args and not self.is_backed(str(args[0])):
             self._unbacked.pop(str(args[0]), None)
             log.warning("budget.unbacked_settle", reservation=args[0], kind=args[1], redis=self.description)
             return [0, "unbacked"]
         loop = asyncio.get_running_loop()
+        start = loop.time()
+        if deadline is None and self.retry_timeout is not None:
+            deadline = start + self.retry_timeout
+        first_cut = start + self.final_attempt
+        if name in CLEANUP:
+            deadline = first_cut
         delays: Iterator[float] | None = None
-        attempt, first_failure = 0, 0.0
+        attempt, first_failure = 0, start
         while True:
+            # Each attempt is bounded by the time left; the first gets at least final_attempt.
+            cut_at = None if deadline is None else max(deadline, first_cut) if attempt == 0 else deadline
             try:
-                reply = await operation()
+                reply = await _attempt(operation, cut_at, start)
+            except _Cut as cut:
+                if name in ONCE:
+                    message = f"{name}: no reply from Redis at {self.description} by the deadline"
+                    raise RedisTimeoutError(message) from cut
+                log.error(
+                    "redis.unavailable", redis=self.description, operation=name, attempts=attempt + 1,
+                    error="no reply by the deadline", waited=round(loop.time() - start, 3),
+                )  # fmt: skip
+                error = RedisUnavailable(
+                    f"Redis at {self.description} did not answer {name} within {cut.seconds:.2f}s "
+                    "(the call's deadline); it may have run"
+                )
+                if self.on_unavailable == "allow":
+                    return self._fail_open(name, args, error)
+                raise error from cut
             except Exception as exc:
-                if name in ONCE or not is_unavailable(exc):
+                code = refusal_code(exc)
+                if name in ONCE:
+                    raise
+                if code in FINAL_REFUSALS:
+                    log.error("redis.refused", redis=self.description, operation=name, code=code, error=_describe(exc))
+                    raise FINAL_REFUSALS[code](self._message(name, exc), code=code) from exc
+                if code is None and not is_unavailable(exc):
                     raise
                 attempt += 1
-                if self.on_unavailable == "allow":
+                if code is None and self.on_unavailable == "allow":
                     return self._fail_open(name, args, exc)
                 if self.on_unavailable == "raise":
                     log.error("redis.unavailable", redis=self.description, operation=name, error=_describe(exc))
@@ -179,8 +349,6 @@ class Resilience:
                 now = loop.time()
                 if delays is None:
                     delays, first_failure = self.backoff.delays(), now
-                    if deadline is None and self.retry_timeout is not None:
-                        deadline = now + self.retry_timeout
                 delay = next(delays)
                 if deadline is not None:
                     if now >= deadline:
@@ -196,6 +364,10 @@ class Resilience:
                     retry_in=round(delay, 3),
                 )
                 await asyncio.sleep(delay)
+                now = loop.time()
+                if deadline is not None and now >= deadline:  # no attempt doomed from its start
+                    log.error("redis.unavailable", redis=self.description, operation=name, attempts=attempt)
+                    raise self._error(name, exc, waited=now - first_failure) from exc
                 continue
             if attempt:
                 log.warning(
@@ -204,9 +376,21 @@ class Resilience:
                 )  # fmt: skip
             return reply
 
-    def _error(self, name: str, exc: BaseException, waited: float | None = None) -> RedisUnavailable:
+    def _message(self, name: str, exc: BaseException, waited: float | None = None) -> str:
         after = "" if waited is None else f" after retrying for {waited:.1f}s"
-        return RedisUnavailable(f"Redis at {self.description} is unavailable ({name}{after}): {_describe(exc)}")
+        code = refusal_code(exc)
+        what = "refused" if code else "is unavailable"
+        return f"Redis at {self.description} {what} ({name}{after}): {_describe(exc)}"
+
+    def _error(self, name: str, exc: BaseException, waited: float | None = None) -> RedisUnavailable:
+        """The error a call raises when it gives up on `exc`: typed by its refusal code, else RedisUnavailable."""
+        code = refusal_code(exc)
+        message = self._message(name, exc, waited)
+        if code in PASSING_REFUSALS:
+            error = PASSING_REFUSALS[code](message, code=code)
+            assert isinstance(error, RedisUnavailable)
+            return error
+        return RedisUnavailable(message)
 
     def _fail_open(self, name: str, args: Sequence[Any], exc: BaseException) -> Any:
         if name == "acquire":
