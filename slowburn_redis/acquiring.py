@@ -24,6 +24,7 @@ from slowburn_redis.errors import BudgetClosed, BudgetExhausted, BudgetTimeout, 
 from slowburn_redis.keys import LimitKey, describe_limit_key
 from slowburn_redis.limits import from_units
 from slowburn_redis.reservation import Reservation, Settler
+from slowburn_redis.resilience import FINAL_ATTEMPT, bounded
 from slowburn_redis.status import Status
 from slowburn_redis.tasks import finish_despite_cancel
 from slowburn_redis.waiting import Waiter, WakeHub
@@ -77,12 +78,14 @@ class AcquireCall:
         self._waiter: Waiter | None = None
         self._paused_at: float | None = None
         self._in_flight = False
+        self._deadline: float | None = None
 
     async def run(self) -> Reservation:
         """Attempt until admitted; raise LimitsMissing, RequestTooLarge, BudgetExhausted (reject), BudgetTimeout..."""
         loop = asyncio.get_running_loop()
         timeout = self.request.timeout
         deadline = None if timeout is None else loop.time() + timeout
+        self._deadline = deadline
         try:
             while True:
                 reply = await self._attempt(deadline)
@@ -180,7 +183,8 @@ class AcquireCall:
         if self._waiter is None:
             # Subscribe first, then try once more: a refill between the
             # denial and the subscription is not missed.
-            self._waiter = await self._hub.join(request.tenant)
+            # Bounded by the deadline: a subscription that never confirms must not outlive the wait.
+            self._waiter = await bounded(self._hub.join(request.tenant), deadline, what="subscribing to wakes")
             self._waiter.ticket = self._ticket
             self._paused_at = asyncio.get_running_loop().time()
             log.info(
@@ -218,7 +222,9 @@ class AcquireCall:
     async def _timed_out(self, reply: protocol.Denied) -> BudgetTimeout:
         request, limit_key = self.request, reply.limit_key
         try:
-            snapshot: Status | None = await self._snapshot(request.tenant, request.agent)
+            # The deadline has passed: one short attempt (resilience.FINAL_ATTEMPT), never a wait.
+            now = asyncio.get_running_loop().time()
+            snapshot: Status | None = await bounded(self._snapshot(request.tenant, request.agent), now)
         except Exception:  # the error to raise is the timeout, not a failed snapshot
             snapshot = None
         log.info("budget.timeout", tenant=request.tenant, agent=request.agent, limit=limit_key, timeout=request.timeout)
@@ -249,8 +255,14 @@ class AcquireCall:
 
     async def _release_unseen(self) -> None:
         engine, key = self._engine, self._settler.key
-        if not await engine.quiesce(engine.scripts.acquire, key, timeout=CLEANUP_GRACE):
-            log.warning("acquire.cleanup_unordered", reservation=self._rid, waited=CLEANUP_GRACE)
+        # Wait for the interrupted call's answer, but never past the acquire's deadline: a late
+        # admission after this release stays charged at its estimate until its lease expires.
+        now = asyncio.get_running_loop().time()
+        grace = (
+            CLEANUP_GRACE if self._deadline is None else min(CLEANUP_GRACE, max(FINAL_ATTEMPT, self._deadline - now))
+        )
+        if not await engine.quiesce(engine.scripts.acquire, key, timeout=grace):
+            log.warning("acquire.cleanup_unordered", reservation=self._rid, waited=grace)
         deadline = asyncio.get_running_loop().time()  # one attempt: no retries while Redis is away
         args = protocol.settle_args(reservation_id=self._rid, kind="release", ledger_maxlen=0, actual={})
         try:
@@ -264,8 +276,8 @@ class AcquireCall:
 
 async def leave_queue(engine: Engine, key: str, ticket: str) -> None:
     """Give up the queue place `ticket` of the tenant at `key`; a failure is logged (the place expires by itself)."""
-    # While closing, one attempt: close() must not wait for Redis to come back.
-    deadline = asyncio.get_running_loop().time() if engine.closing else None
+    # One attempt: a wait that ended (cancelled, timed out, closed) must not wait for Redis to come back.
+    deadline = asyncio.get_running_loop().time()
     try:
         await engine.run(engine.scripts.leave, key, [ticket], deadline=deadline)
     except Exception as exc:  # the place expires by itself after three heartbeats
