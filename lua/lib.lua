@@ -250,7 +250,9 @@ local function add(w, idx, amt, now)
   w.t = w.t + amt
   w.dirty.t = true
   if w.g == nil then
-    w.g = fmt(now)
+    -- Unique per tenant (not the clock: a window deleted and born again in the same
+    -- millisecond must not let an old reservation settle against the new one).
+    w.g = fmt(redis.call('INCR', K.sequence))
     w.dirty.g = true
     if L.w > 0 then
       w.o = idx
@@ -371,13 +373,17 @@ end
 -- tickets that became the head of one of those sets are appended to `wake`.
 local function drop_ticket(ticket, wake)
   local info = redis.call('HGET', K.queue, ticket)
+  local lks = info and parse_queue_record(info).lks or {}
+  local was_head = {}
+  for _, lk in ipairs(lks) do  -- before the record goes, while queue_head still counts it as live
+    local first = redis.call('ZRANGE', blocked_key(lk), 0, 0)[1]
+    was_head[lk] = first == ticket or queue_head(lk) == ticket  -- an expired head counts too
+  end
   redis.call('HDEL', K.queue, ticket)
   redis.call('ZREM', K.queue_expiry, ticket)
-  if not info then return end
-  for _, lk in ipairs(parse_queue_record(info).lks) do
-    local was_head = queue_head(lk) == ticket
+  for _, lk in ipairs(lks) do
     redis.call('ZREM', blocked_key(lk), ticket)
-    if was_head then
+    if was_head[lk] then
       local nxt = queue_head(lk)
       if nxt then wake[#wake + 1] = nxt end
     end

@@ -52,7 +52,7 @@ SCRIPT_COMMANDS: tuple[str, ...] = (
     "hset",
     "hsetnx",
     "hdel",
-    "hincrby",
+    "hexists",
     "sadd",
     "smembers",
     "zadd",
@@ -60,6 +60,7 @@ SCRIPT_COMMANDS: tuple[str, ...] = (
     "zcard",
     "zrange",
     "zrangebyscore",
+    "zscore",
     "xadd",
     "publish",
 )
