@@ -191,13 +191,14 @@ def _single_class() -> type[Any]:
         """A Redis client whose `pubsub` objects use a pool of their own, built with the pub/sub socket options."""
 
         _subscriber: Any = None
-        _pubsub_url = ""
+        pubsub_url = ""
+        """The URL its pub/sub pool connects to (set by `_connect_single`)."""
 
         def pubsub(self, **kwargs: Any) -> Any:
             if self._subscriber is None:
-                scheme = urlsplit(self._pubsub_url).scheme
+                scheme = urlsplit(self.pubsub_url).scheme
                 pool = aioredis.ConnectionPool.from_url(
-                    self._pubsub_url,
+                    self.pubsub_url,
                     decode_responses=True,
                     retry=_client_retry(),
                     **client_options(scheme, pubsub=True),
@@ -230,7 +231,7 @@ def _connect_single(url: str) -> ConnectFactory:
             url, decode_responses=True, retry=_client_retry(), max_connections=MAX_CONNECTIONS * 2, **options
         )
         client = client_class.from_pool(pool)
-        client._pubsub_url = url
+        client.pubsub_url = url
         return client
 
     return connect
@@ -288,7 +289,12 @@ def _connect_cluster(url: str) -> tuple[ConnectFactory, PubSubFactory]:
         nodes: list[tuple[str, int]] = []
         for client in clients:
             try:
-                nodes = [(node.host, int(node.port)) for node in client.get_nodes()]
+                # Primaries only: a PUBLISH reaches every node, and a primary is what a failover replaces.
+                nodes = [
+                    (node.host, int(node.port))
+                    for node in client.get_nodes()
+                    if getattr(node, "server_type", "primary") == "primary"
+                ]
             except Exception:  # not initialized yet: fall back to the seed node
                 nodes = []
         return sorted(set(nodes)) or [seed]

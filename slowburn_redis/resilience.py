@@ -201,6 +201,10 @@ async def bounded(awaitable: Awaitable[T], deadline: float | None, *, what: str 
         raise
 
 
+_RETRY = object()
+"""What `Resilience._judge` returns for a failure worth another attempt."""
+
+
 class _Cut(Exception):
     """An attempt was still in flight when its bound passed."""
 
@@ -317,57 +321,15 @@ class Resilience:
             try:
                 reply = await _attempt(operation, cut_at, start)
             except _Cut as cut:
-                if name in ONCE:
-                    message = f"{name}: no reply from Redis at {self.description} by the deadline"
-                    raise RedisTimeoutError(message) from cut
-                log.error(
-                    "redis.unavailable", redis=self.description, operation=name, attempts=attempt + 1,
-                    error="no reply by the deadline", waited=round(loop.time() - start, 3),
-                )  # fmt: skip
-                error = RedisUnavailable(
-                    f"Redis at {self.description} did not answer {name} within {cut.seconds:.2f}s "
-                    "(the call's deadline); it may have run"
-                )
-                if self.on_unavailable == "allow":
-                    return self._fail_open(name, args, error)
-                raise error from cut
+                return self._after_cut(name, args, cut, attempt, start)
             except Exception as exc:
-                code = refusal_code(exc)
-                if name in ONCE:
-                    raise
-                if code in FINAL_REFUSALS:
-                    log.error("redis.refused", redis=self.description, operation=name, code=code, error=_describe(exc))
-                    raise FINAL_REFUSALS[code](self._message(name, exc), code=code) from exc
-                if code is None and not is_unavailable(exc):
-                    raise
+                failed_open = self._judge(name, args, exc)  # raises unless a retry (or failing open) is right
+                if failed_open is not _RETRY:
+                    return failed_open
                 attempt += 1
-                if code is None and self.on_unavailable == "allow":
-                    return self._fail_open(name, args, exc)
-                if self.on_unavailable == "raise":
-                    log.error("redis.unavailable", redis=self.description, operation=name, error=_describe(exc))
-                    raise self._error(name, exc) from exc
-                now = loop.time()
                 if delays is None:
-                    delays, first_failure = self.backoff.delays(), now
-                delay = next(delays)
-                if deadline is not None:
-                    if now >= deadline:
-                        log.error("redis.unavailable", redis=self.description, operation=name, attempts=attempt)
-                        raise self._error(name, exc, waited=now - first_failure) from exc
-                    delay = min(delay, deadline - now)
-                log.warning(
-                    "redis.unavailable",
-                    redis=self.description,
-                    operation=name,
-                    error=_describe(exc),
-                    attempt=attempt,
-                    retry_in=round(delay, 3),
-                )
-                await asyncio.sleep(delay)
-                now = loop.time()
-                if deadline is not None and now >= deadline:  # no attempt doomed from its start
-                    log.error("redis.unavailable", redis=self.description, operation=name, attempts=attempt)
-                    raise self._error(name, exc, waited=now - first_failure) from exc
+                    delays, first_failure = self.backoff.delays(), loop.time()
+                await self._pause(name, exc, next(delays), deadline, attempt, first_failure)
                 continue
             if attempt:
                 log.warning(
@@ -375,6 +337,64 @@ class Resilience:
                     down_for=round(loop.time() - first_failure, 3),
                 )  # fmt: skip
             return reply
+
+    def _after_cut(self, name: str, args: Sequence[Any], cut: _Cut, attempt: int, start: float) -> Any:
+        """An attempt still in flight at its bound: a typed error (or, when failing open, the unchecked reply)."""
+        if name in ONCE:
+            raise RedisTimeoutError(f"{name}: no reply from Redis at {self.description} by the deadline") from cut
+        log.error(
+            "redis.unavailable", redis=self.description, operation=name, attempts=attempt + 1,
+            error="no reply by the deadline", waited=round(asyncio.get_running_loop().time() - start, 3),
+        )  # fmt: skip
+        error = RedisUnavailable(
+            f"Redis at {self.description} did not answer {name} within {cut.seconds:.2f}s "
+            "(the call's deadline); it may have run"
+        )
+        if self.on_unavailable == "allow":
+            return self._fail_open(name, args, error)
+        raise error from cut
+
+    def _judge(self, name: str, args: Sequence[Any], exc: Exception) -> Any:
+        """`_RETRY` when `exc` is worth another attempt, the fail-open reply under ``"allow"``; else raises."""
+        code = refusal_code(exc)
+        if name in ONCE:
+            raise exc
+        if code in FINAL_REFUSALS:
+            log.error("redis.refused", redis=self.description, operation=name, code=code, error=_describe(exc))
+            raise FINAL_REFUSALS[code](self._message(name, exc), code=code) from exc
+        if code is None and not is_unavailable(exc):
+            raise exc
+        if code is None and self.on_unavailable == "allow":
+            return self._fail_open(name, args, exc)
+        if self.on_unavailable == "raise":
+            log.error("redis.unavailable", redis=self.description, operation=name, error=_describe(exc))
+            raise self._error(name, exc) from exc
+        return _RETRY
+
+    async def _pause(
+        self, name: str, exc: Exception, delay: float, deadline: float | None, attempt: int, first_failure: float
+    ) -> None:
+        """Sleep before the next attempt, never past the deadline (then raise RedisUnavailable)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if deadline is not None:
+            if now >= deadline:
+                log.error("redis.unavailable", redis=self.description, operation=name, attempts=attempt)
+                raise self._error(name, exc, waited=now - first_failure) from exc
+            delay = min(delay, deadline - now)
+        log.warning(
+            "redis.unavailable",
+            redis=self.description,
+            operation=name,
+            error=_describe(exc),
+            attempt=attempt,
+            retry_in=round(delay, 3),
+        )
+        await asyncio.sleep(delay)
+        now = loop.time()
+        if deadline is not None and now >= deadline:  # no attempt doomed from its start
+            log.error("redis.unavailable", redis=self.description, operation=name, attempts=attempt)
+            raise self._error(name, exc, waited=now - first_failure) from exc
 
     def _message(self, name: str, exc: BaseException, waited: float | None = None) -> str:
         after = "" if waited is None else f" after retrying for {waited:.1f}s"
