@@ -271,14 +271,10 @@ class AcquireCall:
             log.warning("acquire.release_failed", reservation=self._rid, error=str(exc))
 
     async def _leave(self, ticket: str) -> None:
-        await leave_queue(self._engine, self._settler.key, ticket)
-
-
-async def leave_queue(engine: Engine, key: str, ticket: str) -> None:
-    """Give up the queue place `ticket` of the tenant at `key`; a failure is logged (the place expires by itself)."""
-    # One attempt: a wait that ended (cancelled, timed out, closed) must not wait for Redis to come back.
-    deadline = asyncio.get_running_loop().time()
-    try:
-        await engine.run(engine.scripts.leave, key, [ticket], deadline=deadline)
-    except Exception as exc:  # the place expires by itself after three heartbeats
-        log.warning("queue.leave_failed", ticket=ticket, error=str(exc))
+        """Give up the queue place `ticket`; a failure is logged (the place expires by itself)."""
+        # One attempt: a wait that ended (cancelled, timed out, closed) must not wait for Redis to come back.
+        deadline = asyncio.get_running_loop().time()
+        try:
+            await self._engine.run(self._engine.scripts.leave, self._settler.key, [ticket], deadline=deadline)
+        except Exception as exc:  # the place expires by itself after three heartbeats
+            log.warning("queue.leave_failed", ticket=ticket, error=str(exc))

@@ -4,7 +4,7 @@
 built inside it by the same factory as the async one (same options, same
 pub/sub factory, so a cluster Budget's twin waits on the node-rotating
 pub/sub too). Each method submits the async method to that loop and waits;
-its signature is the async method's (``tests/test_sync_twin.py`` compares
+its signature is the async method's (``tests/test_structure.py`` compares
 them). Interrupting a wait (KeyboardInterrupt) cancels the async call, whose
 own cleanup leaves no reservation and no queue place behind. A blocking call
 made from the portal's own thread (a callback of the async code) raises
