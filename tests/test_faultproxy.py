@@ -124,11 +124,15 @@ def test_reset_aborts_open_and_new_connections_with_rst(proxy: FaultProxy) -> No
         sock.sendall(b"PING\r\n")
         sock.recv(100)
     sock.close()
-    fresh = raw(proxy)
+    # A new connection is accepted and reset at once: the RST can reach the
+    # client's connect() itself, before the first write.
     with pytest.raises((ConnectionResetError, BrokenPipeError)):
-        fresh.sendall(b"PING\r\n")
-        fresh.recv(100)
-    fresh.close()
+        fresh = raw(proxy)
+        try:
+            fresh.sendall(b"PING\r\n")
+            fresh.recv(100)
+        finally:
+            fresh.close()
     assert proxy.stats.resets >= 2
     proxy.passthrough()
     client = through(proxy)
