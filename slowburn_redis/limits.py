@@ -43,8 +43,15 @@ for _names, _seconds in (
         _WINDOW_UNITS[_name] = _seconds
 
 _SUFFIXES = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "B": 10**9}
-_AMOUNT = re.compile(r"\$?(?P<number>[0-9][0-9_]*(?:\.[0-9]+)?|\.[0-9]+)(?P<suffix>[A-Za-z]?)")
-_WINDOW = re.compile(r"(?P<count>[0-9]+(?:\.[0-9]+)?)?\s*(?P<unit>[A-Za-z]+)")
+_AMOUNT = re.compile(r"\$?(?P<number>[0-9]+(?:\.[0-9]+)?|\.[0-9]+)(?P<suffix>[A-Za-z]?)", re.ASCII)
+_DECIMAL_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+"""The one grammar of an amount given as a string: ASCII digits, an optional fraction and exponent.
+
+No surrounding spaces, no ``_`` separators, no other scripts' digits, no
+``nan``/``inf``: ``"0.25"``, ``"12"``, ``"1e3"``, ``".5"``. (`Limit.parse`
+has its own, richer grammar for the amount inside a limit string.)
+"""
+_WINDOW = re.compile(r"(?P<count>[0-9]+(?:\.[0-9]+)?)?[ ]*(?P<unit>[A-Za-z]+)", re.ASCII)
 _NAMED_WINDOWS = {86400.0: "day", 3600.0: "hour", 60.0: "min", 1.0: "s", 7 * 86400.0: "week"}
 
 
@@ -60,7 +67,7 @@ def parse_window(text: str | float | int | None) -> float | None:
         except (OverflowError, ValueError):  # an int too large for a float, a signaling NaN
             seconds = math.inf
     else:
-        match = _WINDOW.fullmatch(text.strip())
+        match = _WINDOW.fullmatch(text.strip(" "))
         if not match or match["unit"] not in _WINDOW_UNITS:
             raise InvalidLimit(
                 f"bad window {_shown(text, 80)}: use a duration such as 10s, 5m, 1h, 1d, day, hour or min",
@@ -113,10 +120,13 @@ def to_units(dimension: str, amount: object, *, round_up: bool = False) -> int:
             return units
     if isinstance(amount, bool) or not isinstance(amount, (int, float, Decimal, str)):
         raise InvalidInput(f"{dimension} amount must be a number, not {type(amount).__name__}")
-    try:
-        value = Decimal(str(amount)) if isinstance(amount, float) else Decimal(amount)
-    except InvalidOperation:
-        raise InvalidInput(f"{dimension} amount {_shown(amount)} is not a number") from None
+    if isinstance(amount, str):
+        value = decimal_from_text(amount, what=f"{dimension} amount")
+    else:
+        try:
+            value = Decimal(str(amount)) if isinstance(amount, float) else Decimal(amount)
+        except InvalidOperation:
+            raise InvalidInput(f"{dimension} amount {_shown(amount)} is not a number") from None
     if not value.is_finite():
         raise InvalidInput(f"{dimension} amount must be finite, not {_shown(amount)}")
     if value < 0:
@@ -136,6 +146,16 @@ def to_units(dimension: str, amount: object, *, round_up: bool = False) -> int:
             f"{dimension} amount {_shown(amount)} is too large (at most {MAX_UNITS // UNITS[dimension]})"
         )
     return units
+
+
+def decimal_from_text(text: str, *, what: str = "amount") -> Decimal:
+    """The Decimal a string amount names, by `_DECIMAL_TEXT` exactly; else InvalidInput naming `what`."""
+    if len(text) > 200 or not _DECIMAL_TEXT.fullmatch(text):
+        raise InvalidInput(
+            f"{what} {_shown(text)} is not a number: write ASCII digits with an optional fraction"
+            " and exponent, such as 0.25, 12 or 1e3"
+        )
+    return Decimal(text)
 
 
 def _shown(value: object, limit: int = 40) -> str:
@@ -190,6 +210,11 @@ class Limit(BaseModel):
             raise InvalidLimit(f"amount must be a number, not {value!r}", part=str(value))
         if isinstance(value, float):
             return Decimal(str(value))
+        if isinstance(value, str):
+            try:
+                return decimal_from_text(value)
+            except InvalidInput as exc:
+                raise InvalidLimit(str(exc), part=value) from None
         return value
 
     @field_validator("amount", mode="after")
@@ -221,8 +246,8 @@ class Limit(BaseModel):
         """
         if not isinstance(text, str):
             raise InvalidLimit(f"a limit is a string like 'usd 5/day', not {type(text).__name__}")
-        body, _, window = text.strip().partition("/")
-        parts = body.split()
+        body, _, window = text.strip(" ").partition("/")
+        parts = [part for part in body.split(" ") if part]
         if len(parts) != 2:
             raise InvalidLimit(
                 f"bad limit {_shown(text, 80)}: expected '<dimension> <amount>[/<window>]', e.g. 'usd 5/day'",
@@ -240,10 +265,10 @@ class Limit(BaseModel):
                 f"bad amount {_shown(amount_text)} in {_shown(text, 80)}: a number, optionally with k, M or B",
                 part=amount_text,
             )
-        amount = Decimal(match["number"].replace("_", "")) * _SUFFIXES[match["suffix"]]
-        if "/" in text and not window.strip():
+        amount = Decimal(match["number"]) * _SUFFIXES[match["suffix"]]
+        if "/" in text and not window.strip(" "):
             raise InvalidLimit(f"missing window after '/' in {_shown(text, 80)}", part="/")
-        return cls(dimension=dimension, amount=amount, window=window.strip() or None)
+        return cls(dimension=dimension, amount=amount, window=window.strip(" ") or None)
 
     @property
     def units(self) -> int:

@@ -108,3 +108,29 @@ def test_amounts_derive_tokens_from_input_and_output() -> None:
         amounts_to_units(tokens=1.5)
     with pytest.raises(InvalidInput):
         amounts_to_units(usd=float("nan"))
+
+
+@pytest.mark.parametrize(
+    "text", [" 1", "1 ", "1_000", "\u0661", "\uff11", "1\u00a0", "nan", "inf", "0x10", "1,5", "", "+"]
+)
+def test_amount_strings_outside_the_documented_grammar_are_refused(text: str) -> None:
+    """A string amount is ASCII digits with an optional fraction and exponent, nothing else."""
+    with pytest.raises(InvalidInput, match="is not a number"):
+        to_units("usd", text)
+    with pytest.raises(InvalidLimit):
+        Limit(dimension="tokens", amount=text)
+
+
+@pytest.mark.parametrize(
+    ("text", "units"), [("1", 10**9), ("0.25", 25 * 10**7), (".5", 5 * 10**8), ("1e3", 10**12), ("5.", 5 * 10**9)]
+)
+def test_amount_strings_in_the_documented_grammar_are_exact(text: str, units: int) -> None:
+    assert to_units("usd", text) == units
+
+
+@pytest.mark.parametrize(
+    "text", ["usd 1_000/day", "usd \u0665/day", "usd\u00a05/day", "tokens 5k/\u0661h", "usd 5/\u3000day"]
+)
+def test_limit_strings_take_ascii_digits_and_spaces_only(text: str) -> None:
+    with pytest.raises(InvalidLimit):
+        Limit.parse(text)
