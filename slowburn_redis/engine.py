@@ -8,6 +8,13 @@ refusals to `PermissionDenied`, and closing. No other module touches the
 client: they call `run` with a script and its arguments (built by
 `slowburn_redis.protocol`) or one of the few named reads.
 
+Once, after its first script call is answered, an Engine reads Redis's
+``maxmemory-policy`` (on every primary of a cluster) in the background and
+logs ``redis.evicts_budget_keys`` at error level for any policy but
+``noeviction``: under any other policy Redis may drop a tenant's limits
+(then refused as `LimitsMissing`) or its windows (spend forgotten). A user
+that may not read the setting (``CONFIG``/``INFO`` denied) is not checked.
+
 After `aclose` (or once `begin_close` was called) every call raises
 `BudgetClosed` without sending anything, except a waiter giving up its
 queue place, which is allowed one attempt so a closing Budget leaves nothing
@@ -20,6 +27,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import structlog
 from redis.exceptions import RedisError
 
 from slowburn_redis.acl import permission_error
@@ -28,6 +36,15 @@ from slowburn_redis.connection import MAX_CONNECTIONS
 from slowburn_redis.errors import BudgetClosed
 from slowburn_redis.resilience import Backoff, OnUnavailable, Resilience
 from slowburn_redis.scripts import Clock, Script, Scripts
+from slowburn_redis.tasks import cancel_and_wait
+
+log = structlog.get_logger("slowburn_redis")
+
+SAFE_EVICTION_POLICY = "noeviction"
+"""The one ``maxmemory-policy`` under which Redis never drops a budget key (it refuses writes with OOM instead)."""
+
+EVICTION_CHECK_TIMEOUT = 5.0
+"""Seconds the one-time eviction-policy check may take before it is given up (it never delays a call)."""
 
 
 class Engine:
@@ -66,6 +83,8 @@ class Engine:
         self._in_flight = asyncio.Semaphore(MAX_CONNECTIONS)
         self._batcher = Batcher(self._send, max_batch=batch_size)
         self._closing = False
+        self.eviction_check: asyncio.Task[dict[str, str | None]] | None = None
+        """The one-time ``maxmemory-policy`` check, started after the first answered script call."""
 
     @property
     def closing(self) -> bool:
@@ -93,7 +112,10 @@ class Engine:
         every script treats idempotently.
         """
         send = self._batcher.call if script.batched else self._send
-        return await self._guarded(script.name, lambda: send(script, key, args), args, deadline=deadline)
+        reply = await self._guarded(script.name, lambda: send(script, key, args), args, deadline=deadline)
+        if self.eviction_check is None and not self._closing:
+            self.eviction_check = asyncio.get_running_loop().create_task(self._check_eviction_policy())
+        return reply
 
     async def quiesce(self, script: Script, key: str, *, timeout: float) -> bool:
         """Wait until the batches of `script` on `key` already gathered are answered; see `Batcher.quiesce`."""
@@ -185,6 +207,27 @@ class Engine:
             out.append((f"{node.host}:{node.port}", run))
         return out
 
+    async def eviction_policies(self) -> dict[str, str | None]:
+        """``maxmemory-policy`` of each primary, by node name; None where this user may not read it."""
+        return {name: await _read_eviction_policy(run) for name, run in await self.primaries(self.description)}
+
+    async def _check_eviction_policy(self) -> dict[str, str | None]:
+        """Log at error level every primary that may evict budget keys; see the module docstring."""
+        try:
+            policies = await asyncio.wait_for(self.eviction_policies(), EVICTION_CHECK_TIMEOUT)
+        except Exception as exc:  # a diagnostic only: it must never break or delay the Budget
+            log.debug("redis.eviction_policy_unknown", redis=self.description, error=f"{type(exc).__name__}: {exc}")
+            return {}
+        for node, policy in policies.items():
+            if policy is not None and policy != SAFE_EVICTION_POLICY:
+                log.error(
+                    "redis.evicts_budget_keys", redis=self.description, node=node, policy=policy,
+                    consequence="under memory pressure Redis may drop limits (tenants refused) or windows "
+                    "(spend forgotten, limits exceeded)",
+                    fix="CONFIG SET maxmemory-policy noeviction, and the same in redis.conf",
+                )  # fmt: skip
+        return policies
+
     async def get(self, key: str) -> str | None:
         result: str | None = await self._command("get", lambda c: c.get(key))
         return result
@@ -208,7 +251,27 @@ class Engine:
     async def aclose(self) -> None:
         """Wait for the batches already sent, then close the client's connections."""
         self._closing = True
+        if self.eviction_check is not None:
+            await cancel_and_wait([self.eviction_check])
         await self._batcher.aclose()
         close = getattr(self.client, "aclose", None)
         if close is not None:
             await close()
+
+
+async def _read_eviction_policy(run: Callable[..., Awaitable[Any]]) -> str | None:
+    """One node's ``maxmemory-policy`` by ``CONFIG GET``, else ``INFO memory``; None when neither may be read."""
+    try:
+        reply = await run("CONFIG", "GET", "maxmemory-policy")
+        pairs = reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=True))
+        policy = pairs.get("maxmemory-policy", pairs.get(b"maxmemory-policy"))
+        if policy is not None:
+            return policy.decode() if isinstance(policy, bytes) else str(policy)
+    except RedisError:
+        pass
+    try:
+        info = await run("INFO", "memory")
+    except RedisError:
+        return None
+    policy = info.get("maxmemory_policy") if isinstance(info, dict) else None
+    return None if policy is None else str(policy)
