@@ -11,8 +11,9 @@ event loop.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable
-from dataclasses import dataclass
+import asyncio
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Mapping
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
@@ -21,12 +22,14 @@ from slowburn_redis import protocol
 from slowburn_redis.acquiring import AcquireCall, AcquireRequest
 from slowburn_redis.amounts import amounts_to_units
 from slowburn_redis.batching import BATCH_LIMIT, MAX_BATCH
+from slowburn_redis.desired import LimitsFile, desired_limits
 from slowburn_redis.engine import Engine
-from slowburn_redis.errors import InvalidInput
+from slowburn_redis.errors import InvalidInput, LimitsMissing
 from slowburn_redis.events import Event
 from slowburn_redis.keys import TenantKeys, scope_field
 from slowburn_redis.limits import UNITS, Limit, coerce_limits, decimal_from_units
 from slowburn_redis.names import EVERY_AGENT, validate_agent, validate_name
+from slowburn_redis.reseeding import Reseeder
 from slowburn_redis.reservation import Reservation, Settler, check_lease_ttl
 from slowburn_redis.resilience import Backoff, OnUnavailable
 from slowburn_redis.status import Status
@@ -58,6 +61,7 @@ class _Given:
     retry_timeout: float | None
     backoff: Backoff | None
     batch_size: int
+    desired_limits: LimitsFile | None
 
     def check(self) -> None:
         """InvalidInput for an option no Budget accepts (the policy options are checked by the engine)."""
@@ -80,6 +84,14 @@ class Budget:
     which expire after three heartbeats. `ledger_maxlen` bounds each tenant's
     ledger stream (approximately). `test_clock` loads scripts whose clock can
     be moved forward (see `slowburn_redis.testing`); never use it in production.
+
+    `desired_limits` (a `slowburn_redis.desired.LimitsFile`, or a mapping
+    such as ``{"acme": ["usd 5/day"]}``) is the declared state to re-seed
+    from: an acquire of a declared tenant whose limits Redis has lost writes
+    the missing scopes back, logs ``limits.reseeded`` at error level, publishes
+    a ``limits_reseeded`` event (both say whether the spend history was lost)
+    and is tried again (see `slowburn_redis.reseeding`; needs an admin user).
+    Without it such an acquire raises LimitsMissing.
 
     `on_unavailable` says what happens when Redis cannot be reached (see
     `slowburn_redis.resilience`): ``"wait"`` retries with `backoff` until the
@@ -108,6 +120,7 @@ class Budget:
         retry_timeout: float | None = None,
         backoff: Backoff | None = None,
         batch_size: int = MAX_BATCH,
+        desired_limits: LimitsFile | Mapping[str, Any] | None = None,
     ) -> None:
         self._given = _Given(
             connect=connect,
@@ -122,6 +135,7 @@ class Budget:
             retry_timeout=retry_timeout,
             backoff=backoff,
             batch_size=batch_size,
+            desired_limits=None if desired_limits is None else _desired(desired_limits),
         )
         self._given.check()
         self.prefix = prefix
@@ -142,6 +156,11 @@ class Budget:
         )
         """The one path to Redis (see `slowburn_redis.engine`)."""
         self._seen_limits: set[str] = set()
+        self._reseeder = (
+            None
+            if self._given.desired_limits is None
+            else Reseeder(self._given.desired_limits, engine=self.engine, keys=self.keys, write=self._reseed_scope)
+        )
         self._hub = WakeHub(
             self.engine.open_pubsub,
             self._refresh,
@@ -288,15 +307,33 @@ class Budget:
             priority=_priority(priority),
             lease_ttl=check_lease_ttl(self.lease_ttl if lease_ttl is None else lease_ttl),
         )
-        call = AcquireCall(
+        return _Acquire(self._acquiring(request))
+
+    def _acquire_call(self, request: AcquireRequest) -> AcquireCall:
+        return AcquireCall(
             request,
-            settler=self._settler(tenant),
+            settler=self._settler(request.tenant),
             hub=self._hub,
             queue_ttl_ms=round(self.heartbeat * 3000),
             snapshot=lambda tenant, agent: self.status(tenant, agent=agent),
             seen=self._seen_limits,
         )
-        return _Acquire(call.run())
+
+    async def _acquiring(self, request: AcquireRequest) -> Reservation:
+        """Run the acquire; when its tenant's limits are missing and declared, re-seed them and try once more."""
+        started = asyncio.get_running_loop().time()
+        try:
+            return await self._acquire_call(request).run()
+        except LimitsMissing:
+            if self._reseeder is None or not await self._reseeder.reseed(request.tenant):
+                raise
+        if request.timeout is not None:  # the same deadline as the first try
+            spent = asyncio.get_running_loop().time() - started
+            request = replace(request, timeout=max(0.0, request.timeout - spent))
+        return await self._acquire_call(request).run()
+
+    async def _reseed_scope(self, tenant: str, agent: str | None, limits: list[Limit]) -> None:
+        await self.set_limits(tenant, limits, agent=agent)
 
     async def _refresh(self, tenant: str, tickets: list[str]) -> tuple[list[str], list[str]]:
         reply = await self._run("refresh", tenant, [round(self.heartbeat * 3000), *tickets])
@@ -352,7 +389,15 @@ class Budget:
             await pubsub.aclose()
 
 
-# argument checks of acquire ------------------------------------------------------
+# argument checks ------------------------------------------------------------------
+
+
+def _desired(value: object) -> LimitsFile:
+    if not isinstance(value, (LimitsFile, Mapping)):
+        raise InvalidInput(
+            f"desired_limits must be a LimitsFile or a mapping of tenant to limits, not {type(value).__name__}"
+        )
+    return desired_limits(value)
 
 
 def _acquiring_agent(agent: str | None) -> str | None:

@@ -33,12 +33,24 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 from yaml.nodes import MappingNode, Node
 
+from slowburn_redis.desired import LimitsFile, TenantLimits
 from slowburn_redis.errors import InvalidInput
-from slowburn_redis.limits import Limit, coerce_limits
-from slowburn_redis.names import EVERY_AGENT, validate_name
+
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_FILE_BYTES",
+    "MAX_SCOPES",
+    "MAX_TENANTS",
+    "InvalidConfig",
+    "LimitsFile",
+    "TenantLimits",
+    "load_limits_file",
+    "parse_limits_text",
+    "read_regular_file",
+]
 
 MAX_FILE_BYTES = 1 << 20
 """A limits file is at most 1 MiB (a thousand tenants with a dozen scopes each take about 100 kB)."""
@@ -91,81 +103,6 @@ class _LimitsLoader(yaml.SafeLoader):
                 line = key_node.start_mark.line + 1
                 raise _Refused(f"key {str(key)[:80]!r} is given twice in one mapping (line {line})")
         return super().construct_mapping(node, deep=deep)
-
-
-def _limits(value: Any) -> list[Limit]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list):
-        raise ValueError(f"limits must be a list of strings like 'usd 5/day', not {type(value).__name__}")
-    return coerce_limits(value)
-
-
-class TenantLimits(BaseModel):
-    """The limits of one tenant: its own, every agent's default, and named agents'."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    limits: list[Limit] | None = None
-    """The tenant's own limits, shared by all its agents (None: leave as they are)."""
-    every_agent: list[Limit] | None = None
-    """The default limits of each agent without limits of its own (None: leave as they are)."""
-    agents: dict[str, list[Limit]] = Field(default_factory=dict)
-    """Limits of named agents; the key ``"*"`` is the same as `every_agent`."""
-
-    @field_validator("limits", "every_agent", mode="before")
-    @classmethod
-    def _parse_limits(cls, value: Any) -> Any:
-        return None if value is None else _limits(value)
-
-    @field_validator("agents", mode="before")
-    @classmethod
-    def _parse_agents(cls, value: Any) -> Any:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise ValueError(f"agents must be a mapping of agent name to limits, not {type(value).__name__}")
-        out: dict[str, list[Limit]] = {}
-        for name, limits in value.items():
-            if name != EVERY_AGENT:
-                validate_name("agent", name)
-            out[str(name)] = _limits(limits)
-        return out
-
-    @model_validator(mode="after")
-    def _one_default(self) -> TenantLimits:
-        if self.every_agent is not None and EVERY_AGENT in self.agents:
-            raise ValueError("the default of every agent is given twice: as every_agent and as agents['*']")
-        return self
-
-
-class LimitsFile(BaseModel):
-    """A whole limits file: tenant name -> TenantLimits."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    tenants: dict[str, TenantLimits]
-
-    @field_validator("tenants", mode="before")
-    @classmethod
-    def _tenant_names(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            for name in value:
-                validate_name("tenant", name)
-                if value[name] is None:
-                    raise ValueError(f"tenant {name!r} has no limits")
-        return value
-
-    def assignments(self) -> list[tuple[str, str | None, list[Limit]]]:
-        """Every write the file asks for: (tenant, agent or None or "*", limits), in file order."""
-        out: list[tuple[str, str | None, list[Limit]]] = []
-        for tenant, spec in self.tenants.items():
-            if spec.limits is not None:
-                out.append((tenant, None, spec.limits))
-            if spec.every_agent is not None:
-                out.append((tenant, EVERY_AGENT, spec.every_agent))
-            out.extend((tenant, agent, limits) for agent, limits in spec.agents.items())
-        return out
 
 
 def parse_limits_text(text: str, *, toml: bool, source: str = "<text>") -> LimitsFile:

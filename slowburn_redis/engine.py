@@ -153,6 +153,9 @@ class Engine:
         result: str | None = await self._command("hget", lambda c: c.hget(key, field))
         return result
 
+    async def hmget(self, key: str, fields: list[str]) -> list[str | None]:
+        return list(await self._command("hmget", lambda c: c.hmget(key, fields)))
+
     async def hkeys(self, key: str) -> list[str]:
         return list(await self._command("hkeys", lambda c: c.hkeys(key)))
 
@@ -227,6 +230,10 @@ class Engine:
                     fix="CONFIG SET maxmemory-policy noeviction, and the same in redis.conf",
                 )  # fmt: skip
         return policies
+
+    async def publish(self, channel: str, message: str) -> int:
+        """Publish `message` on `channel` (an event the library makes outside a script); the receivers' count."""
+        return int(await self._command("publish", lambda c: c.publish(channel, message)))
 
     async def get(self, key: str) -> str | None:
         result: str | None = await self._command("get", lambda c: c.get(key))

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError, ResponseError
+from structlog.testing import capture_logs
 
-from slowburn_redis import Budget
+from slowburn_redis import Budget, LimitsMissing
 from slowburn_redis.acl import ADMIN_KEY, SCRIPT_COMMANDS, acl_rules, permission_error
 from slowburn_redis.errors import BudgetExhausted, InvalidInput, PermissionDenied
 from slowburn_redis.scripts import lua_dir
@@ -315,3 +316,19 @@ async def test_admin_sets_limits_and_resets_and_a_reset_wakes_a_worker(env: Env)
         await (await worker.acquire(ACME, usd=2)).release()
         admin_record = await env.admin.get(f"{env.prefix}:{{{ACME}}}:{ADMIN_KEY}")
         assert admin_record is not None and "set_limits" in admin_record
+
+
+async def test_a_worker_cannot_reseed_and_says_so_an_admin_can(env: Env) -> None:
+    declared = {ACME: ["usd 1/day", "concurrency 2"]}
+    async with env.budget(env.admin_user(ACME)) as admin:
+        await admin.clear_limits(ACME)
+        await admin.clear_limits(ACME, agent="bot")
+    async with env.budget(env.worker(ACME), desired_limits=declared) as worker:
+        with capture_logs() as logs, pytest.raises(LimitsMissing):
+            await worker.acquire(ACME, usd=0.1)
+    refused = [e for e in logs if e["event"] == "limits.reseed_refused"]
+    assert len(refused) == 1 and refused[0]["log_level"] == "error" and "--only-missing" in str(refused[0]["fix"])
+    assert await env.admin.hlen(f"{env.prefix}:{{{ACME}}}:limits") == 0, "nothing was written"
+    async with env.budget(env.admin_user(ACME), desired_limits=declared) as admin:
+        await (await admin.acquire(ACME, usd=0.1)).release()
+        assert [str(limit) for limit in await admin.get_limits(ACME)] == ["usd 1/day", "concurrency 2"]

@@ -1,0 +1,103 @@
+"""Re-seeding a tenant's limits from declared desired state when Redis has lost them, loudly.
+
+A Budget given ``desired_limits`` (a `slowburn_redis.desired.LimitsFile` or a
+mapping) does not give up on a tenant whose limits are gone (a Redis restarted
+empty, an evicted key, a cleared scope): when an acquire of a declared tenant
+is refused with `LimitsMissing`, the `Reseeder` writes the declared scopes that
+are missing (never one that is stored, so an operator's later change stands),
+then the acquire is tried again within its own deadline. Each re-seed:
+
+- logs ``limits.reseeded`` at error level, naming the limits written and
+  whether the spend history was lost (``history_lost``: the tenant's ledger
+  is gone too, so spend before this moment is not counted in any window);
+- publishes a ``limits_reseeded`` event on the tenant's event channel with the
+  same facts.
+
+Writing limits needs an admin credential for the tenant: a worker user's
+write is refused by Redis (``PermissionDenied``), which is logged as
+``limits.reseed_refused`` and leaves the acquire's `LimitsMissing` standing.
+Tenants the desired state does not name are never written. Within a process,
+concurrent acquires of one tenant re-seed it once (a lock per tenant, and the
+stored scopes are read again under it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from slowburn_redis.desired import LimitsFile
+from slowburn_redis.engine import Engine
+from slowburn_redis.errors import PermissionDenied
+from slowburn_redis.keys import TenantKeys, scope_field
+from slowburn_redis.limits import Limit
+
+log = structlog.get_logger("slowburn_redis")
+
+WriteLimits = Callable[[str, str | None, list[Limit]], Awaitable[None]]
+"""``write(tenant, agent, limits)``: store the limits of one scope (`Budget.set_limits`)."""
+
+
+class Reseeder:
+    """Writes a declared tenant's missing scopes back; see the module docstring."""
+
+    def __init__(
+        self, desired: LimitsFile, *, engine: Engine, keys: Callable[[str], TenantKeys], write: WriteLimits
+    ) -> None:
+        self.desired = desired
+        self._engine = engine
+        self._keys = keys
+        self._write = write
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def reseed(self, tenant: str) -> bool:
+        """True when every scope declared for `tenant` is stored now (written here or found written).
+
+        False when the desired state does not declare the tenant, or Redis
+        refused the write (logged). Errors reaching Redis propagate.
+        """
+        spec = self.desired.tenants.get(tenant)
+        if spec is None or not spec.scopes():
+            return False
+        async with self._locks.setdefault(tenant, asyncio.Lock()):
+            keys = self._keys(tenant)
+            try:
+                declared = spec.scopes()
+                stored = await self._engine.hmget(keys.limits, [scope_field(agent) for agent, _ in declared])
+                missing = [scope for scope, value in zip(declared, stored, strict=True) if value is None]
+                if not missing:
+                    return True
+                history_lost = not await self._engine.exists(keys.ledger)
+                for agent, limits in missing:
+                    await self._write(tenant, agent, limits)
+            except PermissionDenied as exc:
+                log.error(
+                    "limits.reseed_refused", tenant=tenant, error=str(exc),
+                    fix="give this Budget an admin user for the tenant, or run "
+                    "`slowburn-redis limits apply FILE --only-missing` as an admin",
+                )  # fmt: skip
+                return False
+            await self._announce(tenant, keys, missing, history_lost)
+            return True
+
+    async def _announce(
+        self, tenant: str, keys: TenantKeys, written: list[tuple[str | None, list[Limit]]], history_lost: bool
+    ) -> None:
+        scopes = {_scope_words(agent): [str(limit) for limit in limits] for agent, limits in written}
+        log.error(
+            "limits.reseeded", tenant=tenant, limits=scopes, history_lost=history_lost,
+            note="Redis had no limits for this tenant; the declared ones were written again"
+            + (" and its spend history was gone too: spend before now is not counted" if history_lost else ""),
+        )  # fmt: skip
+        event = {"type": "limits_reseeded", "ts": await self._engine.server_time_ms(), "limits": scopes}
+        event["history_lost"] = history_lost
+        await self._engine.publish(keys.events_channel, json.dumps(event))
+
+
+def _scope_words(agent: str | None) -> str:
+    if agent is None:
+        return "tenant"
+    return "every agent" if agent == "*" else f"agent {agent}"
