@@ -8,8 +8,9 @@ are missing (never one that is stored, so an operator's later change stands),
 then the acquire is tried again within its own deadline. Each re-seed:
 
 - logs ``limits.reseeded`` at error level, naming the limits written and
-  whether the spend history was lost (``history_lost``: the tenant's ledger
-  is gone too, so spend before this moment is not counted in any window);
+  whether the spend history was lost (``history_lost``: Redis holds no
+  ledger for the tenant either, so spend before this moment, if there was
+  any, is not counted in any window);
 - publishes a ``limits_reseeded`` event on the tenant's event channel with the
   same facts.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import structlog
 
@@ -54,39 +56,58 @@ class Reseeder:
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def reseed(self, tenant: str) -> bool:
-        """True when every scope declared for `tenant` is stored now (written here or found written).
+        """For an acquire: True when every scope declared for `tenant` is stored now (written here or found).
 
         False when the desired state does not declare the tenant, or Redis
-        refused the write (logged). Errors reaching Redis propagate.
+        refused a read or the write (logged as ``limits.reseed_refused``).
+        Other errors reaching Redis propagate.
         """
-        spec = self.desired.tenants.get(tenant)
-        if spec is None or not spec.scopes():
+        if not self.declares(tenant):
             return False
+        try:
+            await self.restore(tenant)
+        except PermissionDenied as exc:
+            log.error(
+                "limits.reseed_refused", tenant=tenant, error=str(exc),
+                fix="give this Budget an admin user for the tenant, or run "
+                "`slowburn-redis limits apply FILE --only-missing` as an admin",
+            )  # fmt: skip
+            return False
+        return True
+
+    def declares(self, tenant: str) -> bool:
+        spec = self.desired.tenants.get(tenant)
+        return spec is not None and bool(spec.scopes())
+
+    async def missing(self, tenant: str) -> list[tuple[str | None, list[Limit]]]:
+        """The scopes declared for `tenant` that Redis holds nothing for (read only)."""
+        spec = self.desired.tenants.get(tenant)
+        declared = [] if spec is None else spec.scopes()
+        if not declared:
+            return []
+        stored = await self._engine.hmget(self._keys(tenant).limits, [scope_field(agent) for agent, _ in declared])
+        return [scope for scope, value in zip(declared, stored, strict=True) if value is None]
+
+    async def restore(self, tenant: str) -> Reseeded:
+        """Write the declared scopes of `tenant` that are missing, and announce it (nothing: nothing missing).
+
+        Raises PermissionDenied when the user may not read or write them.
+        """
         async with self._locks.setdefault(tenant, asyncio.Lock()):
             keys = self._keys(tenant)
-            try:
-                declared = spec.scopes()
-                stored = await self._engine.hmget(keys.limits, [scope_field(agent) for agent, _ in declared])
-                missing = [scope for scope, value in zip(declared, stored, strict=True) if value is None]
-                if not missing:
-                    return True
-                history_lost = not await self._engine.exists(keys.ledger)
-                for agent, limits in missing:
-                    await self._write(tenant, agent, limits)
-            except PermissionDenied as exc:
-                log.error(
-                    "limits.reseed_refused", tenant=tenant, error=str(exc),
-                    fix="give this Budget an admin user for the tenant, or run "
-                    "`slowburn-redis limits apply FILE --only-missing` as an admin",
-                )  # fmt: skip
-                return False
+            missing = await self.missing(tenant)
+            if not missing:
+                return Reseeded(tenant, [], history_lost=False)
+            history_lost = not await self._engine.exists(keys.ledger)
+            for agent, limits in missing:
+                await self._write(tenant, agent, limits)
             await self._announce(tenant, keys, missing, history_lost)
-            return True
+            return Reseeded(tenant, missing, history_lost=history_lost)
 
     async def _announce(
         self, tenant: str, keys: TenantKeys, written: list[tuple[str | None, list[Limit]]], history_lost: bool
     ) -> None:
-        scopes = {_scope_words(agent): [str(limit) for limit in limits] for agent, limits in written}
+        scopes = {scope_words(agent): [str(limit) for limit in limits] for agent, limits in written}
         log.error(
             "limits.reseeded", tenant=tenant, limits=scopes, history_lost=history_lost,
             note="Redis had no limits for this tenant; the declared ones were written again"
@@ -97,7 +118,18 @@ class Reseeder:
         await self._engine.publish(keys.events_channel, json.dumps(event))
 
 
-def _scope_words(agent: str | None) -> str:
+@dataclass(frozen=True)
+class Reseeded:
+    """What `Reseeder.restore` wrote for one tenant (`written` empty: nothing was missing)."""
+
+    tenant: str
+    written: list[tuple[str | None, list[Limit]]]
+    history_lost: bool
+    """Redis held no ledger for the tenant either: its spend before the re-seed (if any) is counted nowhere."""
+
+
+def scope_words(agent: str | None) -> str:
+    """``tenant``, ``every agent`` or ``agent <name>``."""
     if agent is None:
         return "tenant"
     return "every agent" if agent == "*" else f"agent {agent}"

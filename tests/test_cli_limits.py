@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from slowburn_redis import Budget
+from slowburn_redis.keys import scope_field
 from tests.cli_support import Cli, assert_bad_input, assert_exit
 
 
@@ -224,3 +226,48 @@ def test_apply_prune_clears_what_the_file_omits_for_its_tenants_only(run: Cli, t
     assert limit_texts(show_json(run, "initech")) == {None: ["usd 2 86400.0"]}
     without_prune = run("limits", "apply", str(path))  # without --prune nothing is cleared
     assert "0 pruned" in without_prune.stdout
+
+
+def test_apply_only_missing_reseeds_what_redis_lost_and_says_so(run: Cli, tmp_path: Path) -> None:
+    path = tmp_path / "limits.yaml"
+    path.write_text(YAML)
+    assert_exit(run("limits", "apply", str(path)))
+    assert_exit(run("limits", "set", "acme", "usd 9/day"))  # a change made since the file: it stands
+    worker = Budget.from_url(run.url, prefix=run.prefix).sync()
+    worker.acquire("acme", usd=0.1).commit(usd=0.1)  # acme has spend history (a ledger); globex has none
+    worker.close()
+    client = run.client()
+    client.hdel(f"{run.prefix}:{{acme}}:limits", scope_field("researcher"))  # Redis lost one scope of acme...
+    client.delete(f"{run.prefix}:{{globex}}:limits")  # ...and all of globex, which never had a ledger
+    client.close()
+    before = run.snapshot()
+    dry = run("limits", "apply", "--only-missing", "--dry-run", str(path))
+    assert_exit(dry)
+    assert run.snapshot() == before
+    result = run("limits", "apply", "--only-missing", str(path))
+    assert_exit(result)
+    expected = [
+        "acme: agent researcher: (missing) -> usd 0.5/hour (re-seeded)",
+        "globex: tenant: (missing) -> tokens 2000000/hour (re-seeded)",
+        "globex: no spend history in Redis (lost, or never spent): spend before now is not counted",
+        f"re-seeded from {path}: 2 scope(s) of 2 tenant(s) missing in Redis, 1 with their spend history lost",
+    ]
+    assert result.stdout.splitlines() == expected
+    assert dry.stdout.splitlines()[:-1] == [
+        line.replace("(re-seeded)", "(would be re-seeded)") for line in expected[:-1]
+    ]
+    assert dry.stdout.splitlines()[-1].endswith("; nothing written")
+    assert limit_texts(show_json(run, "acme"))[None] == ["usd 9 86400.0"]
+    assert limit_texts(show_json(run, "acme"))["researcher"] == ["usd 0.5 3600.0"]
+    again = run("limits", "apply", "--only-missing", str(path))
+    assert again.stdout.splitlines() == [
+        f"re-seeded from {path}: 0 scope(s) of 0 tenant(s) missing in Redis, 0 with their spend history lost"
+    ]
+
+
+def test_apply_only_missing_and_prune_are_refused_together(run: Cli, tmp_path: Path) -> None:
+    path = tmp_path / "limits.yaml"
+    path.write_text(YAML)
+    before = run.snapshot()
+    assert_bad_input(run("limits", "apply", "--only-missing", "--prune", str(path)), "--only-missing", "--prune")
+    assert run.snapshot() == before

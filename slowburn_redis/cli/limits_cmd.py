@@ -9,7 +9,15 @@ from pydantic import BaseModel
 
 from slowburn_redis.budget import Budget
 from slowburn_redis.cli import params, render
-from slowburn_redis.cli.limits_plan import Change, apply_plan, change_line, plan_apply, scope_name
+from slowburn_redis.cli.limits_plan import (
+    Change,
+    apply_plan,
+    change_line,
+    plan_apply,
+    reseed_lines,
+    reseed_missing,
+    scope_name,
+)
 from slowburn_redis.cli.runtime import BadInput, with_budget
 from slowburn_redis.cli.tenants import limit_scopes
 from slowburn_redis.config import load_limits_file
@@ -116,8 +124,13 @@ def clear_command(ctx: click.Context, tenant: str, agent: str | None) -> None:
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--dry-run", is_flag=True, help="Print what would change; write nothing.")
 @click.option("--prune", is_flag=True, help="The file is the whole truth: clear the scopes of its tenants it omits.")
+@click.option(
+    "--only-missing",
+    is_flag=True,
+    help="Re-seed after Redis lost its state: write only the scopes Redis holds nothing for, and say so loudly.",
+)
 @click.pass_context
-def apply_command(ctx: click.Context, file: Path, dry_run: bool, prune: bool) -> None:
+def apply_command(ctx: click.Context, file: Path, dry_run: bool, prune: bool, only_missing: bool) -> None:
     """Set the limits of every tenant and agent in FILE (YAML, or TOML if it ends in .toml).
 
     The whole file is validated before the first write; a file that is not a
@@ -127,11 +140,24 @@ def apply_command(ctx: click.Context, file: Path, dry_run: bool, prune: bool) ->
     scope of the file's tenants is cleared (tenants not in the file are never
     touched). Prints one line per scope: ``old -> new``, ``(unchanged)`` or
     ``-> (pruned)``. --dry-run prints the same lines and writes nothing.
+
+    --only-missing re-seeds: it writes only the scopes of the file that Redis
+    holds nothing for (never one that is stored, so a change made since
+    stands), prints ``(missing) -> ...`` for each and names every tenant whose
+    spend history (its ledger) is gone too; each re-seed is logged at error
+    level and published as a ``limits_reseeded`` event.
     """
+    if only_missing and prune:
+        raise BadInput("--only-missing and --prune do not go together: re-seed first, then prune")
     try:
         config = load_limits_file(file)
     except InvalidInput as exc:
         raise BadInput(str(exc)) from None
+    if only_missing:
+        results = with_budget(ctx, lambda budget: reseed_missing(budget, config, dry_run=dry_run))
+        for line in reseed_lines(results, source=file, dry_run=dry_run):
+            click.echo(line)
+        return
 
     async def run(budget: Budget) -> list[Change]:
         plan = await plan_apply(budget, config, prune=prune)

@@ -16,6 +16,7 @@ from slowburn_redis.budget import Budget
 from slowburn_redis.cli.tenants import limit_scopes
 from slowburn_redis.config import LimitsFile
 from slowburn_redis.limits import Limit
+from slowburn_redis.reseeding import Reseeded, Reseeder, scope_words
 
 Action = Literal["set", "unchanged", "pruned"]
 
@@ -31,9 +32,8 @@ class Change:
     action: Action
 
 
-def scope_name(agent: str | None) -> str:
-    """``tenant``, ``every agent`` or ``agent <name>``."""
-    return "tenant" if agent is None else "every agent" if agent == "*" else f"agent {agent}"
+scope_name = scope_words
+"""``tenant``, ``every agent`` or ``agent <name>``."""
 
 
 def _shown(limits: list[Limit]) -> str:
@@ -73,3 +73,45 @@ async def apply_plan(budget: Budget, plan: list[Change]) -> None:
             await budget.set_limits(change.tenant, change.after, agent=change.agent)
         elif change.action == "pruned":
             await budget.clear_limits(change.tenant, agent=change.agent)
+
+
+async def reseed_missing(budget: Budget, config: LimitsFile, *, dry_run: bool) -> list[Reseeded]:
+    """``--only-missing``: per tenant of the file, the declared scopes Redis holds nothing for, written back.
+
+    Written through `Reseeder.restore` (so each re-seed is logged at error level
+    and published as ``limits_reseeded``); with `dry_run` only read.
+    """
+    reseeder = Reseeder(
+        config,
+        engine=budget.engine,
+        keys=budget.keys,
+        write=lambda tenant, agent, limits: budget.set_limits(tenant, limits, agent=agent),
+    )
+    out: list[Reseeded] = []
+    for tenant in config.tenants:
+        if not dry_run:
+            out.append(await reseeder.restore(tenant))
+            continue
+        missing = await reseeder.missing(tenant)
+        lost = bool(missing) and not await budget.engine.exists(budget.keys(tenant).ledger)
+        out.append(Reseeded(tenant, missing, history_lost=lost))
+    return out
+
+
+def reseed_lines(results: list[Reseeded], *, source: object, dry_run: bool) -> list[str]:
+    """One line per scope re-seeded, one per tenant whose spend history is gone, and a summary."""
+    lines: list[str] = []
+    for result in results:
+        for agent, limits in result.written:
+            verb = "would be re-seeded" if dry_run else "re-seeded"
+            lines.append(f"{result.tenant}: {scope_words(agent)}: (missing) -> {_shown(limits)} ({verb})")
+        if result.history_lost:
+            lines.append(
+                f"{result.tenant}: no spend history in Redis (lost, or never spent): spend before now is not counted"
+            )
+    scopes = sum(len(r.written) for r in results)
+    tenants = sum(bool(r.written) for r in results)
+    lost = sum(r.history_lost for r in results)
+    summary = f"{scopes} scope(s) of {tenants} tenant(s) missing in Redis, {lost} with their spend history lost"
+    lines.append(f"dry run: {summary}; nothing written" if dry_run else f"re-seeded from {source}: {summary}")
+    return lines
