@@ -156,11 +156,7 @@ class Budget:
         )
         """The one path to Redis (see `slowburn_redis.engine`)."""
         self._seen_limits: set[str] = set()
-        self._reseeder = (
-            None
-            if self._given.desired_limits is None
-            else Reseeder(self._given.desired_limits, engine=self.engine, keys=self.keys, write=self._reseed_scope)
-        )
+        self._reseeder = self._make_reseeder(self._given.desired_limits)
         self._hub = WakeHub(
             self.engine.open_pubsub,
             self._refresh,
@@ -331,6 +327,11 @@ class Budget:
             spent = asyncio.get_running_loop().time() - started
             request = replace(request, timeout=max(0.0, request.timeout - spent))
         return await self._acquire_call(request).run()
+
+    def _make_reseeder(self, desired: LimitsFile | None) -> Reseeder | None:
+        if desired is None:
+            return None
+        return Reseeder(desired, engine=self.engine, keys=self.keys, write=self._reseed_scope)
 
     async def _reseed_scope(self, tenant: str, agent: str | None, limits: list[Limit]) -> None:
         await self.set_limits(tenant, limits, agent=agent)
