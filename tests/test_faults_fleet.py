@@ -1,0 +1,206 @@
+"""Faults under a fleet: several worker processes on one real redis-server the test breaks on purpose.
+
+Each test runs `WORKERS` processes x `TASKS` tasks of `tests.fault_worker`
+(acquire, call, commit, again) against a redis-server of its own, breaks
+Redis while they run, and then checks, from the record of every admission:
+no window-length interval exceeds a limit, every error the workers saw is a
+typed `SlowburnError`, and every worker stops when told (none hangs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from slowburn_redis.limits import UNITS
+from tests.servers import RedisServer, redis_server_available
+from tests.test_fleet import max_in_any_window
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFIX, TENANT = "faults", "fleet"
+WORKERS, TASKS = 3, 4
+USD_LIMIT, WINDOW_MS = 0.5, 10_000
+LIMITS = [f"usd {USD_LIMIT}/10s", "concurrency 6"]
+
+
+class Fleet:
+    """The worker processes of one test and their live outcome files (closing a worker's stdin stops it)."""
+
+    def __init__(self, url: str, directory: Path, desired: dict[str, Any] | None = None) -> None:
+        self.directory = directory
+        self.outs = [directory / f"worker-{n}.jsonl" for n in range(WORKERS)]
+        extra = [json.dumps(desired)] if desired is not None else []
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.logs = [directory / f"worker-{n}.log" for n in range(WORKERS)]
+        self.processes = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.fault_worker",
+                    url,
+                    PREFIX,
+                    TENANT,
+                    str(TASKS),
+                    str(n),
+                    str(out),
+                    *extra,
+                ],
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=self.logs[n].open("w"),  # a file, not a pipe: a full pipe would block a worker
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for n, out in enumerate(self.outs)
+        ]
+
+    def records(self) -> list[list[dict[str, Any]]]:
+        """Each worker's outcomes so far."""
+        out = []
+        for path in self.outs:
+            lines = path.read_text().splitlines() if path.exists() else []
+            out.append([json.loads(line) for line in lines if line.endswith("}")])
+        return out
+
+    def wait_for(self, condition: Callable[[list[list[dict[str, Any]]]], bool], what: str) -> None:
+        """Poll the outcome files until `condition` holds (bounded: a fault test must not hang)."""
+        for _ in range(3000):
+            if condition(self.records()):
+                return
+            for process in self.processes:
+                assert process.poll() is None, f"a worker died while waiting for {what}: {self.log_texts()}"
+            time.sleep(0.02)
+        raise AssertionError(f"timed out waiting for {what}: {self.records()!r:.2000}")
+
+    def stop(self) -> list[str]:
+        """Tell every worker to stop and wait for it (a hang fails the test); their log output."""
+        for process in self.processes:
+            process.stdin.close()  # type: ignore[union-attr]
+        for process in self.processes:
+            process.wait(timeout=90)
+            assert process.returncode == 0, self.log_texts()
+        return self.log_texts()
+
+    def log_texts(self) -> list[str]:
+        return [path.read_text() for path in self.logs]
+
+    def kill(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    if not redis_server_available():
+        pytest.fail("redis-server is required on PATH for this test")
+    running = RedisServer(tmp_path / "redis")  # no persistence: a restart comes back empty
+    running.start()
+    yield running
+    running.stop()
+
+
+def set_limits(server: RedisServer) -> None:
+    """Set LIMITS as an operator would (through the CLI's Python API, in its own short-lived process)."""
+    script = (
+        "import asyncio, sys; from slowburn_redis import Budget\n"
+        "async def main():\n"
+        f"    async with Budget.from_url({server.url!r}, prefix={PREFIX!r}) as b:\n"
+        f"        await b.set_limits({TENANT!r}, {LIMITS!r})\n"
+        "asyncio.run(main())\n"
+    )
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, timeout=60)
+
+
+def server_ms(server: RedisServer) -> int:
+    client = redis.Redis(port=server.port)
+    seconds, micros = client.time()
+    client.close()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def restart_empty(server: RedisServer) -> int:
+    """SIGKILL the server and start it again with nothing; the server time just after."""
+    server.kill()
+    server.start()
+    return server_ms(server)
+
+
+def flat(records: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    return [r for worker in records for r in worker]
+
+
+def admissions(records: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    return [{"t": r["admitted"], "usd": r["usd"]} for r in flat(records) if "admitted" in r]
+
+
+def assert_typed(records: list[list[dict[str, Any]]]) -> None:
+    untyped = [r for r in flat(records) if "untyped" in r]
+    assert not untyped, untyped[:5]
+
+
+def test_an_empty_restart_refuses_the_fleet_instead_of_admitting_it(server: RedisServer, tmp_path: Path) -> None:
+    set_limits(server)
+    fleet = Fleet(server.url, tmp_path)
+    try:
+        fleet.wait_for(lambda rs: all(any("admitted" in r for r in w) for w in rs), "every worker to be admitted")
+        restarted_at = restart_empty(server)
+        fleet.wait_for(
+            lambda rs: all(sum(r.get("error") == "LimitsMissing" for r in w) >= 3 for w in rs),
+            "every worker to be refused three times with LimitsMissing",
+        )
+        logs = fleet.stop()
+    finally:
+        fleet.kill()
+    records = fleet.records()
+    assert_typed(records)
+    after = [a for a in admissions(records) if a["t"] >= restarted_at]
+    assert after == [], "nothing is admitted once the limits are gone"
+    assert max_in_any_window(admissions(records), "usd", WINDOW_MS) <= round(USD_LIMIT * UNITS["usd"])
+    assert all("limits.vanished" in log for log in logs), "each process that saw the limits says they vanished"
+    client = redis.Redis(port=server.port)
+    assert client.keys(f"{PREFIX}:*r:*") == [], "no reservation was made after the restart"
+    client.close()
+
+
+def test_an_empty_restart_with_declared_limits_reseeds_once_and_holds_the_limit_again(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    set_limits(server)
+    fleet = Fleet(server.url, tmp_path, desired={TENANT: LIMITS})
+    try:
+        fleet.wait_for(lambda rs: all(any("admitted" in r for r in w) for w in rs), "every worker to be admitted")
+        restarted_at = restart_empty(server)
+        fleet.wait_for(
+            lambda rs: sum(r.get("admitted", 0) >= restarted_at for r in flat(rs)) >= 20,
+            "20 admissions after the restart",
+        )
+        logs = fleet.stop()
+    finally:
+        fleet.kill()
+    records = fleet.records()
+    assert_typed(records)
+    limit = round(USD_LIMIT * UNITS["usd"])
+    before = [a for a in admissions(records) if a["t"] < restarted_at]
+    after = [a for a in admissions(records) if a["t"] >= restarted_at]
+    # The history before the restart is gone (and said so): each side holds the limit on its own.
+    assert max_in_any_window(before, "usd", WINDOW_MS) <= limit
+    assert max_in_any_window(after, "usd", WINDOW_MS) <= limit
+    reseeded = sum(log.count("limits.reseeded") for log in logs)
+    assert 1 <= reseeded <= WORKERS, "re-seeded, by at most one call per process"
+    assert all("history_lost=True" in line for log in logs for line in log.splitlines() if "limits.reseeded" in line)
+    client = redis.Redis(port=server.port, decode_responses=True)
+    assert client.hlen(f"{PREFIX}:{{{TENANT}}}:limits") == 1
+    client.close()
