@@ -204,3 +204,69 @@ def test_an_empty_restart_with_declared_limits_reseeds_once_and_holds_the_limit_
     client = redis.Redis(port=server.port, decode_responses=True)
     assert client.hlen(f"{PREFIX}:{{{TENANT}}}:limits") == 1
     client.close()
+
+
+def fill_memory(server: RedisServer) -> int:
+    """Make Redis full: 12 MB of junk, then ``maxmemory`` below what it holds (noeviction); the server time then.
+
+    (Filling up to a fixed ``maxmemory`` would leave Redis hovering at the
+    boundary, where a small write can still pass.)
+    """
+    client = redis.Redis(port=server.port)
+    for n in range(200):
+        client.set(f"junk:{n}", b"x" * 65536)
+    used = int(client.info("memory")["used_memory"])
+    client.config_set("maxmemory", used // 2)
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        client.set("junk:probe", "1")
+    client.close()
+    return server_ms(server)
+
+
+def free_memory(server: RedisServer) -> int:
+    """Drop the junk and give Redis room again; the server time then."""
+    client = redis.Redis(port=server.port)
+    client.delete(*(f"junk:{n}" for n in range(200)))
+    client.config_set("maxmemory", "64mb")
+    client.close()
+    return server_ms(server)
+
+
+@pytest.fixture
+def small_server(tmp_path: Path) -> Iterator[RedisServer]:
+    if not redis_server_available():
+        pytest.fail("redis-server is required on PATH for this test")
+    running = RedisServer(tmp_path / "redis", "--maxmemory", "64mb", "--maxmemory-policy", "noeviction")
+    running.start()
+    yield running
+    running.stop()
+
+
+def test_a_full_redis_refuses_the_fleet_with_a_typed_error_and_forgets_nothing(
+    small_server: RedisServer, tmp_path: Path
+) -> None:
+    server = small_server
+    set_limits(server)
+    fleet = Fleet(server.url, tmp_path)
+    try:
+        fleet.wait_for(lambda rs: all(any("admitted" in r for r in w) for w in rs), "every worker to be admitted")
+        full_at = fill_memory(server)
+        fleet.wait_for(
+            lambda rs: all(sum(r.get("error") == "RedisOutOfMemory" for r in w) >= 2 for w in rs),
+            "every worker to be refused twice with RedisOutOfMemory",
+        )
+        freed_at = free_memory(server)
+        fleet.wait_for(
+            lambda rs: all(any(r.get("admitted", 0) > freed_at for r in w) for w in rs),
+            "every worker to be admitted again once memory is free",
+        )
+        fleet.stop()
+    finally:
+        fleet.kill()
+    records = fleet.records()
+    assert_typed(records)
+    assert not [a for a in admissions(records) if full_at < a["t"] < freed_at], "nothing admitted while full"
+    assert max_in_any_window(admissions(records), "usd", WINDOW_MS) <= round(USD_LIMIT * UNITS["usd"])
+    client = redis.Redis(port=server.port, decode_responses=True)
+    assert client.hlen(f"{PREFIX}:{{{TENANT}}}:limits") == 1, "the limits were never evicted"
+    client.close()
