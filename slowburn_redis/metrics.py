@@ -137,9 +137,14 @@ class BudgetMetrics:
             for row in status.limits:
                 self._labels[(tenant, row.key)] = (row.agent or "", str(row.limit))
             if tenant not in self._followers:
+                try:  # ledger entries from now on: ids are the server's milliseconds
+                    since = f"{await self.budget.engine.server_time_ms()}-0"
+                except Exception as exc:
+                    self._error("time", exc)
+                    continue
                 self._followers[tenant] = [
                     asyncio.create_task(self._follow_events(tenant)),
-                    asyncio.create_task(self._follow_ledger(tenant)),
+                    asyncio.create_task(self._follow_ledger(tenant, since)),
                 ]
         self.refreshed.set()
 
@@ -177,9 +182,10 @@ class BudgetMetrics:
                 self._error("events", exc)
                 await asyncio.sleep(min(self.interval, 1.0))
 
-    async def _follow_ledger(self, tenant: str) -> None:
+    async def _follow_ledger(self, tenant: str, since: str) -> None:
+        """Count the ledger entries after id `since` (read before this task started: none is missed)."""
         key = self.budget.keys(tenant).ledger
-        last = "$"
+        last = since
         while True:
             try:
                 entries = await self.budget.engine.xread(key, last, block_ms=1000, count=500)

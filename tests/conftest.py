@@ -25,8 +25,16 @@ import redis
 
 from slowburn_redis import Budget
 from tests.servers import RedisServer, free_port, redis_server_available
+from tests.watchdog import Watchdog
 
 BACKENDS = ("fake", "real")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    """Every test body runs under a `tests.watchdog.Watchdog`: a hang is shown and stopped, not waited on."""
+    with Watchdog(item.nodeid):
+        return (yield)
 
 
 def _require_real() -> bool:

@@ -53,14 +53,18 @@ async def test_prometheus_and_opentelemetry_show_limits_waits_denials_overruns(b
     metrics.instrument_opentelemetry(MeterProvider(metric_readers=[reader]).get_meter("slowburn-test"))
     runner = asyncio.create_task(metrics.run())
     try:
-        await metrics.refreshed.wait()
+        await asyncio.wait_for(metrics.refreshed.wait(), 60)
+        for _ in range(1500):  # bounded: until the event follower is subscribed (events before it are not seen)
+            if await budget.engine.subscribers(budget.keys(TENANT).events_channel):
+                break
+            await asyncio.sleep(0.02)
         r = await budget.acquire(TENANT, "writer", usd=0.006)
         await r.commit(usd=0.007, model="gpt-4o-mini")  # an overrun
         with pytest.raises(BudgetExhausted):
             await budget.acquire(TENANT, "writer", usd=0.005, mode="reject")
         waiter = asyncio.create_task(budget.acquire(TENANT, "writer", usd=0.004))
         await until(lambda: sum(metrics.counters["resumes"].values()) >= 1, "the waiter to resume")
-        await (await waiter).commit(usd=0.001, model="gpt-4o-mini")
+        await (await asyncio.wait_for(waiter, 60)).commit(usd=0.001, model="gpt-4o-mini")
         await until(lambda: sum(metrics.counters["calls"].values()) >= 2, "both commits in the ledger")
         await metrics.refresh()
     finally:
