@@ -174,7 +174,7 @@ def event_words(event: Event, known: dict[str, Limit] | None = None) -> str:
         leases = _int(extra.get("leases")) or 0
         return (
             f"the Redis clock jumped {_seconds(jump)} ahead (or the tenant was silent that long): "
-            f"{leases} lease(s) in flight kept their time"
+            f"{leases} lease(s) in flight aged 30s at most"
         )
     if kind == "limits_changed":
         return f"limits of {scope_words(str(extra.get('scope', '')))} {_limits_json(extra.get('limits'))}"
