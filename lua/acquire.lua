@@ -21,9 +21,12 @@
 --
 -- Reply: a list with one reply per request, in order, each one of:
 --   {1, id, now_ms, lease_expiry_ms, over}    admitted; `over` is a space-joined list of
---                                             limit keys exceeded (advisory mode only)
+--                                             limit keys exceeded (advisory mode only);
+--                                             lease_expiry_ms is on NOW's timeline
 --   {0, ticket, now_ms, retry_at_ms, limit_key, reason, limit_amount}
---                                             denied; retry_at_ms is -1 when only a
+--                                             denied; retry_at_ms (NOW's timeline, so
+--                                             retry_at_ms - now_ms is true in seconds
+--                                             of TIME) is -1 when only a
 --                                             notification can help; reason is
 --                                             'capacity' or 'queue'; ticket is '' in
 --                                             reject mode; limit_amount is the amount
@@ -32,11 +35,14 @@
 --   {-2, agent}                               no limits are stored for the tenant, its
 --                                             default agent or this agent: refused
 --                                             (absence is not permission)
+--
+-- Clock: stores the tenant's clock (clock_commit, lib.lua) unless every
+-- request was refused for missing limits, so such a tenant gets no key.
 
 local wake = {}
-purge_leases(NOW, wake)
+purge_leases(NOW, LEASE_NOW, wake)
 local waiting = anyone_waiting()
-if waiting then purge_tickets(NOW, wake) end
+if waiting then purge_tickets(LEASE_NOW, wake) end
 local limits_of = limits_memo()
 
 -- The waiter's rank: kept from its queue record, or, for a newcomer, after
@@ -60,12 +66,14 @@ local function needs(agent, amounts, mode)
   return needed
 end
 
--- When a limit that is full will have room for `n` again: -1 for never by itself.
+-- When (NOW) a limit that is full will have room for `n` again; nil for never by itself.
+-- A concurrency slot returns when the soonest lease expires (on the lease
+-- clock, which runs with NOW: the expiry on NOW's timeline is score + LEASE_SHIFT).
 local function room_at(n, t)
   if n.L.d == 'concurrency' then
     flush_leases()
     local soonest = redis.call('ZRANGE', K.leases, 0, 0, 'WITHSCORES')
-    return soonest[2] and tonumber(soonest[2]) + 1 or nil
+    return soonest[2] and tonumber(soonest[2]) + LEASE_SHIFT or nil
   end
   return refill_at(n.L, t + n.amt - n.L.a, NOW)
 end
@@ -97,12 +105,17 @@ local function check(needed, mode, ticket, rank)
         v.full[#v.full + 1] = n
         local at = room_at(n, t)
         if at then v.retry_at = math.max(v.retry_at, at) else v.forever = true end
+        if at and n.L.d == 'concurrency' then v.lease_at = at end
       else
         v.forever = true
       end
     end
   end
   if v.forever then v.retry_at = -1 end
+  -- A retry time set by a lease is a promise the lease clock keeps across a gap (lib.lua, clock).
+  if v.lease_at and v.retry_at == v.lease_at then
+    LEASE_PROMISE = math.max(LEASE_PROMISE, v.lease_at - LEASE_SHIFT)
+  end
   return v
 end
 
@@ -120,7 +133,7 @@ local function admit(id, agent, needed, amounts_text, lease_ttl, ticket, record,
     thresholds(n.L, t - n.amt, t, agent)
     if n.exhausted then set_mark(n.L, nil) end  -- capacity returned: re-arm
   end
-  local expiry = NOW + lease_ttl
+  local expiry = LEASE_NOW + lease_ttl
   redis.call('HSET', reservation_key(id), 's', 'open', 'a', agent, 'c', table.concat(charges, ' '),
              'e', amounts_text, 't0', fmt(NOW), 'x', fmt(expiry))
   add_lease(id, expiry)
@@ -128,7 +141,7 @@ local function admit(id, agent, needed, amounts_text, lease_ttl, ticket, record,
     drop_ticket(ticket, wake)
     publish_event('resumed', {agent = agent, ticket = ticket, waited_ms = NOW - record.created})
   end
-  return {1, id, NOW, expiry, table.concat(over, ' ')}
+  return {1, id, NOW, expiry + LEASE_SHIFT, table.concat(over, ' ')}
 end
 
 -- Announce each limit that just ran out (once, until capacity returns).
@@ -165,14 +178,16 @@ local function enqueue(id, agent, priority, ticket, record, queue_ttl, v)
   end
   for _, lk in ipairs(v.blocked) do redis.call('ZADD', blocked_key(lk), rank, ticket) end
   redis.call('HSET', K.queue, ticket, queue_record(rank, created, v.blocked))
-  redis.call('ZADD', K.queue_expiry, NOW + queue_ttl, ticket)
+  redis.call('ZADD', K.queue_expiry, LEASE_NOW + queue_ttl, ticket)
   waiting = true
   return {0, ticket, NOW, v.retry_at, v.first, v.reason, v.first_amount}
 end
 
+local stored_any = false  -- did any request find limits? A batch refused whole as missing stores nothing
+
 local function acquire(id, agent, mode, priority, ticket, lease_ttl, queue_ttl, amounts_text)
   local existing = redis.call('HMGET', reservation_key(id), 't0', 'x')
-  if existing[1] then return {1, id, tonumber(existing[1]), tonumber(existing[2]), ''} end
+  if existing[1] then return {1, id, tonumber(existing[1]), tonumber(existing[2]) + LEASE_SHIFT, ''} end
   local record, rank
   record, ticket, rank = rank_of(ticket, priority)
   if record then rank = record.rank end
@@ -180,6 +195,7 @@ local function acquire(id, agent, mode, priority, ticket, lease_ttl, queue_ttl, 
     if ticket ~= '' then drop_ticket(ticket, wake) end
     return {-2, agent}
   end
+  stored_any = true
   local needed, too_large = needs(agent, parse_amounts(amounts_text), mode)
   if too_large then
     if ticket ~= '' then drop_ticket(ticket, wake) end
@@ -201,6 +217,7 @@ for _, request in ipairs(ARGV) do
                                   tonumber(queue_ttl), amounts)
 end
 purge_met_tickets(wake)
+if stored_any then clock_commit() end
 flush_writes()
 publish_wake(wake)
 return replies

@@ -5,6 +5,7 @@
 --
 -- Reply: 1. Waiters that became the head of a queue are woken.
 
+clock_commit()
 local wake = {}
 drop_ticket(ARGV[1], wake)
 publish_wake(wake)

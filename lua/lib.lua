@@ -14,11 +14,18 @@
 --                          (overrun), b<i> buckets
 --   B:b:<LK>        zset   waiters blocked on that limit, scored by queue rank
 --   B:q             hash   ticket -> "score|created_ms|LK LK ..."
---   B:qexp          zset   ticket -> expiry of its place in the queue (ms)
+--   B:qexp          zset   ticket -> expiry of its place in the queue (ms, on
+--                          the lease clock)
 --   B:seq           string ticket sequence
 --   B:r:<id>        hash   reservation: s (state), a (agent), c (charges),
---                          e (estimates), t0 (admitted ms), x (lease expiry)
---   B:leases        zset   open reservation id -> lease expiry (ms)
+--                          e (estimates), t0 (admitted ms), x (lease expiry,
+--                          on the lease clock like B:leases)
+--   B:leases        zset   open reservation id -> lease expiry on the lease
+--                          clock (ms; see "clock" below: NOW - lease shift)
+--   B:clock         hash   the tenant's clock: o (offset added to TIME, only
+--                          grows), m (mark: the largest NOW a writing script
+--                          served), s (lease shift, only grows), p (latest
+--                          concurrency retry time promised, lease clock)
 --   B:ledger        stream one entry per commit
 --   B:admin         string last admin action; written first by set_limits and
 --                          reset, so a worker ACL user is refused before any change
@@ -33,7 +40,7 @@ local B = KEYS[1]
 local K = {
   limits = B .. ':limits', agents = B .. ':agents', queue = B .. ':q', queue_expiry = B .. ':qexp',
   sequence = B .. ':seq', leases = B .. ':leases', ledger = B .. ':ledger', admin = B .. ':admin',
-  wake = B .. ':wake', events = B .. ':events',
+  clock = B .. ':clock', wake = B .. ':wake', events = B .. ':events',
 }
 local function window_key(lk) return B .. ':w:' .. lk end
 local function blocked_key(lk) return B .. ':b:' .. lk end
@@ -50,6 +57,66 @@ local THRESHOLDS = {50, 75, 90, 100}
 
 local function fmt(x) return string.format('%d', x) end
 
+-- clock ---------------------------------------------------------------------
+--
+-- NOW, the tenant's clock, never runs backward and never stands still. The
+-- clock prelude gives TIME_MS (the server's TIME, or the test clock); B:clock
+-- keeps an offset o and a mark m (the largest NOW a writing script served):
+--
+--   NOW = TIME_MS + o,  and when that is below m (TIME stepped back: an NTP
+--   step, a failover to a node with another clock), o grows by the step so
+--   that NOW = m.
+--
+-- After a back step NOW goes on at TIME's rate from the mark, so windows
+-- keep refilling at the true rate and a retry time (retry_at - NOW) is true
+-- in real seconds; no bucket is ever charged below the window's oldest kept
+-- index (time does not run backward, and `add` guards it as well), so every
+-- charge ages out. The offset only grows, so after a back step the tenant's
+-- clock (event and ledger timestamps) stays ahead of TIME by the step.
+--
+-- A forward step cannot be told from silence (no script of the tenant ran),
+-- so windows take it: they count it as time that passed. Leases (and queue
+-- places) are judged on the lease clock LEASE_NOW = NOW - s, which follows
+-- NOW except that across one gap between two scripts it advances at most to
+-- max(mark + CLOCK_JUMP_MS, p) on its own timeline, p being the latest
+-- concurrency retry time acquire promised (so a client told "retry in X s"
+-- finds the slot free at X s, however long X). The rest of the gap is added
+-- to s. A clock step forward therefore frees only the slots due by then
+-- (concurrency stays within its limit). The cost of a genuine silence: a
+-- dead worker's lease ages at most CLOCK_JUMP_MS (or to the promise) per
+-- silent gap, and fully while any waiter heartbeats. Shifting is O(1): the
+-- lease scores are not rewritten.
+--
+-- A worker's script calls clock_commit() once (acquire not when every request
+-- was refused for missing limits: such a tenant gets no key); reset and
+-- set_limits compute NOW and store nothing (an admin action moves no mark); it
+-- stores o, m and s and publishes a `clock_jump` event for a back step of
+-- more than CLOCK_BACK_EVENT_MS, or a forward gap of more than CLOCK_JUMP_MS
+-- while leases were open or waiters queued (an idle tenant's silence is not
+-- announced). Status computes the same NOW, read-only, and writes nothing.
+local CLOCK_JUMP_MS = 30000         -- a gap between two scripts of a tenant beyond this does not age leases
+local CLOCK_BACK_EVENT_MS = 1000    -- a back step beyond this is announced
+local clock_saved = redis.call('HMGET', K.clock, 'o', 'm', 's', 'p')
+local CLOCK_OFFSET = tonumber(clock_saved[1]) or 0
+local CLOCK_MARK = tonumber(clock_saved[2])
+local LEASE_SHIFT_BEFORE = tonumber(clock_saved[3]) or 0
+local LEASE_SHIFT = LEASE_SHIFT_BEFORE
+local LEASE_PROMISE = tonumber(clock_saved[4]) or 0  -- latest concurrency retry promised (lease clock)
+local CLOCK_STEP = 0                -- the step seen: < 0 back, > CLOCK_JUMP_MS a forward jump, else 0
+local NOW = TIME_MS + CLOCK_OFFSET
+if CLOCK_MARK ~= nil then
+  if NOW < CLOCK_MARK then
+    CLOCK_STEP = NOW - CLOCK_MARK
+    CLOCK_OFFSET = CLOCK_OFFSET + CLOCK_MARK - NOW
+    NOW = CLOCK_MARK
+  elseif NOW - CLOCK_MARK > CLOCK_JUMP_MS then
+    CLOCK_STEP = NOW - CLOCK_MARK
+    local allowed = math.max(CLOCK_MARK - LEASE_SHIFT + CLOCK_JUMP_MS, LEASE_PROMISE)
+    if NOW - LEASE_SHIFT > allowed then LEASE_SHIFT = NOW - allowed end
+  end
+end
+local LEASE_NOW = NOW - LEASE_SHIFT  -- the lease clock: B:leases scores and reservations' x are on it
+
 local function split(s, sep)
   local out = {}
   if s == nil or s == '' then return out end
@@ -61,6 +128,20 @@ local function publish_event(kind, fields)
   fields['type'] = kind
   fields['ts'] = NOW
   redis.call('PUBLISH', K.events, cjson.encode(fields))
+end
+
+-- Store the tenant's clock (see "clock" above) and announce a step; once per
+-- writing script (later calls store the same values and announce nothing).
+local function clock_commit()
+  redis.call('HSET', K.clock, 'o', fmt(CLOCK_OFFSET), 'm', fmt(NOW), 's', fmt(LEASE_SHIFT), 'p', fmt(LEASE_PROMISE))
+  if CLOCK_STEP == 0 then return end
+  local step = CLOCK_STEP
+  CLOCK_STEP = 0
+  local leases = redis.call('ZCOUNT', K.leases, '(' .. fmt(CLOCK_MARK - LEASE_SHIFT_BEFORE), '+inf')
+  local queued = redis.call('EXISTS', K.queue_expiry) == 1
+  if step < -CLOCK_BACK_EVENT_MS or (step > 0 and (leases > 0 or queued)) then
+    publish_event('clock_jump', {jump_ms = step, from_ms = CLOCK_MARK, leases = leases})
+  end
 end
 
 local function publish_wake(tickets)
@@ -171,6 +252,7 @@ local function set_mark(L, value)
 end
 
 -- Leases are written like windows: one ZADD and one ZREM per script.
+-- `expiry` is on the lease clock (LEASE_NOW + ttl).
 local lease_adds, lease_drops = {}, {}
 local function add_lease(id, expiry)
   lease_adds[#lease_adds + 1] = expiry
@@ -260,6 +342,12 @@ local function add(w, idx, amt, now)
     end
   end
   if L.w > 0 then
+    -- A bucket below the oldest kept index is never charged: `advance` would
+    -- never subtract it. NOW never runs backward, so a charge to the current
+    -- bucket cannot land there; a charge (never a settlement: `adjust` leaves
+    -- such buckets alone) from state written by an older clock goes to the
+    -- oldest kept bucket, and the total stays the sum of the kept buckets.
+    if w.o ~= nil and idx < w.o then idx = w.o end
     if w.b[idx] == nil then buckets(w, idx, idx) end
     local before = w.b[idx]
     if not before then
@@ -294,7 +382,9 @@ end
 local function adjust(L, gen, idx, dt, now)
   local w = advance(L, now)
   if w.g == nil or w.g ~= gen then return false end
-  if L.w > 0 and idx < math.floor(now / bucket_width(L)) - L.n then return false end
+  if L.w > 0 and (idx < math.floor(now / bucket_width(L)) - L.n or (w.o ~= nil and idx < w.o)) then
+    return false
+  end
   if dt ~= 0 then add(w, idx, dt, now) end
   return w
 end
@@ -360,7 +450,7 @@ local function queue_head(lk)
     local ticket = head[1]
     if not ticket then return nil end
     local expiry = redis.call('ZSCORE', K.queue_expiry, ticket)
-    if expiry and tonumber(expiry) > NOW and redis.call('HEXISTS', K.queue, ticket) == 1 then
+    if expiry and tonumber(expiry) > LEASE_NOW and redis.call('HEXISTS', K.queue, ticket) == 1 then
       return ticket, tonumber(head[2])
     end
     redis.call('ZREM', key, ticket)
@@ -395,6 +485,7 @@ local function purge_met_tickets(wake)
   while #drop_ticket_later > 0 do drop_ticket(table.remove(drop_ticket_later), wake) end
 end
 
+-- Drop queue places whose expiry passed on the lease clock (`now` is LEASE_NOW).
 local function purge_tickets(now, wake)
   local dead = redis.call('ZRANGEBYSCORE', K.queue_expiry, '-inf', now, 'LIMIT', 0, PURGE_BATCH)
   for _, ticket in ipairs(dead) do drop_ticket(ticket, wake) end
@@ -444,10 +535,11 @@ local function parse_amounts(s)
   return out
 end
 
--- Expire leases whose TTL ran out: the concurrency slot returns, the money
--- stays charged at the estimate (a dead worker may have spent it).
-local function purge_leases(now, wake)
-  local ids = redis.call('ZRANGEBYSCORE', K.leases, '-inf', now, 'LIMIT', 0, PURGE_BATCH)
+-- Expire leases whose TTL ran out on the lease clock (`lease_now` is
+-- LEASE_NOW): the concurrency slot returns, the money stays charged at the
+-- estimate (a dead worker may have spent it). `now` is NOW, for the windows.
+local function purge_leases(now, lease_now, wake)
+  local ids = redis.call('ZRANGEBYSCORE', K.leases, '-inf', lease_now, 'LIMIT', 0, PURGE_BATCH)
   for _, id in ipairs(ids) do
     local key = reservation_key(id)
     local rs = redis.call('HMGET', key, 'c', 'a')

@@ -11,9 +11,10 @@
 -- and the tickets the queue no longer knows (their place expired).
 
 local ttl = tonumber(ARGV[1])
+clock_commit()
 local wake = {}
-purge_leases(NOW, wake)
-purge_tickets(NOW, wake)
+purge_leases(NOW, LEASE_NOW, wake)
+purge_tickets(LEASE_NOW, wake)
 flush_writes()
 -- A fixed number of commands whatever the number of tickets: one HMGET and
 -- one ZADD per chunk of tickets, one ZRANGE per queue.
@@ -29,7 +30,7 @@ for start = 2, #ARGV, CHUNK do
     if not info then
       missing[#missing + 1] = ticket
     else
-      expiry[#expiry + 1] = NOW + ttl
+      expiry[#expiry + 1] = LEASE_NOW + ttl
       expiry[#expiry + 1] = ticket
       local ahead = false
       for _, lk in ipairs(parse_queue_record(info).lks) do

@@ -12,6 +12,9 @@
 --
 -- Reply: the number of windows deleted.
 --
+-- Clock: reads the tenant's clock (NOW, lib.lua) and does not store it (no
+-- clock_commit): an admin action moves no mark; the next worker script does.
+--
 -- Access control: the first write is to B:admin (the last admin action, a
 -- JSON string), a key a worker ACL user cannot write, so a worker's
 -- set_limits fails with NOPERM before anything changes (its access to

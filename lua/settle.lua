@@ -26,8 +26,9 @@
 -- A lease that already expired may still be committed: the actual cost
 -- replaces the estimate that stayed charged.
 
+clock_commit()
 local wake = {}
-purge_leases(NOW, wake)
+purge_leases(NOW, LEASE_NOW, wake)
 local limits_of = limits_memo()
 local waiting = anyone_waiting()  -- settling queues nobody: true or false for the whole batch
 

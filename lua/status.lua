@@ -1,4 +1,9 @@
 -- status.lua: a read-only snapshot of every limit that applies to a scope.
+-- It writes nothing: NOW is the tenant's clock as the next writing script
+-- would compute it (lib.lua, "clock"), not stored; leases are judged on the
+-- same lease clock, and a lease whose expiry passed counts as expired even
+-- when no script has purged it yet (its concurrency slot is free, its money
+-- stays charged, as purge_leases will leave it).
 --
 -- KEYS[1]  tenant base key "<prefix>:{<tenant>}"
 -- ARGV[1]  agent; '' for the tenant's own limits and those of every agent
@@ -8,7 +13,8 @@
 --   {scope, limit_key, dimension, amount, window_ms, total, reserved,
 --    overrun, refill_at_ms (-1 if nothing will expire), waiters}
 -- where total includes the reserved part (the estimates of open
--- reservations) and amounts are integers in the dimension's unit.
+-- reservations, leases still running) and amounts are integers in the
+-- dimension's unit; a concurrency total counts only leases still running.
 
 local agent = ARGV[1]
 local agents
@@ -22,13 +28,15 @@ end
 
 -- The reserved part of each window: the estimates of open reservations whose
 -- lease is still running and whose bucket still counts in that window.
-local function reserved_by_limit(windows)
+-- The charges of the reservations whose lease expiry is in `low`..`high`
+-- (ZRANGEBYSCORE bounds on the lease clock) that still count in their window,
+-- summed per limit key; `dimension` nil for every dimension.
+local function charged_by_limit(windows, low, high, dimension)
   local out = {}
-  local open = redis.call('ZRANGEBYSCORE', K.leases, '(' .. NOW, '+inf')
-  for _, id in ipairs(open) do
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', K.leases, low, high)) do
     for _, c in ipairs(parse_charges(redis.call('HGET', reservation_key(id), 'c'))) do
       local w = windows[c.L.lk]
-      local live = w ~= nil and w.g == c.gen and
+      local live = w ~= nil and w.g == c.gen and (dimension == nil or c.L.d == dimension) and
         (c.L.w == 0 or c.idx >= math.floor(NOW / bucket_width(c.L)) - c.L.n)
       if live then out[c.L.lk] = (out[c.L.lk] or 0) + c.amt end
     end
@@ -45,11 +53,13 @@ for _, a in ipairs(agents) do
     end
   end
 end
-local reserved = reserved_by_limit(windows)
+local reserved = charged_by_limit(windows, '(' .. fmt(LEASE_NOW), '+inf', nil)
+-- Leases expired but not purged yet: their concurrency is not in flight any more.
+local expired = charged_by_limit(windows, '-inf', fmt(LEASE_NOW), 'concurrency')
 
 local rows = {}
 for _, L in ipairs(limits) do
-  local t = windows[L.lk].t
+  local t = math.max(0, windows[L.lk].t - (expired[L.lk] or 0))
   local refill = -1
   if t > 0 and L.w > 0 then refill = refill_at(L, 1, NOW) end
   local ov = tonumber(redis.call('HGET', L.key, 'ov') or '0')

@@ -10,8 +10,9 @@ SUBSCRIBE; their keys and channels are the tenant's alone.
 ACL cannot tell one script from another, so the difference between the two
 users lies in their keys:
 
-- the worker may read and write the tenant's windows, queue, reservations and
-  ledger, may only *read* ``<base>:limits``, and has no access at all to
+- the worker may read and write the tenant's windows, queue, reservations,
+  ledger and clock (``<base>:clock``, the high-water mark every script keeps),
+  may only *read* ``<base>:limits``, and has no access at all to
   ``<base>:admin``;
 - the admin may use every key of the tenant.
 
@@ -58,6 +59,7 @@ SCRIPT_COMMANDS: tuple[str, ...] = (
     "zadd",
     "zrem",
     "zcard",
+    "zcount",
     "zrange",
     "zrangebyscore",
     "zscore",
@@ -89,7 +91,18 @@ CLIENT_COMMANDS: tuple[str, ...] = (
 )
 """Commands the library sends itself: scripts, connection setup, pub/sub, ledger reads, cluster discovery."""
 
-WORKER_WRITE_KEYS: tuple[str, ...] = ("w:*", "b:*", "q", "qexp", "seq", "r:*", "leases", "ledger", "agents")
+WORKER_WRITE_KEYS: tuple[str, ...] = (
+    "w:*",
+    "b:*",
+    "q",
+    "qexp",
+    "seq",
+    "r:*",
+    "leases",
+    "ledger",
+    "agents",
+    "clock",
+)
 """Keys under the tenant's base a worker reads and writes."""
 
 WORKER_READ_KEYS: tuple[str, ...] = ("limits", "testclock")

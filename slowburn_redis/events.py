@@ -2,7 +2,12 @@
 
 Types: ``threshold`` (50/75/90/100 % of a limit, once per crossing),
 ``exhausted`` (a request was denied by a spent limit), ``waiting``,
-``resumed``, ``overrun``, ``lease_expired``, ``reset``, ``limits_changed``.
+``resumed``, ``overrun``, ``lease_expired``, ``reset``, ``limits_changed``,
+``clock_jump`` (the tenant's clock saw the server's TIME step back by more
+than a second, or a gap of more than 30 s between two scripts while calls were
+in flight or waiters queued: fields ``jump_ms`` (negative for a step back),
+``from_ms`` (the mark before) and ``leases`` (leases alive at the mark, which age at most 30 s across the
+gap, or to a retry time already promised); see "clock" in lua/lib.lua).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ EVENT_TYPES = (
     "lease_expired",
     "reset",
     "limits_changed",
+    "clock_jump",
 )
 
 

@@ -33,6 +33,7 @@ RESERVATION = "r"
 LEASES = "leases"
 LEDGER = "ledger"
 ADMIN = "admin"
+CLOCK = "clock"
 TEST_CLOCK = "testclock"
 WAKE_CHANNEL = "wake"
 EVENTS_CHANNEL = "events"
@@ -111,6 +112,11 @@ class TenantKeys:
     @property
     def admin(self) -> str:
         return self._(ADMIN)
+
+    @property
+    def clock(self) -> str:
+        """Hash: the tenant's clock, which never runs backward (offset, mark, lease shift; see lua/lib.lua)."""
+        return self._(CLOCK)
 
     @property
     def test_clock(self) -> str:

@@ -82,6 +82,11 @@ def event(kind: str, **fields: object) -> Event:
         (event("limits_changed", scope="A:bot", limits=json.dumps([{"d": "usd", "a": 500_000_000, "w": 3600000}])),
          "limits of agent bot set: usd 0.5/hour"),
         (event("limits_changed", scope="T", limits=""), "limits of tenant cleared"),
+        (event("clock_jump", jump_ms=-120000, from_ms=1, leases=0),
+         "the Redis clock stepped back 120.0s: the budget kept its own time (nothing refills twice or is lost)"),
+        (event("clock_jump", jump_ms=120000, from_ms=1, leases=2),
+         "the Redis clock jumped 120.0s ahead (or the tenant was silent that long): "
+         "2 lease(s) in flight aged 30s at most"),
     ],
 )  # fmt: skip
 def test_event_words_hide_keys_units_and_ids(ev: Event, text: str) -> None:

@@ -22,6 +22,7 @@ def test_the_lua_key_table_matches_keys_py() -> None:
         "leases": keys.LEASES,
         "ledger": keys.LEDGER,
         "admin": keys.ADMIN,
+        "clock": keys.CLOCK,
         "wake": keys.WAKE_CHANNEL,
         "events": keys.EVENTS_CHANNEL,
     }

@@ -164,6 +164,18 @@ def event_words(event: Event, known: dict[str, Limit] | None = None) -> str:
     if kind == "reset":
         what = str(extra.get("dimension") or "")
         return f"reset {extra.get('windows', '?')} window(s)" + (f" of {what}" if what else "")
+    if kind == "clock_jump":
+        jump = _int(extra.get("jump_ms"))
+        if jump is not None and jump < 0:
+            back = _seconds(-jump)
+            return (
+                f"the Redis clock stepped back {back}: the budget kept its own time (nothing refills twice or is lost)"
+            )
+        leases = _int(extra.get("leases")) or 0
+        return (
+            f"the Redis clock jumped {_seconds(jump)} ahead (or the tenant was silent that long): "
+            f"{leases} lease(s) in flight aged 30s at most"
+        )
     if kind == "limits_changed":
         return f"limits of {scope_words(str(extra.get('scope', '')))} {_limits_json(extra.get('limits'))}"
     return f"{kind} {limit}".rstrip()
