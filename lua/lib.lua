@@ -141,6 +141,8 @@ local function clock_commit()
   local queued = redis.call('EXISTS', K.queue_expiry) == 1
   if step < -CLOCK_BACK_EVENT_MS or (step > 0 and (leases > 0 or queued)) then
     publish_event('clock_jump', {jump_ms = step, from_ms = CLOCK_MARK, leases = leases})
+    redis.log(redis.LOG_WARNING, 'slowburn-redis: the clock of ' .. B .. ' saw a step of ' .. fmt(step)
+      .. ' ms (TIME ' .. fmt(TIME_MS) .. ', mark ' .. fmt(CLOCK_MARK) .. '); ' .. fmt(leases) .. ' lease(s) in flight')
   end
 end
 

@@ -7,7 +7,10 @@ Types: ``threshold`` (50/75/90/100 % of a limit, once per crossing),
 than a second, or a gap of more than 30 s between two scripts while calls were
 in flight or waiters queued: fields ``jump_ms`` (negative for a step back),
 ``from_ms`` (the mark before) and ``leases`` (leases alive at the mark, which age at most 30 s across the
-gap, or to a retry time already promised); see "clock" in lua/lib.lua).
+gap, or to a retry time already promised); see "clock" in lua/lib.lua),
+``limits_reseeded`` (published by the client, not a script: a Budget given
+``desired_limits`` wrote a tenant's missing limits back; fields ``limits``,
+scope -> limit strings, and ``history_lost``; see `slowburn_redis.reseeding`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ EVENT_TYPES = (
     "reset",
     "limits_changed",
     "clock_jump",
+    "limits_reseeded",
 )
 
 

@@ -87,6 +87,9 @@ def event(kind: str, **fields: object) -> Event:
         (event("clock_jump", jump_ms=120000, from_ms=1, leases=2),
          "the Redis clock jumped 120.0s ahead (or the tenant was silent that long): "
          "2 lease(s) in flight aged 30s at most"),
+        (event("limits_reseeded", limits={"tenant": ["usd 1/hour"], "agent bot": ["usd 0.25/hour"]}, history_lost=True),
+         "limits re-seeded from declared state after Redis lost them (tenant usd 1/hour; agent bot usd 0.25/hour): "
+         "its spend history was lost, spend before now is not counted"),
     ],
 )  # fmt: skip
 def test_event_words_hide_keys_units_and_ids(ev: Event, text: str) -> None:

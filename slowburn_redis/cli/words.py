@@ -178,4 +178,10 @@ def event_words(event: Event, known: dict[str, Limit] | None = None) -> str:
         )
     if kind == "limits_changed":
         return f"limits of {scope_words(str(extra.get('scope', '')))} {_limits_json(extra.get('limits'))}"
+    if kind == "limits_reseeded":
+        given = extra.get("limits")
+        scopes: dict[str, Any] = given if isinstance(given, dict) else {}
+        written = "; ".join(f"{scope} {', '.join(map(str, limits))}" for scope, limits in scopes.items())
+        lost = ": its spend history was lost, spend before now is not counted" if extra.get("history_lost") else ""
+        return f"limits re-seeded from declared state after Redis lost them ({written}){lost}"
     return f"{kind} {limit}".rstrip()
