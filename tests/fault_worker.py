@@ -10,13 +10,15 @@ can wait for conditions while the worker runs):
   after the call's own deadline it ended (negative: before);
 - ``{"untyped": "..."}``: any other exception (a test fails on one).
 
-DESIRED_JSON, when given, is the ``desired_limits`` mapping of the worker's Budget.
+DESIRED_JSON, when given, is the ``desired_limits`` mapping of the worker's Budget;
+``FAULT_WORKER_TEST_CLOCK=1`` builds it with ``test_clock=True``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -30,7 +32,8 @@ TIMEOUT = 2.0
 
 
 async def main(url: str, prefix: str, tenant: str, tasks: int, seed: int, out: Path, desired: Any) -> None:
-    budget = Budget.from_url(url, prefix=prefix, desired_limits=desired, retry_timeout=TIMEOUT)
+    test_clock = os.environ.get("FAULT_WORKER_TEST_CLOCK") == "1"  # scripts read the test's frozen clock
+    budget = Budget.from_url(url, prefix=prefix, desired_limits=desired, retry_timeout=TIMEOUT, test_clock=test_clock)
     loop = asyncio.get_running_loop()
     sink = out.open("a", buffering=1)
 

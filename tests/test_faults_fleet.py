@@ -35,11 +35,13 @@ LIMITS = [f"usd {USD_LIMIT}/10s", "concurrency 6"]
 class Fleet:
     """The worker processes of one test and their live outcome files (closing a worker's stdin stops it)."""
 
-    def __init__(self, url: str, directory: Path, desired: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, url: str, directory: Path, desired: dict[str, Any] | None = None, *, test_clock: bool = False
+    ) -> None:
         self.directory = directory
         self.outs = [directory / f"worker-{n}.jsonl" for n in range(WORKERS)]
         extra = [json.dumps(desired)] if desired is not None else []
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "FAULT_WORKER_TEST_CLOCK": "1" if test_clock else "0"}
         self.logs = [directory / f"worker-{n}.log" for n in range(WORKERS)]
         self.processes = [
             subprocess.Popen(
@@ -112,13 +114,13 @@ def server(tmp_path: Path) -> Iterator[RedisServer]:
     running.stop()
 
 
-def set_limits(server: RedisServer) -> None:
-    """Set LIMITS as an operator would (through the CLI's Python API, in its own short-lived process)."""
+def set_limits(server: RedisServer, limits: list[str] = LIMITS) -> None:
+    """Set `limits` as an operator would (in a short-lived process of its own)."""
     script = (
         "import asyncio, sys; from slowburn_redis import Budget\n"
         "async def main():\n"
         f"    async with Budget.from_url({server.url!r}, prefix={PREFIX!r}) as b:\n"
-        f"        await b.set_limits({TENANT!r}, {LIMITS!r})\n"
+        f"        await b.set_limits({TENANT!r}, {limits!r})\n"
         "asyncio.run(main())\n"
     )
     subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, timeout=60)
@@ -277,3 +279,36 @@ def test_a_full_redis_refuses_the_fleet_with_a_typed_error_and_forgets_nothing(
     client = redis.Redis(port=server.port, decode_responses=True)
     assert client.hlen(f"{PREFIX}:{{{TENANT}}}:limits") == 1, "the limits were never evicted"
     client.close()
+
+
+def test_clock_steps_under_a_fleet_never_let_a_window_past_its_limit(server: RedisServer, tmp_path: Path) -> None:
+    """The tenant's test clock walks on in 30 s steps, jumps 20 min ahead, walks, steps 20 min back, walks.
+
+    The window is 10 minutes, so real time (which runs the keys' TTLs) stays
+    far inside it while the test clock stands between steps.
+    """
+    window_ms = 600_000
+    set_limits(server, [f"usd {USD_LIMIT}/10m", "concurrency 6"])
+    clock_key = f"{PREFIX}:{{{TENANT}}}:testclock"
+    client = redis.Redis(port=server.port)
+    now = server_ms(server)
+    client.set(clock_key, now)
+    fleet = Fleet(server.url, tmp_path, test_clock=True)
+    steps = [30_000] * 20 + [1_200_000] + [30_000] * 20 + [-1_200_000] + [30_000] * 20
+    try:
+        fleet.wait_for(lambda rs: any("admitted" in r for r in flat(rs)), "a first admission")
+        for step in steps:
+            now += step
+            client.set(clock_key, now)
+            seen = len(flat(fleet.records()))
+            fleet.wait_for(lambda rs, seen=seen: len(flat(rs)) > seen, "the fleet to act at this instant")
+        fleet.stop()
+    finally:
+        fleet.kill()
+        client.close()
+    records = fleet.records()
+    assert_typed(records)
+    found = admissions(records)
+    peak = max_in_any_window(found, "usd", window_ms)
+    print(f"clock steps: {len(found)} admissions, peak {peak / (USD_LIMIT * UNITS['usd']):.2f} of the limit")
+    assert peak <= round(USD_LIMIT * UNITS["usd"])
