@@ -594,7 +594,7 @@ async def test_a_lost_pubsub_connection_only_delays_the_waiter(tmp_path: Path) -
 
 async def test_the_heartbeat_survives_an_unexpected_error_and_beats_again() -> None:
     """One refresh fails with an error nobody expected: logged, and the next heartbeat still runs (and wakes)."""
-    from slowburn_redis.waiting import WakeHub, Waiter
+    from slowburn_redis.waiting import Waiter, WakeHub
 
     calls: list[list[str]] = []
 
