@@ -320,6 +320,40 @@ def test_waiting_worker_processes_all_end_by_their_deadlines(
     assert (limit.used, limit.reserved) == (pytest.approx(1.0), 0), "no waiter was admitted"
 
 
+async def test_an_acquire_cut_at_its_deadline_is_never_resent_after_the_caller_got_its_error(
+    proxy: FaultProxy, direct: Budget, prefix: str
+) -> None:
+    """The batch's send outlives the caller (it reads until its socket timeout): no one may resend it later.
+
+    A client-level retry (redis-py's Retry) would resend the acquire once
+    the blackholed read timed out, on a new connection that then passes,
+    and Redis would admit it after the caller's error and its cleanup release.
+    """
+    budget = Budget.from_url(proxy.url + "?socket_timeout=1", prefix=prefix)
+    try:
+        await warm(budget)
+        proxy.blackhole()
+        loop = asyncio.get_running_loop()
+        with capture_logs() as logs:
+            await ends_by(budget.acquire(TENANT, usd=0.4, timeout=0.3), loop.time() + 0.3)
+        (rid,) = {e["reservation"] for e in logs if e["event"] == "acquire.release_failed"}
+        proxy.passthrough()  # resets the blackholed connections: a resend from now on would reach Redis
+        batcher = budget.engine._batcher
+        for _ in range(3000):  # until the send still reading its blackholed connection has ended
+            if not batcher._sending:
+                break
+            await asyncio.sleep(0.01)
+        assert not batcher._sending, "the cut send never ended"
+        await proxy.wait_for_async(lambda s: s.held == 0, what="the proxy to deliver what it holds")
+        # Its reservation record would exist even if a resent release had settled it again.
+        assert not await direct.engine.client.exists(f"{direct.key(TENANT)}:r:{rid}"), "ran after the caller's error"
+        held = await limits(direct)
+        assert held["usd"].reserved == 0 and held["requests"].reserved == 0
+    finally:
+        proxy.passthrough()
+        await budget.aclose()
+
+
 # cut and reset ---------------------------------------------------------------------------
 
 
