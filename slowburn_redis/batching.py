@@ -9,9 +9,13 @@ every run does first (the clock, expired leases, the tenant's limits) done
 once. The batch goes out on the next turn of the loop, so no request waits
 for a batch to fill. ``Budget(batch_size=1)`` sends every request on its own.
 
-A request whose caller was cancelled before its batch was sent is left out;
-one cancelled while its batch is on the wire still runs in Redis, so a caller
-that must clean up after it first waits for `quiesce`.
+A request whose caller gave up (cancelled, or cut at its deadline) before
+its batch was sent is left out, and a batch whose callers have all given up
+is not sent at all. "Sent" is the moment the batch gets its slot in `gate`
+(the Engine's cap on calls in flight): a batch waiting there for a free
+connection is checked again once it has one. A request whose caller gave up
+while its batch is on the wire still runs in Redis, so a caller that must
+clean up after it first waits for `quiesce`.
 A failed call fails every request of the batch with the same error; each
 caller then applies its own retry policy, and a retried request is simply
 batched again (every script is idempotent under a retry).
@@ -44,14 +48,17 @@ class Batcher:
     """Sends the requests of one script on one key that are ready together as one call of `send`.
 
     `send(script, key, args)` runs the script with the batch's arguments and
-    returns its list of replies.
+    returns its list of replies. `gate` (None: none) is held for each send;
+    a batch whose callers all gave up while it waited for it is dropped
+    unsent.
     """
 
-    def __init__(self, send: Send, *, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, send: Send, *, max_batch: int = MAX_BATCH, gate: asyncio.Semaphore | None = None) -> None:
         if not 1 <= max_batch <= BATCH_LIMIT:
             raise ValueError(f"max_batch must be from 1 to {BATCH_LIMIT}")
         self._send = send
         self._max_batch = max_batch
+        self._gate = gate
         self._pending: dict[tuple[Script, str], list[tuple[Sequence[Any], asyncio.Future[Any]]]] = {}
         self._sending: dict[asyncio.Task[None], tuple[Script, str]] = {}
 
@@ -95,6 +102,16 @@ class Batcher:
             await self._run(*slot, batches[0])
 
     async def _run(self, script: Script, key: str, batch: list[tuple[Sequence[Any], asyncio.Future[Any]]]) -> None:
+        if self._gate is None:
+            await self._run_open(script, key, batch)
+            return
+        if all(future.done() for _, future in batch):
+            return
+        async with self._gate:
+            await self._run_open(script, key, batch)
+
+    async def _run_open(self, script: Script, key: str, batch: list[tuple[Sequence[Any], asyncio.Future[Any]]]) -> None:
+        """Send the requests of `batch` whose callers still wait (nothing when none does); deliver the replies."""
         batch = [(args, future) for args, future in batch if not future.done()]
         if not batch:
             return
