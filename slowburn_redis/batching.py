@@ -15,7 +15,11 @@ is not sent at all. "Sent" is the moment the batch gets its slot in `gate`
 (the Engine's cap on calls in flight): a batch waiting there for a free
 connection is checked again once it has one. A request whose caller gave up
 while its batch is on the wire still runs in Redis, so a caller that must
-clean up after it first waits for `quiesce`.
+clean up after it first waits for `quiesce`. A batch still on the wire
+whose callers have all given up is cancelled (redis-py drops its
+connection), so it does not hold a connection, reading, until the socket
+timeout: at once, or, for the scripts named `quiesced` (whose callers clean
+up after it), once a `quiesce` wait for it runs out.
 A failed call fails every request of the batch with the same error; each
 caller then applies its own retry policy, and a retried request is simply
 batched again (every script is idempotent under a retry).
@@ -24,10 +28,11 @@ batched again (every script is idempotent under a retry).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
 from slowburn_redis.scripts import Script
+from slowburn_redis.tasks import abandon
 
 Send = Callable[[Script, str, list[Any]], Awaitable[Any]]
 
@@ -50,17 +55,28 @@ class Batcher:
     `send(script, key, args)` runs the script with the batch's arguments and
     returns its list of replies. `gate` (None: none) is held for each send;
     a batch whose callers all gave up while it waited for it is dropped
-    unsent.
+    unsent. `quiesced` names the scripts whose orphaned sends stay on the
+    wire until a `quiesce` wait for them runs out (see the module docstring).
     """
 
-    def __init__(self, send: Send, *, max_batch: int = MAX_BATCH, gate: asyncio.Semaphore | None = None) -> None:
+    def __init__(
+        self,
+        send: Send,
+        *,
+        max_batch: int = MAX_BATCH,
+        gate: asyncio.Semaphore | None = None,
+        quiesced: Collection[str] = (),
+    ) -> None:
         if not 1 <= max_batch <= BATCH_LIMIT:
             raise ValueError(f"max_batch must be from 1 to {BATCH_LIMIT}")
         self._send = send
         self._max_batch = max_batch
         self._gate = gate
+        self._quiesced = frozenset(quiesced)
         self._pending: dict[tuple[Script, str], list[tuple[Sequence[Any], asyncio.Future[Any]]]] = {}
         self._sending: dict[asyncio.Task[None], tuple[Script, str]] = {}
+        self._callers: dict[asyncio.Task[Any], list[asyncio.Future[Any]]] = {}
+        """The callers of the batch each sending task has on the wire now."""
 
     async def call(self, script: Script, key: str, args: Sequence[Any]) -> Any:
         """Run one request of `script` on `key` (in a batch) and return its own reply."""
@@ -90,7 +106,22 @@ class Batcher:
         if not tasks:
             return True
         _, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:
+            self._drop_if_orphaned(task)
         return not pending
+
+    def _watch(self, task: asyncio.Task[Any], script: Script, callers: list[asyncio.Future[Any]]) -> None:
+        """Record the callers of the batch `task` sends; unless `script` is quiesced, drop it when they all give up."""
+        self._callers[task] = callers
+        if script.name not in self._quiesced:
+            for future in callers:
+                future.add_done_callback(lambda _: self._drop_if_orphaned(task))
+
+    def _drop_if_orphaned(self, task: asyncio.Task[Any]) -> None:
+        """Cancel `task` when the batch it has on the wire has no caller left waiting for its reply."""
+        callers = self._callers.get(task)
+        if callers and all(future.done() for future in callers):
+            abandon(task)
 
     async def _flush(self, slot: tuple[Script, str]) -> None:
         """Send what the slot gathered since its first request: the first batch from here, any others alongside."""
@@ -115,6 +146,9 @@ class Batcher:
         batch = [(args, future) for args, future in batch if not future.done()]
         if not batch:
             return
+        current = asyncio.current_task()
+        if current is not None:
+            self._watch(current, script, [future for _, future in batch])
         try:
             replies = await self._send(script, key, [arg for args, _ in batch for arg in script.request(args)])
         except BaseException as exc:
@@ -128,6 +162,9 @@ class Batcher:
             if not isinstance(exc, Exception):
                 raise
             return
+        finally:
+            if current is not None:
+                self._callers.pop(current, None)
         if not isinstance(replies, list) or len(replies) != len(batch):
             error = RuntimeError(f"script {script.name} answered {len(batch)} requests with {replies!r}")
             for _, future in batch:

@@ -64,7 +64,10 @@ class Engine:
         # More calls in flight than connections would fail (redis-py pools
         # raise when full, per node on a cluster): extra calls queue here.
         self._in_flight = asyncio.Semaphore(MAX_CONNECTIONS)
-        self._batcher = Batcher(self._post, max_batch=batch_size, gate=self._in_flight)
+        # Only an interrupted acquire cleans up after its send (Batcher.quiesce): other orphaned sends are dropped.
+        self._batcher = Batcher(
+            self._post, max_batch=batch_size, gate=self._in_flight, quiesced=[self.scripts.acquire.name]
+        )
         self._closing = False
 
     @property

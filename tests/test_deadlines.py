@@ -32,6 +32,7 @@ from slowburn_redis import Budget, BudgetTimeout
 from slowburn_redis.connection import connect_url
 from slowburn_redis.errors import RedisUnavailable
 from slowburn_redis.status import LimitStatus
+from slowburn_redis.tasks import abandoned
 from tests.faultproxy import FaultProxy
 from tests.servers import RedisServer, redis_server_available
 
@@ -125,6 +126,43 @@ async def test_a_blackholed_acquire_ends_by_its_timeout(
     held = await limits(direct)
     assert held["usd"].used == held["usd"].reserved == 0, "nothing reached Redis, nothing is charged"
     assert held["requests"].used + held["requests"].reserved == 0
+
+
+async def test_two_hundred_blackholed_acquires_all_end_typed_and_leave_nothing_reading(
+    proxy: FaultProxy, direct: Budget, prefix: str
+) -> None:
+    """Cut at the deadline, abandoned, cleaned up: no caller pending after the slack, no send left on the wire.
+
+    The socket timeout is 30 s, so a send still reading its blackholed
+    connection would outlive the 10 s the test waits for them all to end.
+    """
+    budget = Budget.from_url(proxy.url + "?socket_timeout=30", prefix=prefix)
+    try:
+        await warm(budget)
+        proxy.blackhole()
+        loop = asyncio.get_running_loop()
+        timeout = 1.0
+        deadline = loop.time() + timeout
+        calls = [asyncio.ensure_future(budget.acquire(TENANT, usd=0.001, timeout=timeout)) for _ in range(200)]
+        done, pending = await asyncio.wait(calls, timeout=deadline + SLACK - loop.time())
+        for call in pending:
+            call.cancel()
+        assert not pending, f"{len(pending)} of 200 still pending {SLACK}s past their deadline"
+        errors = [call.exception() for call in done]
+        assert all(isinstance(e, RedisUnavailable) for e in errors), {type(e).__name__ for e in errors}
+        batcher = budget.engine._batcher
+        for _ in range(1000):
+            if not batcher._sending and not abandoned():
+                break
+            await asyncio.sleep(0.01)
+        assert not batcher._sending, [script.name for script, _ in batcher._sending.values()]
+        assert not abandoned(), "cut attempts never finished unwinding"
+        proxy.passthrough()
+        held = await limits(direct)
+        assert held["usd"].reserved == 0 and held["requests"].reserved == 0, "nothing reached Redis"
+    finally:
+        proxy.passthrough()
+        await budget.aclose()
 
 
 async def test_blackholed_commit_release_and_status_obey_retry_timeout(
