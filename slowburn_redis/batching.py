@@ -75,6 +75,10 @@ class Batcher:
         self._quiesced = frozenset(quiesced)
         self._pending: dict[tuple[Script, str], list[tuple[Sequence[Any], asyncio.Future[Any]]]] = {}
         self._sending: dict[asyncio.Task[None], tuple[Script, str]] = {}
+        self._in_slot: dict[tuple[Script, str], set[asyncio.Task[None]]] = {}
+        self._idle: dict[tuple[Script, str], asyncio.Future[None]] = {}
+        """Per slot with sends in flight: resolved once it has none (what every `quiesce` of it waits on)."""
+        self._scanning: set[tuple[Script, str]] = set()
         self._callers: dict[asyncio.Task[Any], list[asyncio.Future[Any]]] = {}
         """The callers of the batch each sending task has on the wire now."""
 
@@ -92,23 +96,54 @@ class Batcher:
 
     def _track(self, task: asyncio.Task[None], slot: tuple[Script, str]) -> None:
         self._sending[task] = slot
-        task.add_done_callback(lambda done: self._sending.pop(done, None))
+        self._in_slot.setdefault(slot, set()).add(task)
+        task.add_done_callback(lambda done: self._untrack(done, slot))
+
+    def _untrack(self, task: asyncio.Task[None], slot: tuple[Script, str]) -> None:
+        self._sending.pop(task, None)
+        tasks = self._in_slot.get(slot)
+        if tasks is None:
+            return
+        tasks.discard(task)
+        if not tasks:
+            del self._in_slot[slot]
+            idle = self._idle.pop(slot, None)
+            if idle is not None and not idle.done():
+                idle.set_result(None)
 
     async def quiesce(self, script: Script, key: str, *, timeout: float) -> bool:
-        """Wait up to `timeout` s until every batch of `script` on `key` gathered so far has been answered.
+        """Wait up to `timeout` s until `script` on `key` has no batch in flight (those gathered so far included).
 
         A caller cancelled while its request was in flight calls this before
         cleaning up, so its cleanup reaches Redis after the request itself,
         never before (a late acquire would re-queue a waiter that already
-        left). True when nothing is in flight any more.
+        left). True when nothing is in flight any more. When the wait runs
+        out, the slot's batches whose callers have all given up are
+        abandoned. Every caller waits on one shared future per slot, so
+        thousands of callers cleaning up at once cost each O(1), not O(batches).
         """
-        tasks = [task for task, slot in self._sending.items() if slot == (script, key)]
-        if not tasks:
+        slot = (script, key)
+        if slot not in self._in_slot:
             return True
-        _, pending = await asyncio.wait(tasks, timeout=timeout)
-        for task in pending:
+        idle = self._idle.get(slot)
+        if idle is None:
+            idle = self._idle[slot] = asyncio.get_running_loop().create_future()
+        done, _ = await asyncio.wait((idle,), timeout=timeout)
+        if done:
+            return True
+        self._scan_soon(slot)
+        return False
+
+    def _scan_soon(self, slot: tuple[Script, str]) -> None:
+        """Abandon the orphaned batches of `slot` on the next turn: once for all the callers that gave up now."""
+        if slot not in self._scanning:
+            self._scanning.add(slot)
+            asyncio.get_running_loop().call_soon(self._scan, slot)
+
+    def _scan(self, slot: tuple[Script, str]) -> None:
+        self._scanning.discard(slot)
+        for task in list(self._in_slot.get(slot, ())):
             self._drop_if_orphaned(task)
-        return not pending
 
     def _watch(self, task: asyncio.Task[Any], script: Script, callers: list[asyncio.Future[Any]]) -> None:
         """Record the callers of the batch `task` sends; unless `script` is quiesced, drop it when they all give up."""
