@@ -582,6 +582,12 @@ async def test_a_lost_pubsub_connection_only_delays_the_waiter(tmp_path: Path) -
         holder = await budget.acquire(T, usd=1)
         waiter = spawn(budget.acquire(T, usd=0.5))
         await wait_queued(budget, 1)
+
+        async def subscribed() -> bool:  # queued first, subscribed next: under load the second can lag
+            clients = await budget.engine.client.execute_command("CLIENT", "LIST", "TYPE", "pubsub")
+            return " sub=1 " in f" {clients} "
+
+        await eventually(subscribed, what="the waiter's process to subscribe")
         killed = await budget.engine.client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
         assert int(killed) == 1
         await holder.commit(usd=0.2)  # published while the waiter's process may be unsubscribed
