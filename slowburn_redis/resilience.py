@@ -20,9 +20,13 @@ of a cleanup call made after its acquire's deadline (release of an
 interrupted acquire, `Budget.aclose`), and what lets ``timeout=0`` ask Redis
 once. A queue ``leave`` is cleanup only and always gets one attempt of at
 most `FINAL_ATTEMPT` seconds. So an acquire on a blackholed Redis ends at
-most about ``2 * FINAL_ATTEMPT`` after its deadline (its own cut attempt,
-then the release and the leave, one final attempt each); ``bench/deadlines.py``
-measures it. Without any deadline (no timeout, ``retry_timeout=None``) an
+most about ``3 * FINAL_ATTEMPT`` after its deadline: its own attempt is cut
+at the deadline, then its cleanup waits up to `FINAL_ATTEMPT` for that
+attempt's batch to be answered (`slowburn_redis.batching.Batcher.quiesce`),
+then makes the release and the leave, one final attempt each (an acquire
+with ``timeout=0``, or a waiter woken at its deadline, adds its own one
+final attempt: about ``4 * FINAL_ATTEMPT``); ``bench/deadlines.py`` measures
+it. Without any deadline (no timeout, ``retry_timeout=None``) an
 attempt is bounded by the socket timeouts of `slowburn_redis.connection`
 and retried until Redis answers.
 
@@ -125,7 +129,7 @@ FINAL_ATTEMPT = 0.1
 On loopback or a LAN a script answers in well under a millisecond, and in
 a few milliseconds on a loaded server; 0.1 s leaves room for a loaded
 client. It is also the cost of each cleanup call after a deadline, so it
-sets the slack of the ``timeout=`` guarantee (about twice this)."""
+sets the slack of the ``timeout=`` guarantee (about three times this)."""
 
 _NOT_REACHABILITY = (AuthenticationError, AuthorizationError, AuthenticationWrongNumberOfArgsError)
 _REACHABILITY = (

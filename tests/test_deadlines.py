@@ -10,7 +10,7 @@ call. The bound asserted is the deadline plus `SLACK` (1.5 s), generous on
 purpose: the suite must pass on a loaded 2-core machine (two CPU-burning
 processes beside it). The precise figure (how late past the deadline, p50
 and p99) is measured by ``python -m bench.deadlines``; by design it is about
-``2 * FINAL_ATTEMPT`` (0.2 s) for an acquire.
+``3 * FINAL_ATTEMPT`` (0.3 s) for an acquire (see slowburn_redis.resilience).
 """
 
 from __future__ import annotations
