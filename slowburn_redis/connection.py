@@ -15,10 +15,17 @@ one node: a ``PUBLISH`` reaches every node of a cluster, so any node will do.
 Each call of the pub/sub factory picks the next known node, so a subscriber
 that lost its node reconnects to another one.
 
-Clients are built with one immediate retry of a failed command (enough for a
-pooled connection that went stale when Redis restarted); longer outages are
-the business of `slowburn_redis.resilience` and the Budget's
-``on_unavailable`` policy.
+A single server's command client has no retry of its own (`COMMAND_RETRIES`
+= 0): `slowburn_redis.resilience` is the one retry loop, bounded by each
+call's deadline. A client-level retry would resend a command from wherever
+it runs, a batch's send included, which is not bounded by any one caller's
+deadline: an acquire cut at its deadline could be resent after the caller got
+its error and released its reservation id, and be admitted then. A pooled
+connection that went stale when Redis restarted is found by redis-py on
+checkout and reconnected. Pub/sub connections keep one immediate retry (a
+subscribe is idempotent and bounded by the waiter's own deadline), and so does
+the cluster client, whose retry also drives its rediscovery of the nodes after
+a failover.
 
 Sockets have explicit timeouts and keepalive (`client_options`); a query
 string in the URL (``?socket_timeout=10``) wins over them:
@@ -173,11 +180,16 @@ def client_options(scheme: str, *, pubsub: bool = False) -> dict[str, Any]:
     return options
 
 
-def _client_retry() -> Any:
+COMMAND_RETRIES = 0
+"""Client-level retries of a single server's commands: none (see the module docstring)."""
+
+
+def _client_retry(retries: int = 1) -> Any:
+    """redis-py's Retry: `retries` immediate resends of a command whose connection failed."""
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
 
-    return Retry(NoBackoff(), 1)
+    return Retry(NoBackoff(), retries)
 
 
 MAX_CONNECTIONS = 128
@@ -228,7 +240,11 @@ def _connect_single(url: str) -> ConnectFactory:
         # the rest of the pool serves the few direct reads. A plain pool costs
         # less per call than a blocking one.
         pool = aioredis.ConnectionPool.from_url(
-            url, decode_responses=True, retry=_client_retry(), max_connections=MAX_CONNECTIONS * 2, **options
+            url,
+            decode_responses=True,
+            retry=_client_retry(COMMAND_RETRIES),
+            max_connections=MAX_CONNECTIONS * 2,
+            **options,
         )
         client = client_class.from_pool(pool)
         client.pubsub_url = url

@@ -81,7 +81,10 @@ class Engine:
         # More calls in flight than connections would fail (redis-py pools
         # raise when full, per node on a cluster): extra calls queue here.
         self._in_flight = asyncio.Semaphore(MAX_CONNECTIONS)
-        self._batcher = Batcher(self._send, max_batch=batch_size)
+        # Only an interrupted acquire cleans up after its send (Batcher.quiesce): other orphaned sends are dropped.
+        self._batcher = Batcher(
+            self._post, max_batch=batch_size, gate=self._in_flight, quiesced=[self.scripts.acquire.name]
+        )
         self._closing = False
         self.eviction_check: asyncio.Task[dict[str, str | None]] | None = None
         """The one-time ``maxmemory-policy`` check, started after the first answered script call."""
@@ -122,10 +125,15 @@ class Engine:
         return await self._batcher.quiesce(script, key, timeout=timeout)
 
     async def _send(self, script: Script, key: str, args: list[Any]) -> Any:
+        """One unbatched call of `script`, in its slot of the cap on calls in flight."""
+        async with self._in_flight:
+            return await self._post(script, key, args)
+
+    async def _post(self, script: Script, key: str, args: list[Any]) -> Any:
+        """Run `script` now; the caller holds a slot of `_in_flight` (the batcher takes it for a batch)."""
         if self._closing and script is not self.scripts.leave:
             raise BudgetClosed(f"budget {self.description} is closed")
-        async with self._in_flight:
-            return await script(self.client, key, args)
+        return await script(self.client, key, args)
 
     async def _guarded(
         self,

@@ -7,8 +7,10 @@ Every script call of a Budget goes through `Resilience.call`.
 the call, else none. Every network attempt is bounded by the time left, so a
 call ends by its deadline whatever Redis does (a blackholed server that
 accepts and never answers included): an attempt still in flight at the
-deadline is cancelled (redis-py drops that connection, so no late reply can
-be read by another command) and the call raises `RedisUnavailable`. Such an
+deadline is cancelled and abandoned (each attempt runs as a task of its
+own, so the call resumes at the deadline without waiting for the attempt to
+unwind; redis-py drops that connection as it does, so no late reply can be
+read by another command) and the call raises `RedisUnavailable`. Such an
 attempt may have run on Redis: for an acquire the Budget then releases the
 reservation id it sent (``Budget._release_unseen``), so a cut acquire is
 treated as possibly admitted, never as denied-and-forgotten. The first
@@ -18,9 +20,13 @@ of a cleanup call made after its acquire's deadline (release of an
 interrupted acquire, `Budget.aclose`), and what lets ``timeout=0`` ask Redis
 once. A queue ``leave`` is cleanup only and always gets one attempt of at
 most `FINAL_ATTEMPT` seconds. So an acquire on a blackholed Redis ends at
-most about ``2 * FINAL_ATTEMPT`` after its deadline (its own cut attempt,
-then the release and the leave, one final attempt each); ``bench/deadlines.py``
-measures it. Without any deadline (no timeout, ``retry_timeout=None``) an
+most about ``3 * FINAL_ATTEMPT`` after its deadline: its own attempt is cut
+at the deadline, then its cleanup waits up to `FINAL_ATTEMPT` for that
+attempt's batch to be answered (`slowburn_redis.batching.Batcher.quiesce`),
+then makes the release and the leave, one final attempt each (an acquire
+with ``timeout=0``, or a waiter woken at its deadline, adds its own one
+final attempt: about ``4 * FINAL_ATTEMPT``); ``bench/deadlines.py`` measures
+it. Without any deadline (no timeout, ``retry_timeout=None``) an
 attempt is bounded by the socket timeouts of `slowburn_redis.connection`
 and retried until Redis answers.
 
@@ -102,6 +108,7 @@ from slowburn_redis.errors import (
     RedisRefused,
     RedisUnavailable,
 )
+from slowburn_redis.tasks import abandon
 
 log = structlog.get_logger("slowburn_redis")
 
@@ -122,7 +129,7 @@ FINAL_ATTEMPT = 0.1
 On loopback or a LAN a script answers in well under a millisecond, and in
 a few milliseconds on a loaded server; 0.1 s leaves room for a loaded
 client. It is also the cost of each cleanup call after a deadline, so it
-sets the slack of the ``timeout=`` guarantee (about twice this)."""
+sets the slack of the ``timeout=`` guarantee (about three times this)."""
 
 _NOT_REACHABILITY = (AuthenticationError, AuthorizationError, AuthenticationWrongNumberOfArgsError)
 _REACHABILITY = (
@@ -193,12 +200,35 @@ async def bounded(awaitable: Awaitable[T], deadline: float | None, *, what: str 
     start = loop.time()
     cut_at = max(deadline, start + FINAL_ATTEMPT)
     try:
-        async with asyncio.timeout_at(cut_at) as scope:
-            return await awaitable
-    except TimeoutError as exc:
-        if scope.expired():
-            raise RedisUnavailable(f"{what}: no answer from Redis within {cut_at - start:.2f}s (deadline)") from exc
-        raise
+        return await _until(awaitable, cut_at)
+    except _Expired as exc:
+        raise RedisUnavailable(f"{what}: no answer from Redis within {cut_at - start:.2f}s (deadline)") from exc
+
+
+class _Expired(Exception):
+    """`_until` reached its bound with the awaitable still running."""
+
+
+async def _until(awaitable: Awaitable[T], cut_at: float) -> T:
+    """Run `awaitable` as a task of its own until the loop time `cut_at`; at the bound, cancel it and raise `_Expired`.
+
+    The caller never waits for the cancelled task to unwind (redis-py drops
+    the connection it was reading as it unwinds; `abandon` repeats a lost
+    cancellation): it resumes at the bound, however the awaitable handles
+    its cancellation. A caller cancelled meanwhile abandons the task the
+    same way.
+    """
+    task = asyncio.ensure_future(awaitable)
+    if not task.done():
+        try:
+            await asyncio.wait((task,), timeout=max(0.0, cut_at - asyncio.get_running_loop().time()))
+        except asyncio.CancelledError:
+            abandon(task)
+            raise
+        if not task.done():
+            abandon(task)
+            raise _Expired
+    return task.result()
 
 
 _RETRY = object()
@@ -214,15 +244,13 @@ class _Cut(Exception):
 
 
 async def _attempt(operation: Callable[[], Awaitable[Any]], cut_at: float | None, start: float) -> Any:
+    """One attempt, run as a task of its own bounded by the loop time `cut_at` (None: unbounded); raises `_Cut`."""
     if cut_at is None:
         return await operation()
     try:
-        async with asyncio.timeout_at(cut_at) as scope:
-            return await operation()
-    except TimeoutError as exc:
-        if scope.expired():
-            raise _Cut(cut_at - start) from exc
-        raise
+        return await _until(operation(), cut_at)
+    except _Expired as exc:
+        raise _Cut(cut_at - start) from exc
 
 
 @dataclass(frozen=True)

@@ -212,18 +212,31 @@ class WakeHub:
         self._wake_tenant(tenant, None if data == "*" else str(data).split())
 
     async def _beat(self) -> None:
+        """Every `heartbeat` seconds, refresh each tenant's queue places; runs until cancelled.
+
+        No error ends it: a failed refresh (Redis away, or anything
+        unexpected) is logged and that tenant is refreshed again on the
+        next beat. Only cancellation (`aclose`) stops it.
+        """
         while True:
             await asyncio.sleep(self._heartbeat)
             for tenant, waiters in list(self._tenants.items()):
-                by_ticket = {w.ticket: w for w in waiters if w.ticket}
-                if not by_ticket:
-                    continue
-                try:
-                    first, missing = await self._refresh(tenant, list(by_ticket))
-                except _NETWORK_ERRORS as exc:
-                    log.warning("heartbeat.failed", tenant=tenant, error=str(exc))
-                    continue
-                for ticket in missing:
+                await self._beat_tenant(tenant, waiters)
+
+    async def _beat_tenant(self, tenant: str, waiters: set[Waiter]) -> None:
+        """One tenant's heartbeat: refresh its waiters' tickets, wake those first in line or lost; never raises."""
+        by_ticket = {w.ticket: w for w in waiters if w.ticket}
+        if not by_ticket:
+            return
+        try:
+            first, missing = await self._refresh(tenant, list(by_ticket))
+            for ticket in missing:
+                if ticket in by_ticket:
                     by_ticket[ticket].ticket = ""
-                for ticket in [*first, *missing]:
+            for ticket in [*first, *missing]:
+                if ticket in by_ticket:
                     by_ticket[ticket].wake()
+        except _NETWORK_ERRORS as exc:
+            log.warning("heartbeat.failed", tenant=tenant, error=str(exc))
+        except Exception as exc:  # a heartbeat that dies would let every queue place expire
+            log.exception("heartbeat.error", tenant=tenant, error=f"{type(exc).__name__}: {exc}")

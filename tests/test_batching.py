@@ -86,6 +86,65 @@ async def test_a_request_cancelled_before_its_batch_left_is_not_sent(budget: Bud
     assert [s.used + s.reserved for s in status.limits] == [0]
 
 
+async def test_a_batch_whose_callers_all_gave_up_while_it_waited_for_a_connection_is_not_sent(
+    budget: Budget,
+) -> None:
+    """Every slot of the cap on calls in flight is taken: the batch waits; its callers give up; nothing is sent."""
+    await budget.set_limits(T, ["usd 1/hour"])
+    calls = Calls(budget)
+    slots = budget.engine._in_flight
+    taken = 0
+    while not slots.locked():
+        await slots.acquire()
+        taken += 1
+    try:
+        tasks = [asyncio.create_task(budget.acquire(T, usd=0.1)) for _ in range(3)]
+        for _ in range(10):  # the batch leaves the batcher and waits for a slot
+            await asyncio.sleep(0)
+        assert budget.engine._batcher._sending, "the batch is waiting to be sent"
+        for task in tasks:
+            task.cancel()
+        await asyncio.sleep(0)
+    finally:
+        for _ in range(taken):
+            slots.release()
+    for task in tasks:
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert calls.of("acquire") == [], "nothing was sent for callers that all gave up"
+    status = await budget.status(T)
+    assert [s.used + s.reserved for s in status.limits] == [0]
+
+
+async def test_a_batch_with_one_caller_left_is_sent_for_that_caller_only(budget: Budget) -> None:
+    await budget.set_limits(T, ["usd 1/hour"])
+    calls = Calls(budget)
+    slots = budget.engine._in_flight
+    taken = 0
+    while not slots.locked():
+        await slots.acquire()
+        taken += 1
+    try:
+        gone = [asyncio.create_task(budget.acquire(T, usd=0.1)) for _ in range(2)]
+        kept = asyncio.create_task(budget.acquire(T, usd=0.2))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        for task in gone:
+            task.cancel()
+        await asyncio.sleep(0)
+    finally:
+        for _ in range(taken):
+            slots.release()
+    reservation = await kept
+    for task in gone:
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert calls.of("acquire") == [1]
+    status = await budget.status(T)
+    assert [s.used + s.reserved for s in status.limits] == [pytest.approx(0.2)]
+    await reservation.release()
+
+
 async def test_a_failed_call_fails_every_request_of_its_batch(budget: Budget) -> None:
     await budget.set_limits(T, ["usd 1/hour"])
 

@@ -582,6 +582,12 @@ async def test_a_lost_pubsub_connection_only_delays_the_waiter(tmp_path: Path) -
         holder = await budget.acquire(T, usd=1)
         waiter = spawn(budget.acquire(T, usd=0.5))
         await wait_queued(budget, 1)
+
+        async def subscribed() -> bool:  # queued first, subscribed next: under load the second can lag
+            clients = await budget.engine.client.execute_command("CLIENT", "LIST", "TYPE", "pubsub")
+            return " sub=1 " in f" {clients} "
+
+        await eventually(subscribed, what="the waiter's process to subscribe")
         killed = await budget.engine.client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
         assert int(killed) == 1
         await holder.commit(usd=0.2)  # published while the waiter's process may be unsubscribed
@@ -590,3 +596,31 @@ async def test_a_lost_pubsub_connection_only_delays_the_waiter(tmp_path: Path) -
     finally:
         await budget.aclose()
         server.stop()
+
+
+async def test_the_heartbeat_survives_an_unexpected_error_and_beats_again() -> None:
+    """One refresh fails with an error nobody expected: logged, and the next heartbeat still runs (and wakes)."""
+    from slowburn_redis.waiting import Waiter, WakeHub
+
+    calls: list[list[str]] = []
+
+    async def refresh(tenant: str, tickets: list[str]) -> tuple[list[str], list[str]]:
+        calls.append(tickets)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in one heartbeat")
+        return tickets, []  # the waiter stands first: the heartbeat wakes it
+
+    hub = WakeHub(lambda: None, refresh, channel=lambda tenant: tenant, heartbeat=0.001)
+    waiter = Waiter(T)
+    waiter.ticket = "t1"
+    hub._tenants[T] = {waiter}
+    with capture_logs() as logs:
+        beater = asyncio.ensure_future(hub._beat())
+        try:
+            woken = await asyncio.wait_for(waiter.sleep(None), 30)
+        finally:
+            beater.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await beater
+    assert woken and len(calls) >= 2, calls
+    assert [e["event"] for e in logs if e["log_level"] == "error"][:1] == ["heartbeat.error"]
