@@ -211,7 +211,9 @@ async def test_out_of_memory_is_raised_at_once_and_charges_nothing(
         await budget.acquire(TENANT, usd=0.1, timeout=30)
     assert caught.value.code == "OOM" and not isinstance(caught.value, RedisUnavailable)
     assert attempts(logs, "OOM") == 0, "no retry"
-    assert [e["event"] for e in logs if e.get("code") == "OOM"] == ["redis.refused"]
+    # The acquire is refused once, not retried; its cleanup (the release of its id) may be refused too.
+    refused = [e["event"] for e in logs if e.get("code") == "OOM" and e.get("operation") == "acquire"]
+    assert refused == ["redis.refused"], [(e["event"], e.get("operation"), e.get("code")) for e in logs]
     assert not any(e["event"] == "budget.fail_open" for e in logs), "a refusal is never failed open"
     await control.config_set("maxmemory", 0)
     assert await charged(budget) == (0, 0, 0), "nothing was charged"
