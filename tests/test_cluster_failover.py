@@ -15,6 +15,7 @@ without that wait is stated in the README (deployment section).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,14 +38,7 @@ def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
 
 def listening(cluster: LocalCluster, channel: str) -> int:
     """Subscribers of `channel` over every live node (PUBSUB NUMSUB counts one node's)."""
-    total = 0
-    for port in cluster.live_ports:
-        node = cluster.node_client(port)
-        try:
-            total += sum(count for _, count in node.pubsub_numsub(channel))
-        finally:
-            node.close()
-    return total
+    return sum(subscribers_on(cluster, port, channel) for port in cluster.live_ports)
 
 
 def script_calls(cluster: LocalCluster, port: int) -> int:
@@ -55,6 +49,15 @@ def script_calls(cluster: LocalCluster, port: int) -> int:
     finally:
         node.close()
     return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("evalsha", "eval"))
+
+
+def subscribers_on(cluster: LocalCluster, port: int, channel: str) -> int:
+    """Connections subscribed to `channel` on the node at `port` itself (pub/sub counts are per node)."""
+    node = cluster.node_client(port)
+    try:
+        return int(dict(node.pubsub_numsub(channel)).get(channel, 0))
+    finally:
+        node.close()
 
 
 async def test_a_failover_keeps_replicated_spend_and_the_waiter_in_another_process_resumes(
@@ -73,12 +76,15 @@ async def test_a_failover_keeps_replicated_spend_and_the_waiter_in_another_proce
         worker = Worker("acquire", url, prefix, tenant, "--usd", "0.5", "--timeout", "300", "--heartbeat", "300")
         worker.expect("started")
         await test_waiting.wait_queued(budget, 1, tenant)
-        node = cluster.node_client(primary)
-        try:
-            subscribers = node.pubsub_numsub(budget.key(tenant) + ":wake")
-        finally:
-            node.close()
-        assert subscribers == [(budget.key(tenant) + ":wake", 1)], "the waiter listens on the primary that dies"
+        # Queued first, subscribed next (under load the second lags): wait until it listens somewhere.
+        channel = budget.key(tenant) + ":wake"
+        per_node: dict[int, int] = {}
+        for _ in range(1500):  # bounded
+            per_node = {port: subscribers_on(cluster, port, channel) for port in cluster.live_ports}
+            if sum(per_node.values()):
+                break
+            await asyncio.sleep(0.02)
+        assert per_node[primary] == 1, f"the waiter listens on the primary that dies: {per_node}"
 
         cluster.sync_replicas(primary)
         successor = cluster.fail_over(primary)
