@@ -247,13 +247,20 @@ class AcquireCall:
             # it (a no-op when there was no admission). A denial may have
             # queued it instead, under its id: give that place up too. Both
             # wait until the interrupted call has been answered, so they
-            # reach Redis after it (a late acquire would queue it again).
-            await finish_despite_cancel(self._release_unseen())
+            # reach Redis after it (a late acquire would queue it again),
+            # and go out together: on a Redis that does not answer, each is
+            # one final attempt, so the cleanup costs one attempt, not two.
             self._ticket = self._ticket or self._rid
-        if self._ticket:
+            await finish_despite_cancel(self._release_unseen(self._ticket))
+        elif self._ticket:
             await finish_despite_cancel(self._leave(self._ticket))
 
-    async def _release_unseen(self) -> None:
+    async def _release_unseen(self, ticket: str) -> None:
+        """After the interrupted script's answer (or a grace), release its id and leave `ticket`'s place at once."""
+        await self._await_in_flight()
+        await asyncio.gather(self._release(), self._leave(ticket))
+
+    async def _await_in_flight(self) -> None:
         engine, key = self._engine, self._settler.key
         # Wait for the interrupted call's answer, but never past the acquire's deadline: a late
         # admission after this release stays charged at its estimate until its lease expires.
@@ -263,6 +270,10 @@ class AcquireCall:
         )
         if not await engine.quiesce(engine.scripts.acquire, key, timeout=grace):
             log.warning("acquire.cleanup_unordered", reservation=self._rid, waited=grace)
+
+    async def _release(self) -> None:
+        """Release the reservation id this acquire sent (a no-op when Redis never admitted it); one attempt."""
+        engine, key = self._engine, self._settler.key
         deadline = asyncio.get_running_loop().time()  # one attempt: no retries while Redis is away
         args = protocol.settle_args(reservation_id=self._rid, kind="release", ledger_maxlen=0, actual={})
         try:

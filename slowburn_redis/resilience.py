@@ -12,7 +12,7 @@ own, so the call resumes at the deadline without waiting for the attempt to
 unwind; redis-py drops that connection as it does, so no late reply can be
 read by another command) and the call raises `RedisUnavailable`. Such an
 attempt may have run on Redis: for an acquire the Budget then releases the
-reservation id it sent (``Budget._release_unseen``), so a cut acquire is
+reservation id it sent (``AcquireCall._release_unseen``), so a cut acquire is
 treated as possibly admitted, never as denied-and-forgotten. The first
 attempt of a call always gets at least `FINAL_ATTEMPT` seconds (0.1 s), even
 when the deadline is nearer or already passed: that is the "one attempt"
@@ -20,13 +20,13 @@ of a cleanup call made after its acquire's deadline (release of an
 interrupted acquire, `Budget.aclose`), and what lets ``timeout=0`` ask Redis
 once. A queue ``leave`` is cleanup only and always gets one attempt of at
 most `FINAL_ATTEMPT` seconds. So an acquire on a blackholed Redis ends at
-most about ``3 * FINAL_ATTEMPT`` after its deadline: its own attempt is cut
+most about ``2 * FINAL_ATTEMPT`` after its deadline: its own attempt is cut
 at the deadline, then its cleanup waits up to `FINAL_ATTEMPT` for that
 attempt's batch to be answered (`slowburn_redis.batching.Batcher.quiesce`),
-then makes the release and the leave, one final attempt each (an acquire
-with ``timeout=0``, or a waiter woken at its deadline, adds its own one
-final attempt: about ``4 * FINAL_ATTEMPT``); ``bench/deadlines.py`` measures
-it. Without any deadline (no timeout, ``retry_timeout=None``) an
+then sends the release and the leave together, one final attempt each (an
+acquire with ``timeout=0``, or a waiter woken at its deadline, adds its own
+one final attempt: about ``3 * FINAL_ATTEMPT``); ``bench/deadlines.py``
+measures it. Without any deadline (no timeout, ``retry_timeout=None``) an
 attempt is bounded by the socket timeouts of `slowburn_redis.connection`
 and retried until Redis answers.
 
