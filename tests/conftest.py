@@ -13,6 +13,9 @@ import os
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
+# CrewAI asks on the terminal whether to show its traces (and waits 20 s) on a first run, unless it knows it is tested.
+os.environ.setdefault("CREWAI_TESTING", "true")
+os.environ.setdefault("CREWAI_TRACING_ENABLED", "false")
 
 import secrets
 import threading
