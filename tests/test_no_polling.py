@@ -148,7 +148,9 @@ def test_fifty_waiters_send_almost_nothing_while_nothing_changes(own_redis: Redi
         assert by_command.get("evalsha", 0) <= scripts_bound, by_command
         assert set(by_command) - {"info"} <= SCRIPT_ONLY, f"not only scripts: {by_command}"
         assert delta <= bound, f"{delta} commands in {QUIET}s (bound {bound}): {by_command}"
-        assert bound < PROCESSES * PER_PROCESS * QUIET  # less than one command per waiter per second
+        # A polling loop (every waiter retrying once a second) would cost a retry per waiter per second.
+        polling = PROCESSES * PER_PROCESS * QUIET * head_retry
+        assert bound * 5 < polling, (bound, polling)
         # One pub/sub connection per process serves all its waiters.
         subscribers = [c for c in client.client_list() if int(c.get("sub", 0)) > 0]
         assert len(subscribers) == PROCESSES, subscribers
