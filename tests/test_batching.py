@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -86,18 +88,28 @@ async def test_a_request_cancelled_before_its_batch_left_is_not_sent(budget: Bud
     assert [s.used + s.reserved for s in status.limits] == [0]
 
 
-async def test_a_batch_whose_callers_all_gave_up_while_it_waited_for_a_connection_is_not_sent(
-    budget: Budget,
-) -> None:
-    """Every slot of the cap on calls in flight is taken: the batch waits; its callers give up; nothing is sent."""
-    await budget.set_limits(T, ["usd 1/hour"])
-    calls = Calls(budget)
+@contextlib.asynccontextmanager
+async def every_slot_taken(budget: Budget) -> AsyncIterator[None]:
+    """Hold every slot of the Budget's cap on calls in flight, so a batch must wait for one; give them back after."""
     slots = budget.engine._in_flight
     taken = 0
     while not slots.locked():
         await slots.acquire()
         taken += 1
     try:
+        yield
+    finally:
+        for _ in range(taken):
+            slots.release()
+
+
+async def test_a_batch_whose_callers_all_gave_up_while_it_waited_for_a_connection_is_not_sent(
+    budget: Budget,
+) -> None:
+    """Every slot of the cap on calls in flight is taken: the batch waits; its callers give up; nothing is sent."""
+    await budget.set_limits(T, ["usd 1/hour"])
+    calls = Calls(budget)
+    async with every_slot_taken(budget):
         tasks = [asyncio.create_task(budget.acquire(T, usd=0.1)) for _ in range(3)]
         for _ in range(10):  # the batch leaves the batcher and waits for a slot
             await asyncio.sleep(0)
@@ -105,9 +117,6 @@ async def test_a_batch_whose_callers_all_gave_up_while_it_waited_for_a_connectio
         for task in tasks:
             task.cancel()
         await asyncio.sleep(0)
-    finally:
-        for _ in range(taken):
-            slots.release()
     for task in tasks:
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -119,12 +128,7 @@ async def test_a_batch_whose_callers_all_gave_up_while_it_waited_for_a_connectio
 async def test_a_batch_with_one_caller_left_is_sent_for_that_caller_only(budget: Budget) -> None:
     await budget.set_limits(T, ["usd 1/hour"])
     calls = Calls(budget)
-    slots = budget.engine._in_flight
-    taken = 0
-    while not slots.locked():
-        await slots.acquire()
-        taken += 1
-    try:
+    async with every_slot_taken(budget):
         gone = [asyncio.create_task(budget.acquire(T, usd=0.1)) for _ in range(2)]
         kept = asyncio.create_task(budget.acquire(T, usd=0.2))
         for _ in range(10):
@@ -132,9 +136,6 @@ async def test_a_batch_with_one_caller_left_is_sent_for_that_caller_only(budget:
         for task in gone:
             task.cancel()
         await asyncio.sleep(0)
-    finally:
-        for _ in range(taken):
-            slots.release()
     reservation = await kept
     for task in gone:
         with pytest.raises(asyncio.CancelledError):

@@ -106,9 +106,14 @@ class Fleet:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[RedisServer]:
+    yield from running_server(tmp_path)  # no persistence: a restart comes back empty
+
+
+def running_server(tmp_path: Path, *args: str) -> Iterator[RedisServer]:
+    """A redis-server of the test's own with `args`, stopped after it."""
     if not redis_server_available():
         pytest.fail("redis-server is required on PATH for this test")
-    running = RedisServer(tmp_path / "redis")  # no persistence: a restart comes back empty
+    running = RedisServer(tmp_path / "redis", *args)
     running.start()
     yield running
     running.stop()
@@ -148,6 +153,15 @@ def admissions(records: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return [{"t": r["admitted"], "usd": r["usd"]} for r in flat(records) if "admitted" in r]
 
 
+def every_worker_admitted(records: list[list[dict[str, Any]]]) -> bool:
+    return all(any("admitted" in r for r in worker) for worker in records)
+
+
+def every_worker_refused(error: str, times: int) -> Callable[[list[list[dict[str, Any]]]], bool]:
+    """A condition: every worker saw `error` at least `times` times."""
+    return lambda records: all(sum(r.get("error") == error for r in worker) >= times for worker in records)
+
+
 def assert_typed(records: list[list[dict[str, Any]]]) -> None:
     untyped = [r for r in flat(records) if "untyped" in r]
     assert not untyped, untyped[:5]
@@ -157,12 +171,9 @@ def test_an_empty_restart_refuses_the_fleet_instead_of_admitting_it(server: Redi
     set_limits(server)
     fleet = Fleet(server.url, tmp_path)
     try:
-        fleet.wait_for(lambda rs: all(any("admitted" in r for r in w) for w in rs), "every worker to be admitted")
+        fleet.wait_for(every_worker_admitted, "every worker to be admitted")
         restarted_at = restart_empty(server)
-        fleet.wait_for(
-            lambda rs: all(sum(r.get("error") == "LimitsMissing" for r in w) >= 3 for w in rs),
-            "every worker to be refused three times with LimitsMissing",
-        )
+        fleet.wait_for(every_worker_refused("LimitsMissing", 3), "every worker to be refused three times")
         logs = fleet.stop()
     finally:
         fleet.kill()
@@ -185,7 +196,7 @@ def test_an_empty_restart_with_declared_limits_reseeds_once_and_holds_the_limit_
     set_limits(server)
     fleet = Fleet(server.url, tmp_path, desired={TENANT: LIMITS})
     try:
-        fleet.wait_for(lambda rs: all(any("admitted" in r for r in w) for w in rs), "every worker to be admitted")
+        fleet.wait_for(every_worker_admitted, "every worker to be admitted")
         restarted_at = restart_empty(server)
         fleet.wait_for(
             lambda rs: sum(r.get("admitted", 0) >= restarted_at for r in flat(rs)) >= 20,
@@ -240,12 +251,7 @@ def free_memory(server: RedisServer) -> int:
 
 @pytest.fixture
 def small_server(tmp_path: Path) -> Iterator[RedisServer]:
-    if not redis_server_available():
-        pytest.fail("redis-server is required on PATH for this test")
-    running = RedisServer(tmp_path / "redis", "--maxmemory", "64mb", "--maxmemory-policy", "noeviction")
-    running.start()
-    yield running
-    running.stop()
+    yield from running_server(tmp_path, "--maxmemory", "64mb", "--maxmemory-policy", "noeviction")
 
 
 def test_a_full_redis_refuses_the_fleet_with_a_typed_error_and_forgets_nothing(
@@ -255,12 +261,9 @@ def test_a_full_redis_refuses_the_fleet_with_a_typed_error_and_forgets_nothing(
     set_limits(server)
     fleet = Fleet(server.url, tmp_path)
     try:
-        fleet.wait_for(lambda rs: all(any("admitted" in r for r in w) for w in rs), "every worker to be admitted")
+        fleet.wait_for(every_worker_admitted, "every worker to be admitted")
         full_at = fill_memory(server)
-        fleet.wait_for(
-            lambda rs: all(sum(r.get("error") == "RedisOutOfMemory" for r in w) >= 2 for w in rs),
-            "every worker to be refused twice with RedisOutOfMemory",
-        )
+        fleet.wait_for(every_worker_refused("RedisOutOfMemory", 2), "every worker to be refused twice")
         freed_at = free_memory(server)
         fleet.wait_for(
             lambda rs: all(any(r.get("admitted", 0) > freed_at for r in w) for w in rs),
