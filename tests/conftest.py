@@ -17,7 +17,9 @@ os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
 os.environ.setdefault("CREWAI_TESTING", "true")
 os.environ.setdefault("CREWAI_TRACING_ENABLED", "false")
 
+import gc
 import secrets
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -38,6 +40,29 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
     """Every test body runs under a `tests.watchdog.Watchdog`: a hang is shown and stopped, not waited on."""
     with Watchdog(item.nodeid):
         return (yield)
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """Collect litellm's logging task of a closed event loop now, not at a random later moment.
+
+    litellm keeps one logging-worker task per event loop and drops it only when
+    the next loop makes a call. Collected later at some random moment, the
+    pending task's finalizer reports through the unraisable hook, whose
+    traceback formatting runs ``ast.parse``; landing inside another
+    ``ast.parse`` (pytest's assertion rewriting, tests/test_structure.py) it
+    breaks CPython 3.11's shared AST state ("AST constructor recursion depth
+    mismatch"). Detached and collected here, after the test, it cannot land there.
+    """
+    worker_module = sys.modules.get("litellm.litellm_core_utils.logging_worker")
+    worker = getattr(worker_module, "GLOBAL_LOGGING_WORKER", None)
+    loop = getattr(worker, "_bound_loop", None)
+    if worker is None or loop is None or not loop.is_closed():
+        return
+    for name in ("_queue", "_worker_task", "_sem", "_bound_loop", "_timeout_summary_task"):
+        if hasattr(worker, name):
+            setattr(worker, name, None)
+    getattr(worker, "_running_tasks", set()).clear()
+    gc.collect()
 
 
 def _require_real() -> bool:
