@@ -9,6 +9,7 @@
 --   id        reservation id (client-made; a retried acquire with the same
 --             id returns the first admission instead of charging twice)
 --   agent     '' for the tenant alone
+--   model     '' for none; else the limits of scope "M:<model>" apply too
 --   mode      'wait' (queue when denied), 'reject' (do not queue),
 --             'advisory' (admit and charge whatever the limits say)
 --   priority  an integer in [-100, 100], higher first
@@ -54,9 +55,9 @@ local function rank_of(ticket, priority)
 end
 
 -- The limits this request needs, or the reply for one it can never fit.
-local function needs(agent, amounts, mode)
+local function needs(agent, model, amounts, mode)
   local needed = {}
-  for _, L in ipairs(limits_of(agent)) do
+  for _, L in ipairs(limits_of(agent, model)) do
     local amt = amounts[L.d] or 0
     if amt > 0 then
       if amt > L.a and mode ~= 'advisory' then return nil, {-1, L.lk, L.a, amt} end
@@ -120,7 +121,7 @@ local function check(needed, mode, ticket, rank)
 end
 
 -- Charge every needed limit, record the reservation and its lease, leave the queue.
-local function admit(id, agent, needed, amounts_text, lease_ttl, ticket, record, over)
+local function admit(id, agent, model, needed, amounts_text, lease_ttl, ticket, record, over)
   local charges = {}
   for _, n in ipairs(needed) do
     local _, gen, t = charge(n.L, n.state, n.amt, NOW, agent)
@@ -134,8 +135,10 @@ local function admit(id, agent, needed, amounts_text, lease_ttl, ticket, record,
     if n.exhausted then set_mark(n.L, nil) end  -- capacity returned: re-arm
   end
   local expiry = LEASE_NOW + lease_ttl
-  redis.call('HSET', reservation_key(id), 's', 'open', 'a', agent, 'c', table.concat(charges, ' '),
+  local rkey = reservation_key(id)
+  redis.call('HSET', rkey, 's', 'open', 'a', agent, 'c', table.concat(charges, ' '),
              'e', amounts_text, 't0', fmt(NOW), 'x', fmt(expiry))
+  if model ~= '' then redis.call('HSET', rkey, 'm', model) end
   add_lease(id, expiry)
   if ticket ~= '' then
     drop_ticket(ticket, wake)
@@ -185,24 +188,24 @@ end
 
 local stored_any = false  -- did any request find limits? A batch refused whole as missing stores nothing
 
-local function acquire(id, agent, mode, priority, ticket, lease_ttl, queue_ttl, amounts_text)
+local function acquire(id, agent, model, mode, priority, ticket, lease_ttl, queue_ttl, amounts_text)
   local existing = redis.call('HMGET', reservation_key(id), 't0', 'x')
   if existing[1] then return {1, id, tonumber(existing[1]), tonumber(existing[2]) + LEASE_SHIFT, ''} end
   local record, rank
   record, ticket, rank = rank_of(ticket, priority)
   if record then rank = record.rank end
-  if not limits_of(agent).stored then
+  if not limits_of(agent, model).stored then
     if ticket ~= '' then drop_ticket(ticket, wake) end
     return {-2, agent}
   end
   stored_any = true
-  local needed, too_large = needs(agent, parse_amounts(amounts_text), mode)
+  local needed, too_large = needs(agent, model, parse_amounts(amounts_text), mode)
   if too_large then
     if ticket ~= '' then drop_ticket(ticket, wake) end
     return too_large
   end
   local v = check(needed, mode, ticket, rank)
-  if #v.blocked == 0 then return admit(id, agent, needed, amounts_text, lease_ttl, ticket, record, v.over) end
+  if #v.blocked == 0 then return admit(id, agent, model, needed, amounts_text, lease_ttl, ticket, record, v.over) end
   announce_exhausted(v.full, agent)
   if mode ~= 'wait' then return {0, '', NOW, v.retry_at, v.first, v.reason, v.first_amount} end
   return enqueue(id, agent, priority, ticket, record, queue_ttl, v)
@@ -210,10 +213,10 @@ end
 
 local replies = {}
 for _, request in ipairs(ARGV) do
-  local id, agent, mode, priority, ticket, lease_ttl, queue_ttl, amounts =
-    string.match(request, '^(%S+) (%S*) (%S+) (%S+) (%S*) (%S+) (%S+) (.*)$')
+  local id, agent, model, mode, priority, ticket, lease_ttl, queue_ttl, amounts =
+    string.match(request, '^(%S+) (%S*) (%S*) (%S+) (%S+) (%S*) (%S+) (%S+) (.*)$')
   if not id then return redis.error_reply('malformed acquire request ' .. request) end
-  replies[#replies + 1] = acquire(id, agent, mode, tonumber(priority), ticket, tonumber(lease_ttl),
+  replies[#replies + 1] = acquire(id, agent, model, mode, tonumber(priority), ticket, tonumber(lease_ttl),
                                   tonumber(queue_ttl), amounts)
 end
 purge_met_tickets(wake)

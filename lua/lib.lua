@@ -5,8 +5,9 @@
 -- tag and one cluster slot.
 --
 -- Key layout under base B (LK = limit key "<scope>:<dimension>:<window_ms>",
--- scope "T" for the tenant or "A:<agent>" for one agent):
---   B:limits        hash   "T" | "D" | "A:<agent>" -> JSON list of limits
+-- scope "T" for the tenant, "A:<agent>" for one agent or "M:<model>" for
+-- one model; a dimension is a built-in one or a custom name of letters and _):
+--   B:limits        hash   "T" | "D" | "A:<agent>" | "M:<model>" -> JSON list of limits
 --   B:agents        set    agents that ever had a window of their own
 --   B:w:<LK>        hash   window: t (running total), o (oldest bucket index
 --                          kept), g (generation), th (1 once 'exhausted' was
@@ -17,7 +18,8 @@
 --   B:qexp          zset   ticket -> expiry of its place in the queue (ms, on
 --                          the lease clock)
 --   B:seq           string ticket sequence
---   B:r:<id>        hash   reservation: s (state), a (agent), c (charges),
+--   B:r:<id>        hash   reservation: s (state), a (agent), m (model, when
+--                          given), c (charges),
 --                          e (estimates), t0 (admitted ms), x (lease expiry,
 --                          on the lease clock like B:leases)
 --   B:leases        zset   open reservation id -> lease expiry on the lease
@@ -163,13 +165,15 @@ local function decode_limits(json, scope)
   return out
 end
 
--- The limits that apply to one agent ('' for none): the tenant's, then the
--- agent's own or, when it has none, the tenant's default for every agent.
--- `out.stored` is false when none of those scopes is stored at all: absence
--- is not permission (an explicitly unlimited tenant stores T as '[]').
-local function applicable_limits(agent)
+-- The limits that apply to one agent ('' for none) calling one model ('' for
+-- none): the tenant's, then the agent's own or, when it has none, the
+-- tenant's default for every agent, then the model's (scope "M:<model>",
+-- tenant-wide). `out.stored` is false when neither the tenant's nor the
+-- agent's scopes are stored: absence is not permission (an explicitly
+-- unlimited tenant stores T as '[]'); a model's limits only add to those.
+local function applicable_limits(agent, model)
   local out = {}
-  local cfg = redis.call('HMGET', K.limits, 'T', 'A:' .. agent, 'D')
+  local cfg = redis.call('HMGET', K.limits, 'T', 'A:' .. agent, 'D', 'M:' .. (model or ''))
   out.stored = (cfg[1] or (agent ~= '' and (cfg[2] or cfg[3]))) and true or false
   for _, L in ipairs(decode_limits(cfg[1], 'T')) do out[#out + 1] = L end
   if agent ~= '' then
@@ -177,18 +181,32 @@ local function applicable_limits(agent)
     if not own then own = cfg[3] end
     for _, L in ipairs(decode_limits(own, 'A:' .. agent)) do out[#out + 1] = L end
   end
+  if model and model ~= '' then
+    for _, L in ipairs(decode_limits(cfg[4], 'M:' .. model)) do out[#out + 1] = L end
+  end
   return out
 end
 
--- `applicable_limits`, read once per agent for the rest of the script; only
--- for scripts that do not change limits.
+-- The models that have limits of their own (fields "M:<model>" of B:limits), sorted.
+local function limited_models()
+  local out = {}
+  for _, field in ipairs(redis.call('HKEYS', K.limits)) do
+    if string.sub(field, 1, 2) == 'M:' then out[#out + 1] = string.sub(field, 3) end
+  end
+  table.sort(out)
+  return out
+end
+
+-- `applicable_limits`, read once per agent and model for the rest of the
+-- script; only for scripts that do not change limits.
 local function limits_memo()
   local memo = {}
-  return function(agent)
-    local found = memo[agent]
+  return function(agent, model)
+    local id = agent .. ' ' .. (model or '')
+    local found = memo[id]
     if found == nil then
-      found = applicable_limits(agent)
-      memo[agent] = found
+      found = applicable_limits(agent, model)
+      memo[id] = found
     end
     return found
   end

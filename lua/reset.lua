@@ -3,8 +3,8 @@
 -- (their windows are a new generation).
 --
 -- KEYS[1]  tenant base key "<prefix>:{<tenant>}"
--- ARGV[1]  agent: '' resets the tenant's own windows and every agent's;
---          a name resets only that agent's windows
+-- ARGV[1]  agent: '' resets the tenant's own windows, every agent's and
+--          every model's; a name resets only that agent's windows
 -- ARGV[2]  dimension: '' for every dimension except concurrency (calls in
 --          flight are real; reset them by naming 'concurrency')
 --
@@ -27,14 +27,17 @@ else
   agents = {agent}
 end
 
+local models = agent == '' and limited_models() or {}
 local deleted = 0
-for _, a in ipairs(agents) do
-  for _, L in ipairs(applicable_limits(a)) do
-    local mine = (agent == '') or (L.scope ~= 'T')
+local function reset_windows(a, model)
+  for _, L in ipairs(applicable_limits(a, model)) do
+    local mine = (agent == '') or (L.scope ~= 'T' and L.scope ~= 'M:' .. (model or ''))
     local match = (dim == '' and L.d ~= 'concurrency') or L.d == dim
     if mine and match then deleted = deleted + redis.call('DEL', L.key) end
   end
 end
+for _, a in ipairs(agents) do reset_windows(a, nil) end
+for _, m in ipairs(models) do reset_windows('', m) end
 
 publish_event('reset', {agent = agent, dimension = dim, windows = deleted})
 redis.call('PUBLISH', K.wake, '*')

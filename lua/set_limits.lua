@@ -5,8 +5,8 @@
 -- takes effect against what was already spent.
 --
 -- KEYS[1]  tenant base key "<prefix>:{<tenant>}"
--- ARGV[1]  scope field: 'T' (tenant), 'D' (default for every agent) or
---          'A:<agent>'
+-- ARGV[1]  scope field: 'T' (tenant), 'D' (default for every agent),
+--          'A:<agent>' or 'M:<model>'
 -- ARGV[2]  JSON list of {"d": dimension, "a": integer amount, "w": window ms
 --          (0 for a lifetime cap)}, validated by the client; '' clears
 --
@@ -23,16 +23,17 @@
 local field, json = ARGV[1], ARGV[2]
 redis.call('SET', K.admin, cjson.encode({op = 'set_limits', scope = field, ts = NOW}))
 
--- The agents whose applicable limits this change touches.
-local agents = {}
+-- The agents (and model) whose applicable limits this change touches.
+local agents, model = {}, nil
 if field == 'T' then agents = {''}
 elseif field == 'D' then
   for _, a in ipairs(redis.call('SMEMBERS', K.agents)) do agents[#agents + 1] = a end
+elseif string.sub(field, 1, 2) == 'M:' then agents, model = {''}, string.sub(field, 3)
 else agents = {string.sub(field, 3)} end
 
 local before = {}
 for _, a in ipairs(agents) do
-  for _, L in ipairs(applicable_limits(a)) do before[L.lk] = L end
+  for _, L in ipairs(applicable_limits(a, model)) do before[L.lk] = L end
 end
 if json == '' then
   redis.call('HDEL', K.limits, field)
@@ -41,7 +42,7 @@ else
 end
 local after = {}
 for _, a in ipairs(agents) do
-  for _, L in ipairs(applicable_limits(a)) do after[L.lk] = true end
+  for _, L in ipairs(applicable_limits(a, model)) do after[L.lk] = true end
 end
 
 local deleted = 0

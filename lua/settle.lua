@@ -10,7 +10,8 @@
 --          rest of the string, amounts "dim=int ..." (commit; a reserved
 --          dimension left out keeps its estimate; concurrency is always
 --          returned)
--- ARGV[2]  model name for the ledger ('' if none)
+-- ARGV[2]  model name for the ledger ('' for the model the reservation was
+--          acquired for, if any)
 -- ARGV[3]  outcome for the ledger ('' -> 'ok', or 'overrun' when an actual
 --          exceeded its estimate; a release writes an entry only when given)
 -- ARGV[4]  caller metadata, a JSON object as a string ('' for none)
@@ -103,30 +104,42 @@ local function overruns(final, estimate, charged_now)
   return out
 end
 
+local BUILTIN = {usd = true, tokens = true, input_tokens = true, output_tokens = true, requests = true,
+                 concurrency = true}
+
+-- A ledger entry: the built-in amounts as fields of their own, custom
+-- dimensions (tool_calls, steps...) in one field 'x' ("dim=int ...", sorted).
 local function write_ledger(id, agent, final, estimate, maxlen, model, outcome, meta, expired)
   local function amount(dim) return fmt(final[dim] or 0) end
+  local custom = {}
+  for dim, v in pairs(final) do
+    if not BUILTIN[dim] and v ~= 0 then custom[#custom + 1] = dim .. '=' .. fmt(v) end
+  end
+  table.sort(custom)
   return redis.call('XADD', K.ledger, 'MAXLEN', '~', maxlen, '*',
     'ts', fmt(NOW), 'agent', agent, 'model', model,
     'usd', amount('usd'), 'input_tokens', amount('input_tokens'),
     'output_tokens', amount('output_tokens'), 'tokens', amount('tokens'),
     'requests', amount('requests'), 'est_usd', fmt(estimate['usd'] or 0),
-    'reservation', id, 'outcome', outcome, 'late', expired and '1' or '0', 'meta', meta)
+    'reservation', id, 'outcome', outcome, 'late', expired and '1' or '0', 'meta', meta,
+    'x', table.concat(custom, ' '))
 end
 
 local function settle(id, kind, actual, maxlen, model, outcome, meta)
   local rkey = reservation_key(id)
-  local rs = redis.call('HMGET', rkey, 's', 'a', 'c', 'e')
-  local state, agent = rs[1], rs[2] or ''
+  local rs = redis.call('HMGET', rkey, 's', 'a', 'c', 'e', 'm')
+  local state, agent, acquired_model = rs[1], rs[2] or '', rs[5] or ''
   if not state then return {0, 'unknown'} end
   if state ~= 'open' and state ~= 'expired' then return {0, state} end
   if state == 'expired' and kind == 'release' then return {0, 'expired'} end
   local expired = state == 'expired'
+  if model == '' then model = acquired_model end
 
   local config = nil
   local function current_limits()
     if config == nil then
       config = {}
-      for _, L in ipairs(limits_of(agent)) do config[L.lk] = L end
+      for _, L in ipairs(limits_of(agent, acquired_model)) do config[L.lk] = L end
     end
     return config
   end

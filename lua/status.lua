@@ -7,7 +7,8 @@
 --
 -- KEYS[1]  tenant base key "<prefix>:{<tenant>}"
 -- ARGV[1]  agent; '' for the tenant's own limits and those of every agent
---          that has used a window of its own
+--          that has used a window of its own. Every model's limits (scope
+--          'M:<model>', tenant-wide) are shown either way.
 --
 -- Reply: {now_ms, queue_length, rows}, each row
 --   {scope, limit_key, dimension, amount, window_ms, total, reserved,
@@ -45,14 +46,16 @@ local function charged_by_limit(windows, low, high, dimension)
 end
 
 local limits, windows = {}, {}
-for _, a in ipairs(agents) do
-  for _, L in ipairs(applicable_limits(a)) do
+local function show(a, model)
+  for _, L in ipairs(applicable_limits(a, model)) do
     if not windows[L.lk] then
       windows[L.lk] = advance(L, NOW)
       limits[#limits + 1] = L
     end
   end
 end
+for _, a in ipairs(agents) do show(a, nil) end
+for _, m in ipairs(limited_models()) do show('', m) end
 local reserved = charged_by_limit(windows, '(' .. fmt(LEASE_NOW), '+inf', nil)
 -- Leases expired but not purged yet: their concurrency is not in flight any more.
 local expired = charged_by_limit(windows, '-inf', fmt(LEASE_NOW), 'concurrency')

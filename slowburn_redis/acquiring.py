@@ -47,6 +47,8 @@ class AcquireRequest:
     timeout: float | None
     priority: int
     lease_ttl: float
+    model: str | None = None
+    """The model called, when known: the limits of its scope (``M:<model>``) apply too."""
 
 
 class AcquireCall:
@@ -118,6 +120,7 @@ class AcquireCall:
             lease_ms=round(request.lease_ttl * 1000),
             queue_ms=self._queue_ttl_ms,
             estimate=request.estimate,
+            model=request.model,
         )
         self._in_flight = True
         reply = await self._engine.run(self._engine.scripts.acquire, self._settler.key, args, deadline=deadline)
@@ -135,6 +138,7 @@ class AcquireCall:
             agent=request.agent,
             id=self._rid,
             estimate=request.estimate,
+            model=request.model,
             admitted_at_ms=reply.now_ms,
             lease_expires_ms=reply.lease_expires_ms,
             over_limits=reply.over_limits,

@@ -27,8 +27,8 @@ from slowburn_redis.engine import Engine
 from slowburn_redis.errors import InvalidInput, LimitsMissing
 from slowburn_redis.events import Event
 from slowburn_redis.keys import TenantKeys, scope_field
-from slowburn_redis.limits import UNITS, Limit, coerce_limits, decimal_from_units
-from slowburn_redis.names import EVERY_AGENT, validate_agent, validate_name
+from slowburn_redis.limits import Limit, coerce_limits, decimal_from_units, validate_dimension
+from slowburn_redis.names import EVERY_AGENT, validate_agent, validate_model, validate_name
 from slowburn_redis.reseeding import Reseeder
 from slowburn_redis.reservation import Reservation, Settler, check_lease_ttl
 from slowburn_redis.resilience import Backoff, OnUnavailable
@@ -232,21 +232,33 @@ class Budget:
 
     # limits ------------------------------------------------------------------
 
-    async def set_limits(self, tenant: str, limits: Iterable[Limit | str] | str, *, agent: str | None = None) -> None:
-        """Replace the limits of a scope: the tenant (agent=None), one agent, or every agent (``agent="*"``).
+    async def set_limits(
+        self,
+        tenant: str,
+        limits: Iterable[Limit | str] | str,
+        *,
+        agent: str | None = None,
+        model: str | None = None,
+    ) -> None:
+        """Replace the limits of a scope: the tenant (agent=None), one agent, every agent (``agent="*"``) or one model.
 
+        A model's limits (``model="gpt-4o"``) apply to every call of the
+        tenant that names that model (`acquire(..., model=)`, `BudgetedLLM`
+        and the integrations do), checked with the tenant's and the agent's,
+        all or nothing; they come on top of those and never replace them (a
+        tenant with only per-model limits is still refused, LimitsMissing).
         An empty list clears the scope. Every worker sees the change at once;
         waiters are woken to try again.
         """
         key = self.key(tenant)
-        field = scope_field(agent)
+        field = scope_field(agent, model)
         parsed = coerce_limits(limits)
         await self.engine.run(self.engine.scripts.set_limits, key, [field, protocol.limits_json(parsed)])
-        log.info("limits.set", tenant=tenant, agent=agent, limits=[str(lim) for lim in parsed])
+        log.info("limits.set", tenant=tenant, agent=agent, model=model, limits=[str(lim) for lim in parsed])
 
-    async def clear_limits(self, tenant: str, *, agent: str | None = None) -> None:
+    async def clear_limits(self, tenant: str, *, agent: str | None = None, model: str | None = None) -> None:
         """Remove every limit of a scope. A tenant left with no scope stored is refused (LimitsMissing)."""
-        await self.set_limits(tenant, [], agent=agent)
+        await self.set_limits(tenant, [], agent=agent, model=model)
 
     async def set_unlimited(self, tenant: str, *, agent: str | None = None) -> None:
         """Store the deliberate choice that a scope has no limit (absent limits are refused, never unlimited).
@@ -258,9 +270,9 @@ class Budget:
         await self.engine.run(self.engine.scripts.set_limits, key, [scope_field(agent), protocol.UNLIMITED_JSON])
         log.warning("limits.unlimited", tenant=tenant, agent=agent)
 
-    async def get_limits(self, tenant: str, *, agent: str | None = None) -> list[Limit]:
+    async def get_limits(self, tenant: str, *, agent: str | None = None, model: str | None = None) -> list[Limit]:
         """The limits set on exactly this scope (not the ones inherited from the tenant or the default)."""
-        keys, field = self.keys(tenant), scope_field(agent)
+        keys, field = self.keys(tenant), scope_field(agent, model)
         stored = protocol.decode_limits_json(await self.engine.hget(keys.limits, field))
         return [
             Limit(dimension=dim, amount=decimal_from_units(dim, units), window=window_ms / 1000 or None)
@@ -283,8 +295,15 @@ class Budget:
         priority: int = 0,
         mode: Mode = "wait",
         lease_ttl: float | None = None,
+        model: str | None = None,
+        **custom: int,
     ) -> _Acquire:
         """Reserve an estimate against every limit that applies, all or nothing.
+
+        `model` names the model to be called: its per-model limits apply too
+        (see `set_limits`), and the ledger entry names it. `custom` holds
+        amounts of custom dimensions (``tool_calls=1``, ``steps=1``), whole
+        units, checked against limits such as ``tool_calls 100/hour``.
 
         Await it for a `Reservation`, or use it as ``async with``. In ``wait``
         mode a denied request sleeps (FIFO within `priority`, higher first)
@@ -297,11 +316,12 @@ class Budget:
         request = AcquireRequest(
             tenant=validate_name("tenant", tenant),
             agent=_acquiring_agent(agent),
-            estimate=_estimate(usd, tokens, input_tokens, output_tokens, requests),
+            estimate=_estimate(usd, tokens, input_tokens, output_tokens, requests, custom),
             mode=_mode(mode),
             timeout=_timeout(timeout),
             priority=_priority(priority),
             lease_ttl=check_lease_ttl(self.lease_ttl if lease_ttl is None else lease_ttl),
+            model=None if model is None else validate_model(model),
         )
         return _Acquire(self._acquiring(request))
 
@@ -360,8 +380,8 @@ class Budget:
         agent = validate_agent(agent)
         if agent == EVERY_AGENT:
             raise InvalidInput("reset takes one agent or none, not '*'")
-        if dimension is not None and (not isinstance(dimension, str) or dimension not in UNITS):
-            raise InvalidInput(f"unknown dimension {dimension!r}: one of {', '.join(UNITS)}")
+        if dimension is not None:
+            validate_dimension(dimension)
         count = int(await self._run("reset", tenant, [agent or "", dimension or ""]))
         log.info("budget.reset", tenant=tenant, agent=agent, dimension=dimension, windows=count)
         return count
@@ -429,11 +449,22 @@ def _timeout(timeout: object) -> float | None:
 
 
 def _estimate(
-    usd: object, tokens: object, input_tokens: object, output_tokens: object, requests: object
+    usd: object,
+    tokens: object,
+    input_tokens: object,
+    output_tokens: object,
+    requests: object,
+    custom: Mapping[str, object] | None = None,
 ) -> dict[str, int]:
     """The amounts to reserve, in units, rounded up; one concurrency slot always."""
     units = amounts_to_units(
-        usd=usd, tokens=tokens, input_tokens=input_tokens, output_tokens=output_tokens, requests=requests, round_up=True
+        usd=usd,
+        tokens=tokens,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        requests=requests,
+        custom=custom,
+        round_up=True,
     )
     units["concurrency"] = 1
     return {dim: value for dim, value in units.items() if value > 0}

@@ -7,7 +7,8 @@ scripts derive the same names from KEYS[1] with the helpers at the top of
 
 A *limit key* (LK) names one limit of one scope: ``<scope>:<dimension>:<window_ms>``
 with scope ``T`` (the tenant), ``D`` (the default of every agent) or
-``A:<agent>``; a lifetime cap has window 0. Text for people never shows a
+``A:<agent>``, or ``M:<model>`` (one model, tenant-wide); a lifetime cap has
+window 0. Text for people never shows a
 limit key: `describe_limit_key` turns it into ``usd 0.5/hour (agent researcher)``.
 """
 
@@ -15,11 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from slowburn_redis.names import EVERY_AGENT, validate_name
+from slowburn_redis.errors import InvalidInput
+from slowburn_redis.names import EVERY_AGENT, validate_model, validate_name
 
 TENANT_SCOPE = "T"
 DEFAULT_AGENT_SCOPE = "D"
 AGENT_SCOPE_PREFIX = "A:"
+MODEL_SCOPE_PREFIX = "M:"
 
 # The suffixes after the base key; lua/lib.lua names the same ones.
 LIMITS = "limits"
@@ -44,8 +47,15 @@ def base_key(prefix: str, tenant: str) -> str:
     return f"{prefix}:{{{validate_name('tenant', tenant)}}}"
 
 
-def scope_field(agent: str | None) -> str:
-    """The field of the limits hash that holds a scope: ``T``, ``D`` (every agent) or ``A:<agent>``."""
+def scope_field(agent: str | None, model: str | None = None) -> str:
+    """The field of the limits hash that holds a scope: ``T``, ``D`` (every agent), ``A:<agent>`` or ``M:<model>``.
+
+    A model's limits are tenant-wide: `agent` and `model` together raise InvalidInput.
+    """
+    if model is not None:
+        if agent is not None:
+            raise InvalidInput("per-model limits apply to the whole tenant: give agent or model, not both")
+        return MODEL_SCOPE_PREFIX + validate_model(model)
     if agent is None:
         return TENANT_SCOPE
     if agent == EVERY_AGENT:
@@ -133,7 +143,7 @@ class TenantKeys:
 
 @dataclass(frozen=True)
 class LimitKey:
-    """A limit key taken apart: its scope (``T``, ``D``, ``A:<agent>``), dimension and window in ms."""
+    """A limit key taken apart: its scope (``T``, ``D``, ``A:<agent>``, ``M:<model>``), dimension and window in ms."""
 
     scope: str
     dimension: str
@@ -149,14 +159,23 @@ class LimitKey:
         return cls(scope, dimension, int(window))
 
     @property
+    def model(self) -> str | None:
+        """The model of an ``M:`` scope, else None."""
+        return self.scope[len(MODEL_SCOPE_PREFIX) :] if self.scope.startswith(MODEL_SCOPE_PREFIX) else None
+
+    @property
     def agent(self) -> str | None:
-        """The agent of an ``A:`` scope, ``*`` for the default of every agent, None for the tenant."""
+        """The agent of an ``A:`` scope, ``*`` for the default of every agent, None for the tenant or a model."""
+        if self.scope.startswith(MODEL_SCOPE_PREFIX):
+            return None
         if self.scope.startswith(AGENT_SCOPE_PREFIX):
             return self.scope[len(AGENT_SCOPE_PREFIX) :]
         return EVERY_AGENT if self.scope == DEFAULT_AGENT_SCOPE else None
 
     def scope_words(self) -> str:
-        """``tenant``, ``every agent`` or ``agent researcher``."""
+        """``tenant``, ``every agent``, ``agent researcher`` or ``model gpt-4o``."""
+        if self.model is not None:
+            return f"model {self.model}"
         agent = self.agent
         if agent is None:
             return "tenant"

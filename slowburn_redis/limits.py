@@ -16,11 +16,73 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from slowburn_redis.errors import InvalidInput, InvalidLimit
 
-Dimension = Literal["usd", "tokens", "input_tokens", "output_tokens", "requests", "concurrency"]
-DIMENSIONS: tuple[str, ...] = get_args(Dimension)
+BuiltinDimension = Literal["usd", "tokens", "input_tokens", "output_tokens", "requests", "concurrency"]
+DIMENSIONS: tuple[str, ...] = get_args(BuiltinDimension)
+"""The built-in dimensions; any other name that `validate_dimension` accepts is a custom dimension."""
 
 UNITS: dict[str, int] = {dim: 1 for dim in DIMENSIONS} | {"usd": 10**9}
-"""Integer units per 1 of each dimension as stored in Redis (usd: nano-dollars)."""
+"""Integer units per 1 of each built-in dimension as stored in Redis (usd: nano-dollars); custom ones count 1."""
+
+MAX_DIMENSION_LENGTH = 32
+_CUSTOM_DIMENSION = re.compile(r"[a-z][a-z_]*", re.ASCII)
+RESERVED_WORDS = frozenset(
+    {
+        "agent",
+        "tenant",
+        "model",
+        "timeout",
+        "priority",
+        "mode",
+        "lease_ttl",
+        "outcome",
+        "metadata",
+        "run",
+        "messages",
+        "max_tokens",
+        "window",
+        "amount",
+        "dimension",
+        "caps",
+        "max_seconds",
+    }
+)
+"""Names no custom dimension may take: they are keyword arguments of acquire, commit, quote or run."""
+MONEY_WORDS = frozenset({"dollar", "dollars", "cost", "money", "spend", "price", "cents", "eur", "euro", "euros"})
+"""Names that would read as money but count whole units: money is the ``usd`` dimension."""
+
+
+def validate_dimension(name: object) -> str:
+    """`name` if it is a built-in dimension or a valid custom one, else InvalidInput.
+
+    A custom dimension (``tool_calls``, ``steps``, ``images``) is a lower-case
+    ASCII name of letters and ``_`` (at most 32, starting with a letter),
+    counted in whole units, and not one of `RESERVED_WORDS`.
+    """
+    if isinstance(name, str) and name in UNITS:
+        return name
+    if not isinstance(name, str):
+        raise InvalidInput(f"a dimension is a name such as usd or tool_calls, not {type(name).__name__}")
+    if len(name) > MAX_DIMENSION_LENGTH or not _CUSTOM_DIMENSION.fullmatch(name):
+        raise InvalidInput(
+            f"unknown dimension {_shown(name)}: one of {', '.join(DIMENSIONS)}, or a custom name of"
+            f" lower-case letters and _ (at most {MAX_DIMENSION_LENGTH}, such as tool_calls)"
+        )
+    if name in MONEY_WORDS:
+        raise InvalidInput(f"unknown dimension {name!r}: money is the usd dimension (usd 5/day)")
+    if name in RESERVED_WORDS:
+        raise InvalidInput(f"{name!r} cannot name a dimension: it is a keyword argument of acquire and commit")
+    return name
+
+
+def is_custom(dimension: str) -> bool:
+    """True for a user-named dimension (not one of `DIMENSIONS`)."""
+    return dimension not in UNITS
+
+
+def unit_of(dimension: str) -> int:
+    """Stored integer units per 1 of `dimension` (usd: 10**9; every other dimension: 1)."""
+    return UNITS.get(dimension, 1)
+
 
 MAX_UNITS = 2**53 - 1
 """Largest integer amount Lua (doubles) handles exactly: about $9M, or 9e15 tokens."""
@@ -105,15 +167,14 @@ def to_units(dimension: str, amount: object, *, round_up: bool = False) -> int:
     `round_up`, usd fractions of a nano-dollar round up (for estimates);
     otherwise to the nearest.
     """
-    if dimension not in UNITS:
-        raise InvalidInput(f"unknown dimension {dimension!r}: one of {', '.join(DIMENSIONS)}")
-    if type(amount) is int and 0 <= amount <= MAX_UNITS // UNITS[dimension]:
-        return amount * UNITS[dimension]  # the common case, exact without decimals
+    unit = unit_of(validate_dimension(dimension))
+    if type(amount) is int and 0 <= amount <= MAX_UNITS // unit:
+        return amount * unit  # the common case, exact without decimals
     if type(amount) is float and 0 <= amount <= _MAX_FAST_FLOAT:
         # repr() has at most 17 significant digits and a scale is at most 10
         # digits: the product is exact in a 40-digit context.
-        scaled = _FAST.multiply(Decimal(repr(amount)), UNITS[dimension])
-        if UNITS[dimension] == 1 and scaled != scaled.to_integral_value(context=_FAST):
+        scaled = _FAST.multiply(Decimal(repr(amount)), unit_of(dimension))
+        if unit_of(dimension) == 1 and scaled != scaled.to_integral_value(context=_FAST):
             raise InvalidInput(f"{dimension} amount must be a whole number, got {_shown(amount)}")
         units = int(scaled.to_integral_value(rounding=ROUND_CEILING if round_up else ROUND_HALF_EVEN, context=_FAST))
         if units <= MAX_UNITS:
@@ -133,17 +194,17 @@ def to_units(dimension: str, amount: object, *, round_up: bool = False) -> int:
         raise InvalidInput(f"{dimension} amount must not be negative, got {_shown(amount)}")
     if value > MAX_UNITS:  # before scaling: a huge exponent would overflow the decimal context
         raise InvalidInput(
-            f"{dimension} amount {_shown(amount)} is too large (at most {MAX_UNITS // UNITS[dimension]})"
+            f"{dimension} amount {_shown(amount)} is too large (at most {MAX_UNITS // unit_of(dimension)})"
         )
     # Exact arithmetic whatever the number of digits or the exponent (the default context rounds to 28 digits).
     with localcontext(prec=len(value.as_tuple().digits) + 20, Emax=MAX_EMAX, Emin=MIN_EMIN):
-        scaled = value * UNITS[dimension]
-        if UNITS[dimension] == 1 and scaled != scaled.to_integral_value():
+        scaled = value * unit_of(dimension)
+        if unit_of(dimension) == 1 and scaled != scaled.to_integral_value():
             raise InvalidInput(f"{dimension} amount must be a whole number, got {_shown(amount)}")
         units = int(scaled.to_integral_value(rounding=ROUND_CEILING) if round_up else scaled.to_integral_value())
     if units > MAX_UNITS:
         raise InvalidInput(
-            f"{dimension} amount {_shown(amount)} is too large (at most {MAX_UNITS // UNITS[dimension]})"
+            f"{dimension} amount {_shown(amount)} is too large (at most {MAX_UNITS // unit_of(dimension)})"
         )
     return units
 
@@ -168,12 +229,12 @@ def _shown(value: object, limit: int = 40) -> str:
 
 def decimal_from_units(dimension: str, units: int) -> Decimal:
     """Stored integer `units` of `dimension` as an exact Decimal amount (usd: nano-dollars to dollars)."""
-    return Decimal(int(units)) / UNITS[dimension]
+    return Decimal(int(units)) / unit_of(dimension)
 
 
 def from_units(dimension: str, units: int) -> float:
     """The human amount of an integer stored in Redis."""
-    return units / UNITS[dimension]
+    return units / unit_of(dimension)
 
 
 class Limit(BaseModel):
@@ -181,12 +242,14 @@ class Limit(BaseModel):
 
     In every interval of length `window`, the amount admitted under this limit
     never exceeds `amount` (when actual costs stay within their estimates).
-    ``concurrency`` counts calls in flight and takes no window.
+    ``concurrency`` counts calls in flight and takes no window. `dimension`
+    is a built-in one (`DIMENSIONS`) or a custom name such as ``tool_calls``
+    (see `validate_dimension`), counted in whole units.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    dimension: Dimension
+    dimension: str
     amount: Decimal
     window: float | None = None
 
@@ -199,9 +262,10 @@ class Limit(BaseModel):
     @field_validator("dimension", mode="before")
     @classmethod
     def _known_dimension(cls, value: Any) -> Any:
-        if value not in DIMENSIONS:
-            raise InvalidLimit(f"unknown dimension {value!r}: one of {', '.join(DIMENSIONS)}", part=str(value))
-        return value
+        try:
+            return validate_dimension(value)
+        except InvalidInput as exc:
+            raise InvalidLimit(str(exc), part=str(value)) from None
 
     @field_validator("amount", mode="before")
     @classmethod
@@ -240,7 +304,8 @@ class Limit(BaseModel):
 
     @classmethod
     def parse(cls, text: str) -> Limit:
-        """Parse ``"usd 5/day"``, ``"tokens 1M/hour"``, ``"requests 60/min"``, ``"concurrency 8"``, ``"tokens 50k"``.
+        """Parse ``"usd 5/day"``, ``"tokens 1M/hour"``, ``"requests 60/min"``, ``"concurrency 8"``, ``"tokens 50k"``,
+        ``"tool_calls 100/hour"`` (a custom dimension).
 
         Raises InvalidLimit naming the part that is wrong.
         """
@@ -254,11 +319,10 @@ class Limit(BaseModel):
                 part=text,
             )
         dimension, amount_text = parts
-        if dimension not in DIMENSIONS:
-            raise InvalidLimit(
-                f"unknown dimension {_shown(dimension)} in {_shown(text, 80)}: one of {', '.join(DIMENSIONS)}",
-                part=dimension,
-            )
+        try:
+            validate_dimension(dimension)
+        except InvalidInput as exc:
+            raise InvalidLimit(f"{exc} (in {_shown(text, 80)})", part=dimension) from None
         match = _AMOUNT.fullmatch(amount_text)
         if not match or match["suffix"] not in _SUFFIXES:
             raise InvalidLimit(

@@ -33,6 +33,29 @@ def validate_name(kind: str, value: object) -> str:
     return value
 
 
+MAX_MODEL_LENGTH = 128
+_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/@+-]*", re.ASCII)
+
+
+def validate_model(model: object) -> str:
+    """Return `model` if it can name a per-model scope (``gpt-4o``, ``openai/gpt-4o-mini``), else InvalidName.
+
+    Model names may hold letters, digits and ``_ . : / @ + -`` (no spaces,
+    braces or ``|``), at most 128 characters.
+    """
+    if not isinstance(model, str):
+        raise InvalidName(f"model name must be a string, not {type(model).__name__}")
+    if not model:
+        raise InvalidName("model name must not be empty")
+    if len(model) > MAX_MODEL_LENGTH:
+        raise InvalidName(f"model name is {len(model)} characters long; at most {MAX_MODEL_LENGTH}")
+    if not _MODEL.fullmatch(model):
+        raise InvalidName(
+            f"model name {model!r} may hold only letters, digits and _ . : / @ + - (and start with a letter or digit)"
+        )
+    return model
+
+
 def validate_agent(agent: str | None) -> str | None:
     """Validate an optional agent name."""
     return None if agent is None else validate_name("agent", agent)

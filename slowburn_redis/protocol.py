@@ -30,9 +30,20 @@ def acquire_args(
     lease_ms: int,
     queue_ms: int,
     estimate: dict[str, int],
+    model: str | None = None,
 ) -> list[Any]:
     """One acquire request (acquire.lua): the fields its header lists, in order."""
-    return [reservation_id, agent or "", mode, priority, ticket, lease_ms, queue_ms, format_amounts(estimate)]
+    return [
+        reservation_id,
+        agent or "",
+        model or "",
+        mode,
+        priority,
+        ticket,
+        lease_ms,
+        queue_ms,
+        format_amounts(estimate),
+    ]
 
 
 def settle_args(

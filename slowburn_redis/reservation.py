@@ -75,6 +75,7 @@ class Reservation:
         agent: str | None,
         id: str,
         estimate: dict[str, int],
+        model: str | None = None,
         admitted_at_ms: int,
         lease_expires_ms: int,
         over_limits: list[str],
@@ -83,6 +84,7 @@ class Reservation:
         self._tenant = tenant
         self._agent = agent
         self._id = id
+        self._model = model
         self.estimate_units = dict(estimate)
         self.admitted_at_ms = admitted_at_ms
         self.lease_expires_ms = lease_expires_ms
@@ -103,6 +105,11 @@ class Reservation:
     @property
     def agent(self) -> str | None:
         return self._agent
+
+    @property
+    def model(self) -> str | None:
+        """The model the reservation was acquired for (its per-model limits were checked), if given."""
+        return self._model
 
     @property
     def estimate(self) -> dict[str, float]:
@@ -129,14 +136,22 @@ class Reservation:
         model: str | None = None,
         outcome: str | None = None,
         metadata: dict[str, Any] | None = None,
+        **custom: int,
     ) -> Settlement:
         """Replace the estimate by the actual cost. Dimensions left out keep their estimate.
 
         When `tokens` is left out but input and output tokens are given, their
-        sum is the token count. The commit is appended to the tenant's ledger.
+        sum is the token count. `custom` holds custom dimensions
+        (``tool_calls=3``). `model` names the model in the ledger (default: the
+        one acquired for). The commit is appended to the tenant's ledger.
         """
         actual = amounts_to_units(
-            usd=usd, tokens=tokens, input_tokens=input_tokens, output_tokens=output_tokens, requests=requests
+            usd=usd,
+            tokens=tokens,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            requests=requests,
+            custom=custom,
         )
         return await self._settle("commit", actual, model=model, outcome=outcome, metadata=metadata)
 

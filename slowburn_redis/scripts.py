@@ -22,7 +22,7 @@ SCRIPT_NAMES = ("acquire", "settle", "extend", "leave", "refresh", "set_limits",
 BATCHED = frozenset({"acquire", "settle"})
 """Scripts whose ARGV may hold several requests, answered with a list of replies (see `slowburn_redis.batching`)."""
 
-_JOINED_FIELDS = {"acquire": 8, "settle": 4}
+_JOINED_FIELDS = {"acquire": 9, "settle": 4}
 """How many leading arguments of a request travel as one space-joined string (see each script's header)."""
 Clock = Literal["server", "test"]
 

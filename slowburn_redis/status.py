@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from slowburn_redis.keys import AGENT_SCOPE_PREFIX, TENANT_SCOPE
+from slowburn_redis.keys import LimitKey
 from slowburn_redis.limits import Limit, decimal_from_units, from_units
 from slowburn_redis.protocol import LimitRow, StatusReply
 
@@ -15,7 +15,7 @@ from slowburn_redis.protocol import LimitRow, StatusReply
 class LimitStatus(BaseModel):
     """One limit as it stands: amounts in the dimension's unit (usd in dollars)."""
 
-    scope: Literal["tenant", "agent"]
+    scope: Literal["tenant", "agent", "model"]
     agent: str | None
     limit: Limit
     key: str
@@ -31,10 +31,14 @@ class LimitStatus(BaseModel):
     """Seconds until some of the window expires; None when nothing will."""
     waiters: int
     """Waiters queued on this limit."""
+    model: str | None = None
+    """The model of a per-model limit (scope ``model``), else None."""
 
     @property
     def label(self) -> str:
-        """The limit in words: ``usd 0.5/hour (agent researcher)``, ``usd 5/day (tenant)``."""
+        """The limit in words: ``usd 0.5/hour (agent researcher)``, ``usd 5/day (tenant)``, ``... (model gpt-4o)``."""
+        if self.model is not None:
+            return f"{self.limit} (model {self.model})"
         return f"{self.limit} ({'tenant' if self.agent is None else 'agent ' + self.agent})"
 
     @property
@@ -73,9 +77,11 @@ def _limit_status(row: LimitRow, now_ms: int) -> LimitStatus:
         amount=decimal_from_units(dim, row.amount),
         window=row.window_ms / 1000 if row.window_ms else None,
     )
+    key = LimitKey(row.scope, dim, row.window_ms)
     return LimitStatus(
-        scope="tenant" if row.scope == TENANT_SCOPE else "agent",
-        agent=None if row.scope == TENANT_SCOPE else row.scope[len(AGENT_SCOPE_PREFIX) :],
+        scope="model" if key.model is not None else "agent" if key.agent is not None else "tenant",
+        agent=key.agent,
+        model=key.model,
         limit=limit,
         key=row.limit_key,
         used=from_units(dim, max(0, row.total - row.reserved)),

@@ -180,6 +180,7 @@ class SyncReservation:
         model: str | None = None,
         outcome: str | None = None,
         metadata: dict[str, Any] | None = None,
+        **custom: int,
     ) -> Settlement:
         """See `Reservation.commit`."""
         return self._portal.call(
@@ -192,6 +193,7 @@ class SyncReservation:
                 model=model,
                 outcome=outcome,
                 metadata=metadata,
+                **custom,
             )
         )
 
@@ -234,17 +236,24 @@ class SyncBudget:
     def key(self, tenant: str) -> str:
         return self.budget.key(tenant)
 
-    def set_limits(self, tenant: str, limits: Iterable[Limit | str] | str, *, agent: str | None = None) -> None:
-        self.portal.call(self.budget.set_limits(tenant, limits, agent=agent))
+    def set_limits(
+        self,
+        tenant: str,
+        limits: Iterable[Limit | str] | str,
+        *,
+        agent: str | None = None,
+        model: str | None = None,
+    ) -> None:
+        self.portal.call(self.budget.set_limits(tenant, limits, agent=agent, model=model))
 
-    def clear_limits(self, tenant: str, *, agent: str | None = None) -> None:
-        self.portal.call(self.budget.clear_limits(tenant, agent=agent))
+    def clear_limits(self, tenant: str, *, agent: str | None = None, model: str | None = None) -> None:
+        self.portal.call(self.budget.clear_limits(tenant, agent=agent, model=model))
 
     def set_unlimited(self, tenant: str, *, agent: str | None = None) -> None:
         self.portal.call(self.budget.set_unlimited(tenant, agent=agent))
 
-    def get_limits(self, tenant: str, *, agent: str | None = None) -> list[Limit]:
-        return self.portal.call(self.budget.get_limits(tenant, agent=agent))
+    def get_limits(self, tenant: str, *, agent: str | None = None, model: str | None = None) -> list[Limit]:
+        return self.portal.call(self.budget.get_limits(tenant, agent=agent, model=model))
 
     def acquire(
         self,
@@ -260,6 +269,8 @@ class SyncBudget:
         priority: int = 0,
         mode: Mode = "wait",
         lease_ttl: float | None = None,
+        model: str | None = None,
+        **custom: int,
     ) -> SyncReservation:
         """Blocks until admitted; the result is also a context manager."""
         call = self.budget.acquire(
@@ -274,6 +285,8 @@ class SyncBudget:
             priority=priority,
             mode=mode,
             lease_ttl=lease_ttl,
+            model=model,
+            **custom,
         )
 
         async def _run() -> Reservation:

@@ -191,7 +191,7 @@ def test_reset_bad_input_changes_nothing(run: Cli, sync: SyncBudget) -> None:
     assert_exit(run("limits", "set", "acme", "usd 1"))
     sync.acquire("acme", usd=0.4).commit(usd=0.4)
     before = run.snapshot()
-    assert_bad_input(run("reset", "acme", "--dimension", "gold", "--yes"), "unknown dimension", "gold")
+    assert_bad_input(run("reset", "acme", "--dimension", "gold9", "--yes"), "unknown dimension", "gold9")
     assert_bad_input(run("reset", "acme", "--agent", "*", "--yes"), "agent name")
     assert_bad_input(run("reset", "ac:me", "--yes"), "tenant name", "ac:me")
     assert run.snapshot() == before

@@ -44,7 +44,7 @@ def test_only_named_scopes_are_written_and_star_is_every_agent() -> None:
     ("text", "words"),
     [
         ('tenants:\n  a:\n    limits: ["usd -5/day"]\n', ["tenants.a.limits", "-5"]),
-        ('tenants:\n  a:\n    limits: ["gold 5/day"]\n', ["unknown dimension"]),
+        ('tenants:\n  a:\n    limits: ["gold9 5/day"]\n', ["unknown dimension"]),
         ('tenants:\n  a:\n    limits: ["usd 5/day", "usd 7/day"]\n', ["same window"]),
         ("tenants:\n  a:\n    limits: 5\n", ["limits must be a list"]),
         ('tenants:\n  a:\n    every_agent: ["usd 1/day"]\n    agents: {"*": []}\n', ["given twice"]),

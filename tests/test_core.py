@@ -284,7 +284,7 @@ async def test_bad_input_raises_typed_errors_and_changes_nothing(budget: Budget)
     before = await keys_of(budget, "acme")
     bad_calls = [
         lambda: budget.set_limits("acme", ["usd -1/hour"]),
-        lambda: budget.set_limits("acme", ["usd 1/hour", "bogus 3"]),
+        lambda: budget.set_limits("acme", ["usd 1/hour", "bogus-3 3"]),
         lambda: budget.set_limits("ac{me}", ["usd 1/hour"]),
         lambda: budget.set_limits("acme", ["usd 1/hour"], agent="a:b"),
         lambda: budget.acquire("acme", usd=float("nan")),
@@ -295,7 +295,7 @@ async def test_bad_input_raises_typed_errors_and_changes_nothing(budget: Budget)
         lambda: budget.acquire("", usd=0.1),
         lambda: budget.acquire("x" * 65, usd=0.1),
         lambda: budget.acquire("acme", "a\nb", usd=0.1),
-        lambda: budget.reset("acme", dimension="gold"),
+        lambda: budget.reset("acme", dimension="gold9"),
         lambda: budget.status("acme", agent="*?"),
     ]
     for call in bad_calls:

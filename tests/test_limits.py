@@ -72,7 +72,7 @@ def test_parse_rejects_with_the_bad_part_named(text: str, part: str) -> None:
         {"dimension": "usd", "amount": float("inf")},
         {"dimension": "usd", "amount": -1},
         {"dimension": "usd", "amount": True},
-        {"dimension": "gold", "amount": 1},
+        {"dimension": "Gold", "amount": 1},
         {"dimension": "tokens", "amount": 1, "window": "soon"},
         {"dimension": "tokens", "amount": 1, "window": 0},
     ],

@@ -20,7 +20,19 @@ def test_acquire_args_follow_the_script_header_order() -> None:
         queue_ms=15000,
         estimate={"usd": 5, "concurrency": 1},
     )
-    assert args == ["r1", "", "wait", 3, "", 60000, 15000, "usd=5 concurrency=1"]
+    assert args == ["r1", "", "", "wait", 3, "", 60000, 15000, "usd=5 concurrency=1"]
+    with_model = protocol.acquire_args(
+        reservation_id="r1",
+        agent="bot",
+        mode="wait",
+        priority=0,
+        ticket="",
+        lease_ms=1,
+        queue_ms=1,
+        estimate={"tool_calls": 2},
+        model="openai/gpt-4o",
+    )
+    assert with_model[:3] == ["r1", "bot", "openai/gpt-4o"] and with_model[-1] == "tool_calls=2"
 
 
 def test_settle_args_carry_metadata_as_compact_json() -> None:

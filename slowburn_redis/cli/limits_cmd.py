@@ -19,17 +19,18 @@ from slowburn_redis.cli.limits_plan import (
     scope_name,
 )
 from slowburn_redis.cli.runtime import BadInput, with_budget
-from slowburn_redis.cli.tenants import limit_scopes
+from slowburn_redis.cli.tenants import limit_scopes, model_scopes
 from slowburn_redis.config import load_limits_file
 from slowburn_redis.errors import InvalidInput
 from slowburn_redis.limits import Limit
 
 
 class ScopeLimits(BaseModel):
-    """The limits set on one scope: agent None is the tenant, "*" every agent."""
+    """The limits set on one scope: agent None is the tenant, "*" every agent; `model` names a per-model scope."""
 
     agent: str | None
     limits: list[Limit]
+    model: str | None = None
 
 
 class TenantLimitsView(BaseModel):
@@ -50,6 +51,19 @@ _agent_option = click.option(
     callback=params.agent_name,
     help='An agent of the tenant; "*" is the default of every agent. Without it: the tenant itself.',
 )
+_model_option = click.option(
+    "--model",
+    callback=params.model_name,
+    help="A model: its limits apply to every call of the tenant naming it (tenant-wide; not with --agent).",
+)
+
+
+def _where(agent: str | None, model: str | None) -> str:
+    if model is not None:
+        if agent is not None:
+            raise BadInput("per-model limits apply to the whole tenant: give --agent or --model, not both")
+        return f"model {model}"
+    return scope_name(agent)
 
 
 @click.group("limits")
@@ -65,14 +79,16 @@ def limits_group() -> None:
 @click.argument("tenant", callback=params.tenant_name)
 @click.argument("limits", nargs=-1, required=True, callback=params.limits, metavar="LIMIT...")
 @_agent_option
+@_model_option
 @click.pass_context
-def set_command(ctx: click.Context, tenant: str, limits: list[Limit], agent: str | None) -> None:
-    """Replace the limits of TENANT (or of one agent) with LIMIT... such as "usd 5/day" "requests 60/min".
+def set_command(ctx: click.Context, tenant: str, limits: list[Limit], agent: str | None, model: str | None) -> None:
+    """Replace the limits of TENANT (or of one agent or model) with LIMIT... such as "usd 5/day" "requests 60/min".
 
     Every worker sees the change at once and waiters are woken to try again.
     """
-    with_budget(ctx, lambda budget: budget.set_limits(tenant, limits, agent=agent))
-    click.echo(f"{tenant}: {scope_name(agent)} limits set: {', '.join(str(lim) for lim in limits)}")
+    where = _where(agent, model)
+    with_budget(ctx, lambda budget: budget.set_limits(tenant, limits, agent=agent, model=model))
+    click.echo(f"{tenant}: {where} limits set: {', '.join(str(lim) for lim in limits)}")
 
 
 @limits_group.command("unlimited", cls=_EveryAgentCommand)
@@ -91,33 +107,46 @@ def unlimited_command(ctx: click.Context, tenant: str, agent: str | None) -> Non
 @limits_group.command("show", cls=_EveryAgentCommand)
 @click.argument("tenant", callback=params.tenant_name)
 @_agent_option
+@_model_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def show_command(ctx: click.Context, tenant: str, agent: str | None, as_json: bool) -> None:
-    """Show the limits set on TENANT: its own, every agent's default and each agent's (or one --agent's)."""
+def show_command(ctx: click.Context, tenant: str, agent: str | None, model: str | None, as_json: bool) -> None:
+    """Show the limits set on TENANT: its own, every agent's default, each agent's and each model's.
 
-    async def read(budget: Budget) -> list[tuple[str | None, list[Limit]]]:
+    With --agent or --model: that scope only.
+    """
+    _where(agent, model)
+
+    async def read(budget: Budget) -> list[ScopeLimits]:
+        if model is not None:
+            limits = await budget.get_limits(tenant, model=model)
+            return [ScopeLimits(agent=None, model=model, limits=limits)] if limits else []
         if agent is not None:
             limits = await budget.get_limits(tenant, agent=agent)
-            return [(agent, limits)] if limits else []
-        return await limit_scopes(budget, tenant)
+            return [ScopeLimits(agent=agent, limits=limits)] if limits else []
+        scopes = [ScopeLimits(agent=a, limits=lims) for a, lims in await limit_scopes(budget, tenant)]
+        return scopes + [
+            ScopeLimits(agent=None, model=m, limits=lims) for m, lims in await model_scopes(budget, tenant)
+        ]
 
     scopes = with_budget(ctx, read)
     if as_json:
-        view = TenantLimitsView(tenant=tenant, scopes=[ScopeLimits(agent=a, limits=lims) for a, lims in scopes])
-        render.print_json(view.model_dump(mode="json"))
+        render.print_json(TenantLimitsView(tenant=tenant, scopes=scopes).model_dump(mode="json"))
     else:
-        render.console().print(render.limits_table(tenant, scopes))
+        rows = [(("model " + s.model) if s.model else s.agent, s.limits) for s in scopes]
+        render.console().print(render.limits_table(tenant, rows))
 
 
 @limits_group.command("clear", cls=_EveryAgentCommand)
 @click.argument("tenant", callback=params.tenant_name)
 @_agent_option
+@_model_option
 @click.pass_context
-def clear_command(ctx: click.Context, tenant: str, agent: str | None) -> None:
-    """Remove every limit of TENANT's own scope (or of one --agent, or "*")."""
-    with_budget(ctx, lambda budget: budget.clear_limits(tenant, agent=agent))
-    click.echo(f"{tenant}: {scope_name(agent)} limits cleared")
+def clear_command(ctx: click.Context, tenant: str, agent: str | None, model: str | None) -> None:
+    """Remove every limit of TENANT's own scope (or of one --agent, "*", or one --model)."""
+    where = _where(agent, model)
+    with_budget(ctx, lambda budget: budget.clear_limits(tenant, agent=agent, model=model))
+    click.echo(f"{tenant}: {where} limits cleared")
 
 
 @limits_group.command("apply")

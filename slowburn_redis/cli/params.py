@@ -8,8 +8,8 @@ import click
 
 from slowburn_redis.cli.runtime import BadInput
 from slowburn_redis.errors import InvalidInput
-from slowburn_redis.limits import DIMENSIONS, Limit, coerce_limits, parse_window
-from slowburn_redis.names import EVERY_AGENT, validate_name
+from slowburn_redis.limits import Limit, coerce_limits, parse_window, validate_dimension
+from slowburn_redis.names import EVERY_AGENT, validate_model, validate_name
 
 
 def tenant_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -34,11 +34,24 @@ def agent_name(ctx: click.Context, param: click.Parameter, value: str | None) ->
         raise BadInput(str(exc)) from None
 
 
+def model_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A valid model name, or None."""
+    if value is None:
+        return None
+    try:
+        return validate_model(value)
+    except InvalidInput as exc:
+        raise BadInput(str(exc)) from None
+
+
 def dimension(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """A known dimension, or None."""
-    if value is not None and value not in DIMENSIONS:
-        raise BadInput(f"unknown dimension {value!r}: one of {', '.join(DIMENSIONS)}")
-    return value
+    """A built-in or custom dimension name, or None."""
+    if value is None:
+        return None
+    try:
+        return validate_dimension(value)
+    except InvalidInput as exc:
+        raise BadInput(str(exc)) from None
 
 
 def limits(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[Limit]:
@@ -48,7 +61,7 @@ def limits(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -
     """
     texts: list[str] = []
     for word in value:
-        if texts and texts[-1] in DIMENSIONS:
+        if texts and " " not in texts[-1] and word[:1] in "0123456789$.":  # an amount after a dimension
             texts[-1] += " " + word
         else:
             texts.append(word)

@@ -60,7 +60,9 @@ def bar(fraction: float, width: int = BAR_WIDTH) -> Text:
 
 
 def scope_label(row: LimitStatus) -> str:
-    """``tenant`` or ``agent <name>``."""
+    """``tenant``, ``agent <name>`` or ``model <name>``."""
+    if row.scope == "model":
+        return f"model {row.model}"
     return "tenant" if row.scope == "tenant" else f"agent {row.agent}"
 
 
@@ -131,7 +133,10 @@ def limits_table(tenant: str, scopes: list[tuple[str | None, list[Limit]]]) -> T
     table.add_column("scope")
     table.add_column("limit")
     for agent, limits in scopes:
-        label = "tenant" if agent is None else "every agent (*)" if agent == "*" else f"agent {agent}"
+        if agent is not None and agent.startswith("model "):
+            label = agent  # a per-model scope, already in words
+        else:
+            label = "tenant" if agent is None else "every agent (*)" if agent == "*" else f"agent {agent}"
         for limit in limits:
             table.add_row(label, str(limit))
     return table

@@ -63,3 +63,15 @@ async def limit_scopes(budget: Budget, tenant: str) -> list[tuple[str | None, li
         if limits:
             scopes.append((agent, limits))
     return scopes
+
+
+async def model_scopes(budget: Budget, tenant: str) -> list[tuple[str, list[Limit]]]:
+    """Every model of `tenant` with limits of its own (``set_limits(..., model=)``), by name."""
+    fields = await budget.engine.hkeys(budget.keys(tenant).limits)
+    models = sorted(str(f)[2:] for f in fields if str(f).startswith("M:"))
+    scopes = []
+    for model in models:
+        limits = await budget.get_limits(tenant, model=model)
+        if limits:
+            scopes.append((model, limits))
+    return scopes

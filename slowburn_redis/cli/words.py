@@ -24,7 +24,7 @@ from slowburn_redis.names import EVERY_AGENT
 
 @dataclass(frozen=True)
 class LimitKey:
-    """A parsed limit key: `scope` is "tenant", "every agent" or "agent"."""
+    """A parsed limit key: `scope` is "tenant", "every agent", "agent" or "model <name>"."""
 
     scope: str
     agent: str | None
@@ -38,6 +38,8 @@ def parse_limit_key(key: str) -> LimitKey | None:
         parsed = keys.LimitKey.parse(key)
     except ValueError:
         return None
+    if parsed.model is not None:
+        return LimitKey(f"model {parsed.model}", None, parsed.dimension, parsed.window_ms)
     agent = parsed.agent
     if parsed.scope.count(":") > 1 or agent == "" or (agent is None and parsed.scope != keys.TENANT_SCOPE):
         return None
@@ -49,11 +51,13 @@ def parse_limit_key(key: str) -> LimitKey | None:
 
 
 def scope_words(field: str) -> str:
-    """A scope field (``T``, ``D``, ``A:<agent>``) as words: ``tenant``, ``every agent``, ``agent bot``."""
+    """A scope field (``T``, ``D``, ``A:<agent>``, ``M:<model>``) as words: ``tenant``, ``agent bot``, ``model x``."""
     if field == "T":
         return "tenant"
     if field == "D":
         return "every agent"
+    if field.startswith("M:"):
+        return f"model {field[2:]}"
     return f"agent {field[2:]}" if field.startswith("A:") else field
 
 

@@ -197,6 +197,7 @@ class MeteredCall:
             tokens=usage.input_tokens + usage.output_tokens,
             requests=1,
             mode="advisory",
+            model=est.model,
         )
         settlement = await moved.commit(
             usd=usage.usd,
@@ -261,5 +262,6 @@ async def open_call(
         timeout=options.wait_timeout,
         priority=options.priority,
         mode=options.mode,
+        model=estimate.model,
     )
     return MeteredCall(reservation, estimate, price, metadata, budget=budget, headroom=options.headroom)
