@@ -5,14 +5,18 @@
 -- tag and one cluster slot.
 --
 -- Key layout under base B (LK = limit key "<scope>:<dimension>:<window_ms>",
--- scope "T" for the tenant, "A:<agent>" for one agent or "M:<model>" for
--- one model; a dimension is a built-in one or a custom name of letters and _):
+-- or "<scope>:<dimension>:<period>@<zone>" for a calendar period such as
+-- "T:usd:month@Europe/Berlin"; scope "T" for the tenant, "A:<agent>" for one
+-- agent or "M:<model>" for one model; a dimension is a built-in one or a
+-- custom name of letters and _):
 --   B:limits        hash   "T" | "D" | "A:<agent>" | "M:<model>" -> JSON list of limits
 --   B:agents        set    agents that ever had a window of their own
 --   B:w:<LK>        hash   window: t (running total), o (oldest bucket index
 --                          kept), g (generation), th (1 once 'exhausted' was
 --                          announced, until the next admission), ov
---                          (overrun), b<i> buckets
+--                          (overrun), b<i> buckets; a calendar period has
+--                          no buckets: p and e (start and end of the
+--                          period whose usage t holds, UTC ms)
 --   B:b:<LK>        zset   waiters blocked on that limit, scored by queue rank
 --   B:q             hash   ticket -> "score|created_ms|LK LK ..."
 --   B:qexp          zset   ticket -> expiry of its place in the queue (ms, on
@@ -158,9 +162,9 @@ local function decode_limits(json, scope)
   local out = {}
   if not json then return out end
   for _, spec in ipairs(cjson.decode(json)) do
-    local lk = scope .. ':' .. spec.d .. ':' .. fmt(spec.w)
+    local lk = scope .. ':' .. spec.d .. ':' .. (spec.c and (spec.c .. '@' .. spec.z) or fmt(spec.w))
     out[#out + 1] = {lk = lk, key = window_key(lk), d = spec.d, a = spec.a, w = spec.w,
-                     n = BUCKETS, scope = scope}
+                     n = BUCKETS, scope = scope, cal = spec.c, offsets = spec.o}
   end
   return out
 end
@@ -212,6 +216,87 @@ local function limits_memo()
   end
 end
 
+-- calendar periods ----------------------------------------------------------
+--
+-- A calendar limit (L.cal 'day', 'week' or 'month'; L.w 0) carries its zone's
+-- offset table (L.offsets, from the stored limits: {off0, t1, off1, t2, off2, ...}
+-- in ms, offset off_i from UTC instant t_i on; the last holds for ever after,
+-- the first before t1), computed by slowburn_redis/periods.py at set_limits
+-- time. period_bounds mirrors periods.period_bounds line by line: the period
+-- of an instant is the local day, ISO week or month holding its wall time,
+-- from the earliest instant the wall time stayed in it to the first instant
+-- it leaves it. A limit key from a charge (parse_charges) has no table: its
+-- window is judged by the p and e it stored.
+local DAY_MS = 86400000
+
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local doy = math.floor((153 * (m > 2 and m - 3 or m + 9) + 2) / 5) + d - 1
+  return era * 146097 + yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy - 719468
+end
+
+local function civil_from_days(z)
+  z = z + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  return yoe + era * 400 + (m <= 2 and 1 or 0), m
+end
+
+-- The local start and end (ms of wall time since 1970-01-01) of the period holding wall time `t`.
+local function local_period(kind, t)
+  local day = math.floor(t / DAY_MS)
+  if kind == 'day' then return day * DAY_MS, (day + 1) * DAY_MS end
+  if kind == 'week' then
+    local first = day - (day + 3) % 7  -- 1970-01-01 was a Thursday; ISO weeks start on Monday
+    return first * DAY_MS, (first + 7) * DAY_MS
+  end
+  local y, m = civil_from_days(day)
+  local ny, nm = y, m + 1
+  if m == 12 then ny, nm = y + 1, 1 end
+  return days_from_civil(y, m, 1) * DAY_MS, days_from_civil(ny, nm, 1) * DAY_MS
+end
+
+-- The UTC start and end (ms) of the period of kind `kind` holding instant `at`, by offset table `o`.
+local function period_bounds(kind, o, at)
+  local last = math.floor(#o / 2)
+  local i = 0
+  while 2 * i + 2 <= #o and o[2 * i + 2] <= at do i = i + 1 end
+  local low, high = local_period(kind, at + o[2 * i + 1])
+  local j, start = i, low - o[2 * i + 1]
+  while j > 0 and start <= o[2 * j] do
+    local before = o[2 * j] + o[2 * j - 1] - 1
+    if before < low or before >= high then
+      start = o[2 * j]
+      break
+    end
+    j = j - 1
+    start = low - o[2 * j + 1]
+  end
+  local k, finish = i, high - o[2 * i + 1]
+  while k < last and finish >= o[2 * k + 2] do
+    local after = o[2 * k + 2] + o[2 * k + 3]
+    if after < low or after >= high then
+      finish = o[2 * k + 2]
+      break
+    end
+    k = k + 1
+    finish = high - o[2 * k + 1]
+  end
+  return start, finish
+end
+
+-- The current period (start, end at NOW) of a calendar limit with its table, once per script.
+local function current_period(L)
+  if L.ps == nil then L.ps, L.pe = period_bounds(L.cal, L.offsets, NOW) end
+  return L.ps, L.pe
+end
+
 -- windows -----------------------------------------------------------------
 
 local function bucket_width(L) return math.ceil(L.w / L.n) end
@@ -229,7 +314,9 @@ local function bucket_width(L) return math.ceil(L.w / L.n) end
 -- window does not exist), th (the 'exhausted' mark), cur (the current bucket
 -- index) and cur_s (the same as a string), b (bucket index -> amount, false
 -- when known to be empty), dirty (the fields to write: 't', 'o', 'g', 'th' or
--- a bucket index), ttl (a bucket was born: refresh the key's TTL).
+-- a bucket index), ttl (a bucket was born: refresh the key's TTL). A
+-- calendar window also has p and e (its period, nil before its first charge);
+-- its cur is the period start once charged.
 local cached, cache_order = {}, {}
 
 local function window(L)
@@ -240,6 +327,10 @@ local function window(L)
   local v = redis.call('HMGET', L.key, 't', 'o', 'g', 'th', 'b' .. cur_s)
   w = {L = L, t = tonumber(v[1]) or 0, o = tonumber(v[2]), g = v[3] or nil, th = v[4] or nil,
        cur = cur, cur_s = cur_s, b = {[cur] = tonumber(v[5]) or false}, dirty = {}, ttl = false}
+  if L.cal then
+    local pe = redis.call('HMGET', L.key, 'p', 'e')
+    w.p, w.e = tonumber(pe[1]), tonumber(pe[2])
+  end
   cached[L.key] = w
   cache_order[#cache_order + 1] = w
   return w
@@ -299,6 +390,8 @@ local function flush_writes()
       elseif field == 'g' then value = w.g
       elseif field == 'th' then value = w.th
       elseif field == 'cap' then name, value = 'cap', '1'
+      elseif field == 'p' or field == 'e' then value = w[field] and fmt(w[field])
+      elseif field == 'ov' then value = nil
       else
         name = 'b' .. field
         if w.b[field] then value = fmt(w.b[field]) end
@@ -312,7 +405,10 @@ local function flush_writes()
     end
     if #del > 0 then redis.call('HDEL', w.L.key, unpack(del)) end
     if #put > 0 then redis.call('HSET', w.L.key, unpack(put)) end
-    if w.ttl then redis.call('PEXPIRE', w.L.key, (w.L.n + 2) * bucket_width(w.L)) end
+    if w.ttl then
+      -- a calendar window outlives its period by a day
+      redis.call('PEXPIRE', w.L.key, w.L.cal and w.e - NOW + DAY_MS or (w.L.n + 2) * bucket_width(w.L))
+    end
     w.dirty, w.ttl = {}, false
   end
   flush_leases()
@@ -321,9 +417,22 @@ end
 -- The window of L with the buckets that left it dropped (each bucket is
 -- dropped once, so the cost is O(1) amortized): its cached state, with
 -- t, g and th as above.
+-- A calendar window whose period ended (or, for a limit with its table, is
+-- not the current one) starts over: usage, overrun, period and the
+-- 'exhausted' mark are cleared, and the next charge opens the current period.
+local function advance_period(L, w, now)
+  if w.p == nil or (now < w.e and (L.offsets == nil or current_period(L) == w.p)) then return w end
+  w.t, w.p, w.e, w.th = 0, nil, nil, nil
+  w.dirty.t, w.dirty.p, w.dirty.e, w.dirty.th, w.dirty.ov = true, true, true, true, true
+  return w
+end
+
 local function advance(L, now)
   local w = window(L)
-  if L.w == 0 or w.o == nil then return w end
+  if L.w == 0 or w.o == nil then
+    if L.cal then return advance_period(L, w, now) end
+    return w
+  end
   local first = math.floor(now / bucket_width(L)) - L.n
   if w.o >= first then return w end
   local last = math.min(first - 1, w.o + L.n)
@@ -361,6 +470,14 @@ local function add(w, idx, amt, now)
       w.dirty.o = true
     end
   end
+  if L.cal then
+    -- a calendar charge opens the current period (settlements only reach a window whose p is theirs)
+    if w.p == nil then
+      w.p, w.e = current_period(L)
+      w.dirty.p, w.dirty.e, w.ttl = true, true, true
+    end
+    w.cur, w.cur_s = w.p, fmt(w.p)
+  end
   if L.w > 0 then
     -- A bucket below the oldest kept index is never charged: `advance` would
     -- never subtract it. NOW never runs backward, so a charge to the current
@@ -381,7 +498,10 @@ end
 
 -- Record `dt` units charged beyond the estimates on the window of L (capped, like totals).
 local function add_overrun(L, dt)
-  local ov = tonumber(redis.call('HGET', L.key, 'ov') or '0')
+  local w = cached[L.key]
+  local ov = 0
+  if w and w.dirty.ov then w.dirty.ov = nil  -- a calendar period that just started: the old overrun goes
+  else ov = tonumber(redis.call('HGET', L.key, 'ov') or '0') end
   redis.call('HSET', L.key, 'ov', fmt(math.min(ov + dt, MAX_UNITS)))
 end
 
@@ -402,6 +522,7 @@ end
 local function adjust(L, gen, idx, dt, now)
   local w = advance(L, now)
   if w.g == nil or w.g ~= gen then return false end
+  if L.cal and idx ~= w.p then return false end  -- charged in an earlier period (or p gone: a new one)
   if L.w > 0 and (idx < math.floor(now / bucket_width(L)) - L.n or (w.o ~= nil and idx < w.o)) then
     return false
   end
@@ -415,9 +536,16 @@ local function anyone_waiting()
 end
 
 -- The earliest time at which `need` units of the window will have expired;
--- nil for a lifetime limit (only a settlement or a reset frees it).
+-- for a calendar period, its end (exact); nil for a lifetime limit (only a
+-- settlement or a reset frees it).
 local function refill_at(L, need, now)
-  if L.w == 0 then return nil end
+  if L.w == 0 then
+    if not L.cal then return nil end
+    local w = window(L)
+    if w.e then return w.e end
+    local _, finish = current_period(L)
+    return finish
+  end
   local width = bucket_width(L)
   local cur = math.floor(now / width)
   local freed = 0
@@ -523,7 +651,8 @@ end
 -- reservations --------------------------------------------------------------
 
 -- A charge is "<LK>|<window_ms>|<generation>|<bucket>|<amount>", joined by ' '
--- (LK = "<scope>:<dimension>:<window_ms>"). String building and parsing is
+-- (LK = "<scope>:<dimension>:<window_ms>", or "...:<period>@<zone>" with
+-- window_ms 0 and bucket = the period start, for a calendar period). String building and parsing is
 -- most of a script's cost, so one pattern reads a charge and each limit key
 -- is taken apart once per script.
 local charged_limits = {}
@@ -533,8 +662,9 @@ local function parse_charges(s)
   for lk, gen, idx, amt in string.gmatch(s, '([^ |]+)|%d+|(%d+)|(%-?%d+)|(%d+)') do
     local L = charged_limits[lk]
     if L == nil then
-      local scope, dim, w = string.match(lk, '^(.*):([%a_]+):(%d+)$')
-      L = {lk = lk, key = window_key(lk), d = dim, w = tonumber(w), n = BUCKETS, scope = scope}
+      local scope, dim, w = string.match(lk, '^(.*):([%a_]+):([^:]+)$')
+      L = {lk = lk, key = window_key(lk), d = dim, w = tonumber(w) or 0, n = BUCKETS, scope = scope,
+           cal = not tonumber(w) and string.match(w, '^(%a+)@') or nil}
       charged_limits[lk] = L
     end
     out[#out + 1] = {L = L, gen = gen, idx = tonumber(idx), amt = tonumber(amt)}

@@ -1,14 +1,17 @@
 -- set_limits.lua: replace the limits of one scope, wake every waiter of the
 -- tenant (a raised or removed limit may let them in) and announce the change.
 -- Windows of limits that no longer apply are deleted; the usage of a limit
--- that stays (same dimension and window) is kept, so lowering an amount
+-- that stays (same dimension and window or period) is kept, so lowering an amount
 -- takes effect against what was already spent.
 --
 -- KEYS[1]  tenant base key "<prefix>:{<tenant>}"
 -- ARGV[1]  scope field: 'T' (tenant), 'D' (default for every agent),
 --          'A:<agent>' or 'M:<model>'
 -- ARGV[2]  JSON list of {"d": dimension, "a": integer amount, "w": window ms
---          (0 for a lifetime cap)}, validated by the client; '' clears
+--          (0 for a lifetime cap)}, validated by the client; a calendar
+--          period adds "c": 'day' | 'week' | 'month', "z": zone name and
+--          "o": its offset table (lib.lua, "calendar periods"), with "w" 0;
+--          '' clears
 --
 -- Reply: the number of windows deleted.
 --

@@ -13,7 +13,10 @@
 -- Reply: {now_ms, queue_length, rows}, each row
 --   {scope, limit_key, dimension, amount, window_ms, total, reserved,
 --    overrun, refill_at_ms (-1 if nothing will expire), waiters}
--- where total includes the reserved part (the estimates of open
+-- where a calendar period (limit_key "...:<period>@<zone>", window_ms 0) has
+-- its usage and overrun in the current period, and refill_at_ms = the
+-- period's end (when its usage resets), whatever its usage;
+-- and total includes the reserved part (the estimates of open
 -- reservations, leases still running) and amounts are integers in the
 -- dimension's unit; a concurrency total counts only leases still running.
 
@@ -38,7 +41,8 @@ local function charged_by_limit(windows, low, high, dimension)
     for _, c in ipairs(parse_charges(redis.call('HGET', reservation_key(id), 'c'))) do
       local w = windows[c.L.lk]
       local live = w ~= nil and w.g == c.gen and (dimension == nil or c.L.d == dimension) and
-        (c.L.w == 0 or c.idx >= math.floor(NOW / bucket_width(c.L)) - c.L.n)
+        (c.L.cal and c.idx == w.p or
+         not c.L.cal and (c.L.w == 0 or c.idx >= math.floor(NOW / bucket_width(c.L)) - c.L.n))
       if live then out[c.L.lk] = (out[c.L.lk] or 0) + c.amt end
     end
   end
@@ -64,8 +68,8 @@ local rows = {}
 for _, L in ipairs(limits) do
   local t = math.max(0, windows[L.lk].t - (expired[L.lk] or 0))
   local refill = -1
-  if t > 0 and L.w > 0 then refill = refill_at(L, 1, NOW) end
-  local ov = tonumber(redis.call('HGET', L.key, 'ov') or '0')
+  if L.cal or (t > 0 and L.w > 0) then refill = refill_at(L, 1, NOW) end
+  local ov = windows[L.lk].dirty.ov and 0 or tonumber(redis.call('HGET', L.key, 'ov') or '0')
   rows[#rows + 1] = {L.scope, L.lk, L.d, L.a, L.w, t, reserved[L.lk] or 0, ov, refill,
                      redis.call('ZCARD', blocked_key(L.lk))}
 end

@@ -27,7 +27,7 @@ from slowburn_redis.engine import Engine
 from slowburn_redis.errors import InvalidInput, LimitsMissing
 from slowburn_redis.events import Event
 from slowburn_redis.keys import TenantKeys, scope_field
-from slowburn_redis.limits import Limit, coerce_limits, decimal_from_units, validate_dimension
+from slowburn_redis.limits import Limit, coerce_limits, validate_dimension
 from slowburn_redis.names import EVERY_AGENT, validate_agent, validate_model, validate_name
 from slowburn_redis.reseeding import Reseeder
 from slowburn_redis.reservation import Reservation, Settler, check_lease_ttl
@@ -273,11 +273,7 @@ class Budget:
     async def get_limits(self, tenant: str, *, agent: str | None = None, model: str | None = None) -> list[Limit]:
         """The limits set on exactly this scope (not the ones inherited from the tenant or the default)."""
         keys, field = self.keys(tenant), scope_field(agent, model)
-        stored = protocol.decode_limits_json(await self.engine.hget(keys.limits, field))
-        return [
-            Limit(dimension=dim, amount=decimal_from_units(dim, units), window=window_ms / 1000 or None)
-            for dim, units, window_ms in stored
-        ]
+        return protocol.decode_stored_limits(await self.engine.hget(keys.limits, field))
 
     # acquire -----------------------------------------------------------------
 

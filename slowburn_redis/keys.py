@@ -8,8 +8,10 @@ scripts derive the same names from KEYS[1] with the helpers at the top of
 A *limit key* (LK) names one limit of one scope: ``<scope>:<dimension>:<window_ms>``
 with scope ``T`` (the tenant), ``D`` (the default of every agent) or
 ``A:<agent>``, or ``M:<model>`` (one model, tenant-wide); a lifetime cap has
-window 0. Text for people never shows a
-limit key: `describe_limit_key` turns it into ``usd 0.5/hour (agent researcher)``.
+window 0; a calendar period ends in ``<period>@<zone>`` instead
+(``T:usd:month@Europe/Berlin``). Text for people never shows a limit key:
+`describe_limit_key` turns it into ``usd 0.5/hour (agent researcher)`` or
+``usd 50/month (Europe/Berlin, tenant)``.
 """
 
 from __future__ import annotations
@@ -143,20 +145,32 @@ class TenantKeys:
 
 @dataclass(frozen=True)
 class LimitKey:
-    """A limit key taken apart: its scope (``T``, ``D``, ``A:<agent>``, ``M:<model>``), dimension and window in ms."""
+    """A limit key taken apart: its scope (``T``, ``D``, ``A:<agent>``, ``M:<model>``), dimension and window in ms.
+
+    A calendar limit has window 0 and `period`, its ``<period>@<zone>`` token.
+    """
 
     scope: str
     dimension: str
     window_ms: int
+    period: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> LimitKey:
-        """``"A:researcher:usd:3600000"`` -> ``LimitKey("A:researcher", "usd", 3600000)``; ValueError if malformed."""
+        """``"A:researcher:usd:3600000"`` -> ``LimitKey("A:researcher", "usd", 3600000)``; ValueError if malformed.
+
+        ``"T:usd:month@Europe/Berlin"`` -> ``LimitKey("T", "usd", 0, "month@Europe/Berlin")``.
+        """
+        from slowburn_redis.limits import split_period_token
+
         head, _, window = text.rpartition(":")
         scope, _, dimension = head.rpartition(":")
-        if not scope or not dimension or not window.isdigit():
+        if not scope or not dimension:
             raise ValueError(f"not a limit key: {text!r}")
-        return cls(scope, dimension, int(window))
+        if window.isdigit():
+            return cls(scope, dimension, int(window))
+        split_period_token(window)  # ValueError when it is not one
+        return cls(scope, dimension, 0, window)
 
     @property
     def model(self) -> str | None:
@@ -188,21 +202,22 @@ def describe_limit_key(text: str, amount_units: int | None = None) -> str:
     `amount_units` is the limit's amount in stored units (usd in nano-dollars).
     A string that is not a limit key is returned as it is.
     """
-    from slowburn_redis.limits import Limit, decimal_from_units
+    from slowburn_redis.limits import stored_limit
 
     try:
         key = LimitKey.parse(text)
     except (ValueError, KeyError):
         return text
-    window = key.window_ms / 1000 or None
+    per = key.period or key.window_ms
     try:
         if amount_units is not None:
-            limit = Limit(
-                dimension=key.dimension, amount=decimal_from_units(key.dimension, amount_units), window=window
-            )
-            return f"{limit} ({key.scope_words()})"
-        per = Limit(dimension=key.dimension, amount=1, window=window)
-        period = str(per).partition("/")[2]
-        return f"{key.dimension}{' per ' + period if period else ' (lifetime)'} ({key.scope_words()})"
+            limit = stored_limit(key.dimension, amount_units, per)
+        else:
+            limit = stored_limit(key.dimension, 1, per)
+        scope = key.scope_words() if limit.tz is None else f"{limit.tz}, {key.scope_words()}"
+        if amount_units is not None:
+            return f"{str(limit).partition('@')[0]} ({scope})"
+        period = str(limit).partition("/")[2].partition("@")[0]
+        return f"{key.dimension}{' per ' + period if period else ' (lifetime)'} ({scope})"
     except (ValueError, KeyError):
         return text

@@ -1,8 +1,10 @@
-"""The limits model: a dimension, an amount, and a sliding window or none.
+"""The limits model: a dimension, an amount, and a sliding window, a calendar period, or neither.
 
 ``Limit.parse("usd 5/day")`` and ``Limit(dimension="usd", amount=5, window="1d")``
-are the same limit. Amounts are kept as Decimal and stored in Redis as
-integers of the dimension's unit (`UNITS`): nano-dollars for ``usd``.
+are the same limit; ``Limit.parse("usd 50/month@Europe/Berlin")`` and
+``Limit(dimension="usd", amount=50, period="month", tz="Europe/Berlin")`` too.
+Amounts are kept as Decimal and stored in Redis as integers of the
+dimension's unit (`UNITS`): nano-dollars for ``usd``.
 """
 
 from __future__ import annotations
@@ -12,9 +14,18 @@ import re
 from decimal import MAX_EMAX, MIN_EMIN, ROUND_CEILING, ROUND_HALF_EVEN, Context, Decimal, InvalidOperation, localcontext
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from slowburn_redis.errors import InvalidInput, InvalidLimit
+from slowburn_redis.periods import PERIODS, Period, UnknownZone, zone
 
 BuiltinDimension = Literal["usd", "tokens", "input_tokens", "output_tokens", "requests", "concurrency"]
 DIMENSIONS: tuple[str, ...] = get_args(BuiltinDimension)
@@ -115,6 +126,7 @@ has its own, richer grammar for the amount inside a limit string.)
 """
 _WINDOW = re.compile(r"(?P<count>[0-9]+(?:\.[0-9]+)?)?[ ]*(?P<unit>[A-Za-z]+)", re.ASCII)
 _NAMED_WINDOWS = {86400.0: "day", 3600.0: "hour", 60.0: "min", 1.0: "s", 7 * 86400.0: "week"}
+_MONTHS = re.compile(r"[0-9. ]*months?", re.ASCII)
 
 
 def parse_window(text: str | float | int | None) -> float | None:
@@ -145,6 +157,39 @@ def parse_window(text: str | float | int | None) -> float | None:
     if round(seconds * 1000) != seconds * 1000:
         raise InvalidLimit(f"window {_shown(text, 80)} must be a whole number of milliseconds", part=str(text))
     return seconds
+
+
+def parse_per(text: str) -> dict[str, Any]:
+    """The part of a limit string after ``/``: a sliding window, or a calendar period with an optional zone.
+
+    ``day``, ``5 min``, ``week`` -> ``{"window": seconds}`` (sliding); ``month``,
+    ``calendar day``, ``calendar week``, ``calendar month``, each optionally
+    followed by ``@<IANA zone>`` -> ``{"period": ..., "tz": ...}`` (UTC when no
+    zone is named). Raises InvalidLimit naming the bad part.
+    """
+    per, at, tz = text.partition("@")
+    per, tz = per.strip(" "), tz.strip(" ")
+    words = per.split()
+    if words == ["month"] or (len(words) == 2 and words[0] == "calendar" and words[1] in PERIODS):
+        if at and not tz:
+            raise InvalidLimit(f"missing time zone after '@' in {_shown(text, 80)}", part="@")
+        return {"period": words[-1], "tz": tz or None}
+    if words[:1] == ["calendar"]:
+        raise InvalidLimit(
+            f"bad calendar period {_shown(per)}: 'calendar day', 'calendar week' or 'calendar month', with no count",
+            part=per,
+        )
+    if _MONTHS.fullmatch(per):
+        raise InvalidLimit(
+            f"bad period {_shown(per)}: a month is a calendar period and takes no count; write 'month'", part=per
+        )
+    if at:
+        raise InvalidLimit(
+            f"a time zone needs a calendar period: {_shown(per)} is a sliding window; write"
+            f" 'calendar day@{tz}' (resets at midnight) or '{per}' without a zone",
+            part="@" + tz,
+        )
+    return {"window": per}
 
 
 def format_window(seconds: float | None) -> str:
@@ -238,13 +283,24 @@ def from_units(dimension: str, units: int) -> float:
 
 
 class Limit(BaseModel):
-    """An amount of one dimension over a sliding window, or a lifetime cap (no window).
+    """An amount of one dimension over a sliding window, a calendar period, or a lifetime cap (neither).
 
-    In every interval of length `window`, the amount admitted under this limit
-    never exceeds `amount` (when actual costs stay within their estimates).
-    ``concurrency`` counts calls in flight and takes no window. `dimension`
-    is a built-in one (`DIMENSIONS`) or a custom name such as ``tool_calls``
-    (see `validate_dimension`), counted in whole units.
+    Sliding (`window`, seconds): in every interval of length `window`, the
+    amount admitted never exceeds `amount` (when actual costs stay within
+    their estimates). ``usd 5/day`` is sliding: any 24 hours.
+
+    Calendar (`period` ``day``, ``week`` or ``month``, in zone `tz`, UTC by
+    default): the amount admitted within one calendar period never exceeds
+    `amount`; at the period's boundary (local midnight; Monday for an ISO week;
+    the 1st for a month; DST changes included) its usage resets to zero.
+    Written ``usd 50/month``, ``usd 50/month@Europe/Berlin``,
+    ``usd 5/calendar day@America/New_York``, ``requests 1000/calendar week@UTC``
+    (``calendar month`` is the same as ``month``; a month has no sliding form
+    and no count).
+
+    ``concurrency`` counts calls in flight and takes neither. `dimension` is a
+    built-in one (`DIMENSIONS`) or a custom name such as ``tool_calls`` (see
+    `validate_dimension`), counted in whole units.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -252,6 +308,10 @@ class Limit(BaseModel):
     dimension: str
     amount: Decimal
     window: float | None = None
+    period: Period | None = None
+    """A calendar period: ``day``, ``week`` (ISO, from Monday) or ``month``; None for a sliding window or a cap."""
+    tz: str | None = None
+    """The IANA time zone of a calendar period (``UTC`` when a period is given without one)."""
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -292,6 +352,41 @@ class Limit(BaseModel):
     def _window_seconds(cls, value: Any) -> float | None:
         return parse_window(value)
 
+    @model_serializer(mode="wrap")
+    def _calendar_fields_only_when_set(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # A sliding window or a cap dumps as it did before calendar periods existed.
+        data = handler(self)
+        if isinstance(data, dict) and self.period is None:
+            data.pop("period", None)
+            data.pop("tz", None)
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _utc_by_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("period") is not None and data.get("tz") is None:
+            return {**data, "tz": "UTC"}
+        return data
+
+    @field_validator("period", mode="before")
+    @classmethod
+    def _known_period(cls, value: Any) -> Any:
+        if value is not None and value not in PERIODS:
+            raise InvalidLimit(f"unknown calendar period {_shown(value)}: one of {', '.join(PERIODS)}", part=str(value))
+        return value
+
+    @field_validator("tz", mode="before")
+    @classmethod
+    def _known_zone(cls, value: Any) -> Any:
+        if value is not None:
+            if not isinstance(value, str):
+                raise InvalidLimit(f"tz must be a time zone name, not {type(value).__name__}", part="tz")
+            try:
+                zone(value)
+            except UnknownZone as exc:
+                raise InvalidLimit(str(exc), part=str(value)) from None
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> Limit:
         try:
@@ -300,6 +395,12 @@ class Limit(BaseModel):
             raise InvalidLimit(str(exc), part=str(self.amount)) from None
         if self.dimension == "concurrency" and self.window is not None:
             raise InvalidLimit("concurrency counts calls in flight and takes no window", part="window")
+        if self.period is not None and self.window is not None:
+            raise InvalidLimit("a limit has a sliding window or a calendar period, not both", part="period")
+        if self.period is None and self.tz is not None:
+            raise InvalidLimit("a time zone needs a calendar period (period='day', 'week' or 'month')", part="tz")
+        if self.dimension == "concurrency" and self.period is not None:
+            raise InvalidLimit("concurrency counts calls in flight and takes no period", part="period")
         return self
 
     @classmethod
@@ -307,7 +408,18 @@ class Limit(BaseModel):
         """Parse ``"usd 5/day"``, ``"tokens 1M/hour"``, ``"requests 60/min"``, ``"concurrency 8"``, ``"tokens 50k"``,
         ``"tool_calls 100/hour"`` (a custom dimension).
 
-        Raises InvalidLimit naming the part that is wrong.
+        The grammar (``[...]`` optional)::
+
+            limit  = dimension " " amount ["/" per]
+            per    = window                         sliding: "day", "5 min", "1h", "week"
+                   | period ["@" zone]              calendar, UTC when no zone is named
+            period = "month" | "calendar day" | "calendar week" | "calendar month"
+            zone   = an IANA name zoneinfo knows: "Europe/Berlin", "America/New_York", "UTC"
+
+        so ``usd 5/day`` stays a sliding 24 h window and a calendar day is named
+        as one. ``str(limit)`` parses back to the same limit. Raises InvalidLimit
+        naming the part that is wrong (an unknown zone, ``2 months``, a zone on a
+        sliding window, ...).
         """
         if not isinstance(text, str):
             raise InvalidLimit(f"a limit is a string like 'usd 5/day', not {type(text).__name__}")
@@ -332,7 +444,8 @@ class Limit(BaseModel):
         amount = Decimal(match["number"]) * _SUFFIXES[match["suffix"]]
         if "/" in text and not window.strip(" "):
             raise InvalidLimit(f"missing window after '/' in {_shown(text, 80)}", part="/")
-        return cls(dimension=dimension, amount=amount, window=window.strip(" ") or None)
+        per = parse_per(window) if window.strip(" ") else {}
+        return cls(dimension=dimension, amount=amount, **per)
 
     @property
     def units(self) -> int:
@@ -341,17 +454,52 @@ class Limit(BaseModel):
 
     @property
     def window_ms(self) -> int:
-        """The window in milliseconds; 0 for a lifetime cap."""
+        """The sliding window in milliseconds; 0 for a lifetime cap or a calendar period."""
         return 0 if self.window is None else round(self.window * 1000)
 
     @property
+    def period_token(self) -> str | None:
+        """``<period>@<tz>`` (``month@Europe/Berlin``) for a calendar limit, the last part of its key; else None."""
+        return None if self.period is None else f"{self.period}@{self.tz}"
+
+    @property
     def key(self) -> str:
-        """``<dimension>:<window_ms>``: one limit per dimension and window in a scope."""
-        return f"{self.dimension}:{self.window_ms}"
+        """``<dimension>:<window_ms>`` or ``<dimension>:<period>@<tz>``: one limit of each per scope."""
+        return f"{self.dimension}:{self.period_token or self.window_ms}"
+
+    @property
+    def words(self) -> str:
+        """The limit for people: ``str(self)``, with a calendar zone said apart (``usd 50/month (Europe/Berlin)``)."""
+        if self.period is None:
+            return str(self)
+        return f"{str(self).partition('@')[0]} ({self.tz})"
 
     def __str__(self) -> str:
         amount = format(self.amount.normalize(), "f")
+        if self.period is not None:
+            per = "month" if self.period == "month" else f"calendar {self.period}"
+            return f"{self.dimension} {amount}/{per}" + ("" if self.tz == "UTC" else f"@{self.tz}")
         return f"{self.dimension} {amount}" + (f"/{format_window(self.window)}" if self.window else "")
+
+
+def split_period_token(token: str) -> tuple[str, str]:
+    """``month@Europe/Berlin`` (the last part of a calendar limit's key) -> ``("month", "Europe/Berlin")``.
+
+    ValueError when `token` is not ``<period>@<zone>`` with a known period (the zone is not checked here).
+    """
+    period, at, tz = token.partition("@")
+    if not at or period not in PERIODS or not tz:
+        raise ValueError(f"not a calendar period token: {token!r}")
+    return period, tz
+
+
+def stored_limit(dimension: str, units: int, per: int | str) -> Limit:
+    """The Limit stored as `units` of `dimension` over `per`: a window in ms (0: a cap) or a period token."""
+    amount = decimal_from_units(dimension, units)
+    if isinstance(per, str):
+        period, tz = split_period_token(per)
+        return Limit(dimension=dimension, amount=amount, period=period, tz=tz)
+    return Limit(dimension=dimension, amount=amount, window=per / 1000 or None)
 
 
 def _as_invalid_limit(exc: ValidationError) -> InvalidLimit:
@@ -379,7 +527,7 @@ def coerce_limits(limits: Any) -> list[Limit]:
         if not isinstance(limit, Limit):
             raise InvalidLimit(f"not a limit: {item!r}", part=repr(item))
         if limit.key in seen:
-            raise InvalidLimit(f"two limits for {limit.dimension} over the same window", part=str(limit))
+            raise InvalidLimit(f"two limits for {limit.dimension} over the same window or period", part=str(limit))
         seen.add(limit.key)
         out.append(limit)
     return out

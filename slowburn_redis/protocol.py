@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slowburn_redis.amounts import format_amounts, parse_amounts
-from slowburn_redis.limits import Limit
+from slowburn_redis.limits import Limit, stored_limit
+from slowburn_redis.periods import offset_table
 
 # Argument-list builders ---------------------------------------------------------
 
@@ -61,18 +62,42 @@ def settle_args(
     return [reservation_id, kind, ledger_maxlen, format_amounts(actual), model, outcome, meta]
 
 
-def limits_json(limits: list[Limit]) -> str:
-    """The limits of one scope as set_limits.lua stores them; '' clears the scope."""
+def limits_json(limits: list[Limit], *, now_ms: int | None = None) -> str:
+    """The limits of one scope as set_limits.lua stores them; '' clears the scope.
+
+    A calendar limit also carries its period ``c``, zone ``z`` and the zone's
+    offset table ``o`` from a year before `now_ms` (default: now) to
+    `slowburn_redis.periods.TABLE_YEARS` after (see that module).
+    """
     if not limits:
         return ""
-    return json.dumps([{"d": lim.dimension, "a": lim.units, "w": lim.window_ms} for lim in limits])
+    items: list[dict[str, Any]] = []
+    for lim in limits:
+        item: dict[str, Any] = {"d": lim.dimension, "a": lim.units, "w": lim.window_ms}
+        if lim.period is not None and lim.tz is not None:
+            item |= {"c": lim.period, "z": lim.tz, "o": offset_table(lim.tz, now_ms=now_ms)}
+        items.append(item)
+    return json.dumps(items)
 
 
 def decode_limits_json(text: str | None) -> list[tuple[str, int, int]]:
-    """The stored limits of one scope as ``(dimension, amount_units, window_ms)``; [] when none are stored."""
+    """The stored limits of one scope as ``(dimension, amount_units, window_ms)``; [] when none are stored.
+
+    A calendar limit has window_ms 0 here: `decode_stored_limits` keeps its period.
+    """
     if not text:
         return []
     return [(item["d"], int(item["a"]), int(item["w"])) for item in json.loads(text)]
+
+
+def decode_stored_limits(text: str | None) -> list[Limit]:
+    """The stored limits of one scope as Limits, calendar periods included; [] when none are stored."""
+    if not text:
+        return []
+    return [
+        stored_limit(item["d"], int(item["a"]), f"{item['c']}@{item['z']}" if item.get("c") else int(item["w"]))
+        for item in json.loads(text)
+    ]
 
 
 # Reply decoders -------------------------------------------------------------------

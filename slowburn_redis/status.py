@@ -8,7 +8,8 @@ from typing import Literal
 from pydantic import BaseModel
 
 from slowburn_redis.keys import LimitKey
-from slowburn_redis.limits import Limit, decimal_from_units, from_units
+from slowburn_redis.limits import Limit, from_units, stored_limit
+from slowburn_redis.periods import format_reset, zone
 from slowburn_redis.protocol import LimitRow, StatusReply
 
 
@@ -28,7 +29,9 @@ class LimitStatus(BaseModel):
     overrun: float
     """Usage charged beyond the estimates, in the window (or lifetime)."""
     refill_in: float | None
-    """Seconds until some of the window expires; None when nothing will."""
+    """Seconds until some of the sliding window expires; None when nothing will (and for a calendar period)."""
+    resets_at: datetime | None = None
+    """When a calendar period ends and its usage resets to zero, in the limit's zone; None for the others."""
     waiters: int
     """Waiters queued on this limit."""
     model: str | None = None
@@ -40,6 +43,13 @@ class LimitStatus(BaseModel):
         if self.model is not None:
             return f"{self.limit} (model {self.model})"
         return f"{self.limit} ({'tenant' if self.agent is None else 'agent ' + self.agent})"
+
+    @property
+    def resets(self) -> str | None:
+        """When a calendar period resets, for people: ``2027-01-01 00:00 Europe/Berlin``; None for the others."""
+        if self.resets_at is None or self.limit.tz is None:
+            return None
+        return format_reset(round(self.resets_at.timestamp() * 1000), self.limit.tz)
 
     @property
     def fraction(self) -> float:
@@ -72,12 +82,12 @@ class Status(BaseModel):
 
 def _limit_status(row: LimitRow, now_ms: int) -> LimitStatus:
     dim = row.dimension
-    limit = Limit(
-        dimension=dim,
-        amount=decimal_from_units(dim, row.amount),
-        window=row.window_ms / 1000 if row.window_ms else None,
-    )
-    key = LimitKey(row.scope, dim, row.window_ms)
+    key = LimitKey.parse(row.limit_key)
+    period = key.period
+    limit = stored_limit(dim, row.amount, period or row.window_ms)
+    resets_at = None
+    if period is not None and limit.tz is not None and row.refill_at_ms >= 0:
+        resets_at = datetime.fromtimestamp(row.refill_at_ms / 1000, tz=zone(limit.tz))
     return LimitStatus(
         scope="model" if key.model is not None else "agent" if key.agent is not None else "tenant",
         agent=key.agent,
@@ -88,6 +98,7 @@ def _limit_status(row: LimitRow, now_ms: int) -> LimitStatus:
         reserved=from_units(dim, max(0, row.reserved)),
         remaining=from_units(dim, max(0, row.amount - row.total)),
         overrun=from_units(dim, row.overrun),
-        refill_in=None if row.refill_at_ms < 0 else max(0.0, (row.refill_at_ms - now_ms) / 1000),
+        refill_in=None if row.refill_at_ms < 0 or period else max(0.0, (row.refill_at_ms - now_ms) / 1000),
+        resets_at=resets_at,
         waiters=row.waiters,
     )

@@ -202,3 +202,15 @@ async def test_budgeted_llm_passes_its_model(budget: Budget) -> None:
     assert "requests 1/min (model gpt-4o-mini)" in str(caught.value)
     other = BudgetedLLM(budget, TENANT, agent="researcher", model="gpt-4o", mode="reject")
     await other.acompletion(question, max_tokens=20, mock_response=mock_reply("gpt-4o", question, "Hi."))
+
+
+async def test_a_model_scope_takes_custom_dimensions_and_calendar_periods(budget: Budget) -> None:
+    await budget.set_limits(TENANT, ["requests 100/min"])
+    await budget.set_limits(TENANT, ["tool_calls 2/calendar day@Europe/Berlin"], model="ollama/llama3:8b")
+    await (await budget.acquire(TENANT, tool_calls=2, model="ollama/llama3:8b")).commit()
+    with pytest.raises(BudgetExhausted) as caught:
+        await budget.acquire(TENANT, tool_calls=1, model="ollama/llama3:8b", mode="reject")
+    assert caught.value.retry_after is not None and 0 < caught.value.retry_after <= 86400 + 3600
+    limit_row = await row(budget, "tool_calls 2/calendar day@Europe/Berlin (model ollama/llama3:8b)")
+    assert (limit_row.used, limit_row.model, limit_row.refill_in) == (2, "ollama/llama3:8b", None)
+    assert limit_row.resets is not None and limit_row.resets.endswith("00:00 Europe/Berlin")

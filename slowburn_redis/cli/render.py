@@ -100,7 +100,7 @@ def status_table(status: Status, width: int | None = None) -> Table:
             amount(dim, row.reserved),
             amount(dim, row.remaining),
             bar(row.fraction, 6 if narrow else BAR_WIDTH),
-            seconds(row.refill_in),
+            f"resets {row.resets}" if row.resets else seconds(row.refill_in),
             str(row.waiters),
         )
         if narrow:

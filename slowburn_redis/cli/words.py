@@ -18,7 +18,7 @@ from typing import Any
 from slowburn_redis import keys
 from slowburn_redis.errors import InvalidInput
 from slowburn_redis.events import Event
-from slowburn_redis.limits import UNITS, Limit
+from slowburn_redis.limits import UNITS, Limit, stored_limit
 from slowburn_redis.names import EVERY_AGENT
 
 
@@ -73,11 +73,14 @@ def amount_words(dimension: str, units: int | float | str) -> str:
     return f"{value:,.0f}" if value == value.to_integral_value() else f"{value:,.2f}"
 
 
-def _limit(dimension: str, units: int | None, window_ms: int) -> Limit | None:
+def _limit(dimension: str, units: int | None, per: int | str) -> Limit | None:
+    """The limit of `units` over `per` (a window in ms, or a calendar ``<period>@<zone>`` token); None if not one."""
     if units is None:
         return None
     try:
-        return Limit(dimension=dimension, amount=Decimal(units) / _unit(dimension), window=window_ms / 1000 or None)
+        if isinstance(per, str):
+            return stored_limit(dimension, units, per)
+        return Limit(dimension=dimension, amount=Decimal(units) / _unit(dimension), window=per / 1000 or None)
     except (InvalidInput, ValueError):
         return None
 
@@ -131,7 +134,10 @@ def _limits_json(text: Any) -> str:
         return "cleared"
     try:
         items = json.loads(text)
-        limits = [_limit(str(i["d"]), int(i["a"]), int(i.get("w") or 0)) for i in items]
+        limits = [
+            _limit(str(i["d"]), int(i["a"]), f"{i['c']}@{i['z']}" if i.get("c") else int(i.get("w") or 0))
+            for i in items
+        ]
     except (ValueError, TypeError, KeyError):
         return "changed"
     return "set: " + ", ".join(str(lim) for lim in limits if lim is not None)
