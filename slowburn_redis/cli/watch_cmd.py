@@ -5,7 +5,10 @@ the latest events from the tenants' event channels. ``--json`` prints one
 JSON object a line instead (``{"type": "status", ...}`` per refresh,
 ``{"type": "event", ...}`` per event); ``--once`` draws one frame and exits;
 ``--duration`` stops after that many seconds, ``--max-events`` after that
-many events. Events read as ``exhausted usd 0.5/hour (agent researcher):
+many live events. The view starts with the tenants' recent history (their
+last 20 events from the durable trail, ``"replayed": true`` under ``--json``;
+they do not count toward ``--max-events``), then follows them live with no gap
+and no duplicate at the seam. Events read as ``exhausted usd 0.5/hour (agent researcher):
 $0.4900 used, $0.0200 requested``: dollars and seconds, no internal keys or
 ids (those are in ``--json``).
 """
@@ -25,6 +28,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from slowburn_redis import trail
 from slowburn_redis.budget import Budget
 from slowburn_redis.cli import params, render, words
 from slowburn_redis.cli.runtime import with_budget
@@ -35,6 +39,8 @@ from slowburn_redis.status import Status
 from slowburn_redis.tasks import cancel_and_wait
 
 EVENTS_SHOWN = 12
+RECENT_EVENTS = 20
+"""Events of the trail a watch starts with, per tenant."""
 
 
 def _json_line(data: dict[str, Any]) -> None:
@@ -91,13 +97,16 @@ class Watcher:
         self._followers: dict[str, asyncio.Task[None]] = {}
 
     async def _follow(self, tenant: str) -> None:
-        async for event in self.budget.events(tenant):
+        since, tip = await trail.recent(self.budget.engine, self.budget.keys(tenant), RECENT_EVENTS)
+        async for event in self.budget.events(tenant, since=since):
             if self.done.is_set():
                 continue
+            replayed = event.id is not None and trail.parse_id(event.id) <= trail.parse_id(tip)
             self.events.append(event)
-            self.seen += 1
             if self.as_json:
-                _json_line({"type": "event", "event": event.model_dump(mode="json")})
+                _json_line({"type": "event", "event": event.model_dump(mode="json"), "replayed": replayed})
+            if not replayed:
+                self.seen += 1
             if self.max_events is not None and self.seen >= self.max_events:
                 self.done.set()
 
@@ -175,7 +184,10 @@ async def watch(
 @click.option("--duration", type=float, callback=params.positive, help="Stop after this many seconds.")
 @click.option("--once", is_flag=True, help="Draw one frame and exit.")
 @click.option(
-    "--max-events", type=int, callback=params.positive, help="Stop after this many events (and one last frame)."
+    "--max-events",
+    type=int,
+    callback=params.positive,
+    help="Stop after this many live events (and one last frame).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines: status snapshots and events.")
 @click.pass_context
