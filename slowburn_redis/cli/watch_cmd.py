@@ -96,17 +96,26 @@ class Watcher:
         self.done = asyncio.Event()
         self._followers: dict[str, asyncio.Task[None]] = {}
 
-    async def _follow(self, tenant: str) -> None:
-        since, tip = await trail.recent(self.budget.engine, self.budget.keys(tenant), RECENT_EVENTS)
+    def _show(self, event: Event, *, replayed: bool) -> None:
+        self.events.append(event)
+        if self.as_json:
+            _json_line({"type": "event", "event": event.model_dump(mode="json"), "replayed": replayed})
+
+    async def _recent(self, tenant: str) -> str:
+        """Show the tenant's last `RECENT_EVENTS` events of the trail; the id to follow live after."""
+        engine, keys = self.budget.engine, self.budget.keys(tenant)
+        since, _ = await trail.recent(engine, keys, RECENT_EVENTS)
+        async for event in trail.history(engine, keys, tenant, since):
+            self._show(event, replayed=True)
+            since = event.id or since
+        return since
+
+    async def _follow(self, tenant: str, since: str) -> None:
         async for event in self.budget.events(tenant, since=since):
             if self.done.is_set():
                 continue
-            replayed = event.id is not None and trail.parse_id(event.id) <= trail.parse_id(tip)
-            self.events.append(event)
-            if self.as_json:
-                _json_line({"type": "event", "event": event.model_dump(mode="json"), "replayed": replayed})
-            if not replayed:
-                self.seen += 1
+            self._show(event, replayed=False)
+            self.seen += 1
             if self.max_events is not None and self.seen >= self.max_events:
                 self.done.set()
 
@@ -115,7 +124,8 @@ class Watcher:
         tenants = [self.tenant] if self.tenant is not None else await find_tenants(self.budget)
         for name in tenants:
             if name not in self._followers:
-                self._followers[name] = asyncio.create_task(self._follow(name))
+                since = await self._recent(name)
+                self._followers[name] = asyncio.create_task(self._follow(name, since))
         return [await self.budget.status(name) for name in tenants]
 
     def view(self, statuses: list[Status], width: int | None = None) -> Group:
