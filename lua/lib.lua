@@ -33,6 +33,9 @@
 --                          served), s (lease shift, only grows), p (latest
 --                          concurrency retry time promised, lease clock)
 --   B:ledger        stream one entry per commit
+--   B:trail         stream one entry per event (field "event": the JSON also
+--                          published on B:events, which adds the entry's id as
+--                          "id"), the last TRAIL_MAXLEN kept (exact trim)
 --   B:admin         string last admin action; written first by set_limits and
 --                          reset, so a worker ACL user is refused before any change
 -- Channels: B:wake (tickets to retry, or "*"), B:events (JSON events).
@@ -46,7 +49,7 @@ local B = KEYS[1]
 local K = {
   limits = B .. ':limits', agents = B .. ':agents', queue = B .. ':q', queue_expiry = B .. ':qexp',
   sequence = B .. ':seq', leases = B .. ':leases', ledger = B .. ':ledger', admin = B .. ':admin',
-  clock = B .. ':clock', wake = B .. ':wake', events = B .. ':events',
+  clock = B .. ':clock', wake = B .. ':wake', events = B .. ':events', trail = B .. ':trail',
 }
 local function window_key(lk) return B .. ':w:' .. lk end
 local function blocked_key(lk) return B .. ':b:' .. lk end
@@ -130,10 +133,20 @@ local function split(s, sep)
   return out
 end
 
+-- Every event is appended to the durable trail B:trail and published on
+-- B:events, in one step of the script: the published JSON is the entry's with
+-- its stream id added ("id"), so a reader that replays the trail and then
+-- follows the channel can drop what it already has (slowburn_redis/trail.py).
+-- The trim is exact (fakeredis ignores MAXLEN ~) and drops one entry per event
+-- once full: O(1).
+local TRAIL_MAXLEN = 10000
 local function publish_event(kind, fields)
   fields['type'] = kind
   fields['ts'] = NOW
-  redis.call('PUBLISH', K.events, cjson.encode(fields))
+  local body = cjson.encode(fields)
+  local id = redis.call('XADD', K.trail, 'MAXLEN', TRAIL_MAXLEN, '*', 'event', body)
+  redis.call('PUBLISH', K.events, '{"id":"' .. id .. '",' .. string.sub(body, 2))
+  return id
 end
 
 -- Store the tenant's clock (see "clock" above) and announce a step; once per

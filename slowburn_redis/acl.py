@@ -11,8 +11,9 @@ ACL cannot tell one script from another, so the difference between the two
 users lies in their keys:
 
 - the worker may read and write the tenant's windows, queue, reservations,
-  ledger and clock (``<base>:clock``, the high-water mark every script keeps),
-  may only *read* ``<base>:limits``, and has no access at all to
+  ledger, event trail (``<base>:trail``: every script that announces an event
+  appends to it) and clock (``<base>:clock``, the high-water mark every script
+  keeps), may only *read* ``<base>:limits``, and has no access at all to
   ``<base>:admin``;
 - the admin may use every key of the tenant.
 
@@ -100,6 +101,7 @@ WORKER_WRITE_KEYS: tuple[str, ...] = (
     "r:*",
     "leases",
     "ledger",
+    "trail",
     "agents",
     "clock",
 )

@@ -38,6 +38,7 @@ from slowburn_redis.waiting import WakeHub
 if TYPE_CHECKING:
     from slowburn_redis.report import Report
     from slowburn_redis.sync import SyncBudget
+    from slowburn_redis.trail import Since
 
 log = structlog.get_logger("slowburn_redis")
 
@@ -392,18 +393,21 @@ class Budget:
 
         return await build_report(self.engine, self.keys(tenant), tenant, since=since)
 
-    async def events(self, tenant: str) -> AsyncIterator[Event]:
-        """Events of `tenant` as they are published (thresholds, waiting, resumed, reset...)."""
-        channel = self.keys(tenant).events_channel
-        pubsub = self.engine.open_pubsub()
-        await pubsub.subscribe(channel)
-        try:
-            while True:
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
-                if message is not None and message.get("type") == "message":
-                    yield Event.from_message(tenant, message["data"])
-        finally:
-            await pubsub.aclose()
+    async def events(self, tenant: str, since: Since = None) -> AsyncIterator[Event]:
+        """Events of `tenant` (thresholds, waiting, resumed, reset...): from its durable trail, then live.
+
+        `since` None: live only, from the call on. A duration (``"1h"``, or
+        seconds), a datetime with a time zone, or a stream id (entries after
+        it; ``"0-0"`` for the whole trail): the trail from there, then live,
+        with no gap and no duplicate at the seam nor across a reconnect. Time
+        is the Redis server's (the stream ids), not the events' ``ts``; see
+        `slowburn_redis.trail`. A bad `since` raises InvalidInput. The
+        iterator never ends by itself: close it (or break) to unsubscribe.
+        """
+        from slowburn_redis.trail import follow
+
+        async for event in follow(self.engine, self.keys(tenant), tenant, since):
+            yield event
 
 
 # argument checks ------------------------------------------------------------------

@@ -175,6 +175,9 @@ class Engine:
     async def xrange(self, key: str, low: str, high: str, count: int) -> list[tuple[str, dict[str, str]]]:
         return list(await self._command("xrange", lambda c: c.xrange(key, min=low, max=high, count=count)))
 
+    async def xrevrange(self, key: str, high: str, low: str, count: int) -> list[tuple[str, dict[str, str]]]:
+        return list(await self._command("xrevrange", lambda c: c.xrevrange(key, max=high, min=low, count=count)))
+
     async def xread(self, key: str, after: str, *, block_ms: int, count: int) -> list[tuple[str, dict[str, str]]]:
         """Stream entries of `key` after id `after` (``$``: only new ones), waiting up to `block_ms` for one."""
         self._check_open()

@@ -42,6 +42,7 @@ CLOCK = "clock"
 TEST_CLOCK = "testclock"
 WAKE_CHANNEL = "wake"
 EVENTS_CHANNEL = "events"
+TRAIL = "trail"
 
 
 def base_key(prefix: str, tenant: str) -> str:
@@ -120,6 +121,11 @@ class TenantKeys:
     def ledger(self) -> str:
         """Stream: one entry per commit."""
         return self._(LEDGER)
+
+    @property
+    def trail(self) -> str:
+        """Stream: the durable event trail, one entry per event (see `slowburn_redis.trail`)."""
+        return self._(TRAIL)
 
     @property
     def admin(self) -> str:

@@ -11,8 +11,9 @@ then the acquire is tried again within its own deadline. Each re-seed:
   whether the spend history was lost (``history_lost``: Redis holds no
   ledger for the tenant either, so spend before this moment, if there was
   any, is not counted in any window);
-- publishes a ``limits_reseeded`` event on the tenant's event channel with the
-  same facts.
+- appends a ``limits_reseeded`` event to the tenant's trail and publishes it on
+  its event channel (``announce.lua``, as the scripts do their own events),
+  with the same facts.
 
 Writing limits needs an admin credential for the tenant: a worker user's
 write is refused by Redis (``PermissionDenied``), which is logged as
@@ -113,9 +114,8 @@ class Reseeder:
             note="Redis had no limits for this tenant; the declared ones were written again"
             + (" and its spend history was gone too: spend before now is not counted" if history_lost else ""),
         )  # fmt: skip
-        event = {"type": "limits_reseeded", "ts": await self._engine.server_time_ms(), "limits": scopes}
-        event["history_lost"] = history_lost
-        await self._engine.publish(keys.events_channel, json.dumps(event))
+        fields = json.dumps({"limits": scopes, "history_lost": history_lost})
+        await self._engine.run(self._engine.scripts.announce, keys.base, ["limits_reseeded", fields])
 
 
 @dataclass(frozen=True)

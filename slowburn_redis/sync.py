@@ -29,6 +29,7 @@ from slowburn_redis.status import Status
 if TYPE_CHECKING:
     from slowburn_redis.budget import Budget, Mode
     from slowburn_redis.report import Report
+    from slowburn_redis.trail import Since
 
 T = TypeVar("T")
 
@@ -303,9 +304,10 @@ class SyncBudget:
     def report(self, tenant: str, *, since: float | str | None = None) -> Report:
         return self.portal.call(self.budget.report(tenant, since=since))
 
-    def events(self, tenant: str) -> Iterator[Event]:
-        """Events of `tenant`, blocking until each arrives (no polling); close the iterator to unsubscribe."""
-        stream: AsyncIterator[Event] = self.budget.events(tenant)
+    def events(self, tenant: str, since: Since = None) -> Iterator[Event]:
+        """Events of `tenant` (the trail from `since`, then live), blocking until each arrives (no polling);
+        close the iterator to unsubscribe."""
+        stream: AsyncIterator[Event] = self.budget.events(tenant, since)
 
         async def next_event() -> Event:
             return await anext(stream)

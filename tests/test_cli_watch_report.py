@@ -37,14 +37,16 @@ def test_watch_once(run: Cli, sync: SyncBudget) -> None:
     sync.acquire("acme", usd=0.2).commit(usd=0.2)
 
     lines = json_lines(run("watch", "acme", "--once", "--json").stdout)
-    assert len(lines) == 1 and lines[0]["type"] == "status"
-    (status,) = lines[0]["statuses"]  # type: ignore[misc]
+    assert [line["type"] for line in lines] == ["event", "status"]  # the recent history, then one frame
+    assert lines[0]["replayed"] is True and lines[0]["event"]["type"] == "limits_changed"  # type: ignore[index]
+    (status,) = lines[-1]["statuses"]  # type: ignore[misc]
     assert status["tenant"] == "acme" and status["limits"][0]["used"] == 0.2
 
     every = run("watch", "--once")
     assert_exit(every)
     assert "acme" in every.stdout and "globex" in every.stdout and "usd 1/min" in every.stdout
-    assert "(no events yet)" in every.stdout
+    assert "acme limits of tenant set: usd 1/min" in every.stdout  # the recent history, in people's words
+    assert "globex limits of tenant set: requests 5/min" in every.stdout
 
 
 def spend_once_watched(run: Cli, channel: str, action: Callable[[], None]) -> threading.Thread:
@@ -76,7 +78,8 @@ def test_watch_follows_events_until_max_events(run: Cli, sync: SyncBudget, prefi
     events = [line["event"] for line in lines if line["type"] == "event"]
     levels = [e["level"] for e in events if e["type"] == "threshold"]  # type: ignore[index]
     assert levels == [50, 75]
-    assert events[0]["limit"] == "T:usd:60000"  # type: ignore[index]  # internal keys: only under --json
+    assert events[0]["type"] == "limits_changed"  # the recent history comes first (not counted by --max-events)
+    assert events[1]["limit"] == "T:usd:60000"  # type: ignore[index]  # internal keys: only under --json
     statuses = [line["statuses"] for line in lines if line["type"] == "status"]
     assert len(statuses) >= 2
     last = statuses[-1][0]["limits"][0]  # type: ignore[index]

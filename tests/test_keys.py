@@ -25,6 +25,7 @@ def test_the_lua_key_table_matches_keys_py() -> None:
         "clock": keys.CLOCK,
         "wake": keys.WAKE_CHANNEL,
         "events": keys.EVENTS_CHANNEL,
+        "trail": keys.TRAIL,
     }
 
 

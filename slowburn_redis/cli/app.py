@@ -14,6 +14,7 @@ from slowburn_redis import __version__
 from slowburn_redis.cli.acl_cmd import acl_command
 from slowburn_redis.cli.demo_cmd import demo_command
 from slowburn_redis.cli.doctor_cmd import doctor_command
+from slowburn_redis.cli.events_cmd import events_command
 from slowburn_redis.cli.limits_cmd import limits_group
 from slowburn_redis.cli.metrics_cmd import metrics_command
 from slowburn_redis.cli.report_cmd import report_command
@@ -56,5 +57,6 @@ def cli(ctx: click.Context, redis_url: str, prefix: str) -> None:
 
 for command in (limits_group, status_command, reset_command, watch_command, report_command, demo_command, acl_command):
     cli.add_command(command)
+cli.add_command(events_command)
 cli.add_command(doctor_command)
 cli.add_command(metrics_command)

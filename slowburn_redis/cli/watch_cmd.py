@@ -5,7 +5,10 @@ the latest events from the tenants' event channels. ``--json`` prints one
 JSON object a line instead (``{"type": "status", ...}`` per refresh,
 ``{"type": "event", ...}`` per event); ``--once`` draws one frame and exits;
 ``--duration`` stops after that many seconds, ``--max-events`` after that
-many events. Events read as ``exhausted usd 0.5/hour (agent researcher):
+many live events. The view starts with the tenants' recent history (their
+last 20 events from the durable trail, ``"replayed": true`` under ``--json``;
+they do not count toward ``--max-events``), then follows them live with no gap
+and no duplicate at the seam. Events read as ``exhausted usd 0.5/hour (agent researcher):
 $0.4900 used, $0.0200 requested``: dollars and seconds, no internal keys or
 ids (those are in ``--json``).
 """
@@ -25,6 +28,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from slowburn_redis import trail
 from slowburn_redis.budget import Budget
 from slowburn_redis.cli import params, render, words
 from slowburn_redis.cli.runtime import with_budget
@@ -35,6 +39,8 @@ from slowburn_redis.status import Status
 from slowburn_redis.tasks import cancel_and_wait
 
 EVENTS_SHOWN = 12
+RECENT_EVENTS = 20
+"""Events of the trail a watch starts with, per tenant."""
 
 
 def _json_line(data: dict[str, Any]) -> None:
@@ -90,14 +96,26 @@ class Watcher:
         self.done = asyncio.Event()
         self._followers: dict[str, asyncio.Task[None]] = {}
 
-    async def _follow(self, tenant: str) -> None:
-        async for event in self.budget.events(tenant):
+    def _show(self, event: Event, *, replayed: bool) -> None:
+        self.events.append(event)
+        if self.as_json:
+            _json_line({"type": "event", "event": event.model_dump(mode="json"), "replayed": replayed})
+
+    async def _recent(self, tenant: str) -> str:
+        """Show the tenant's last `RECENT_EVENTS` events of the trail; the id to follow live after."""
+        engine, keys = self.budget.engine, self.budget.keys(tenant)
+        since, _ = await trail.recent(engine, keys, RECENT_EVENTS)
+        async for event in trail.history(engine, keys, tenant, since):
+            self._show(event, replayed=True)
+            since = event.id or since
+        return since
+
+    async def _follow(self, tenant: str, since: str) -> None:
+        async for event in self.budget.events(tenant, since=since):
             if self.done.is_set():
                 continue
-            self.events.append(event)
+            self._show(event, replayed=False)
             self.seen += 1
-            if self.as_json:
-                _json_line({"type": "event", "event": event.model_dump(mode="json")})
             if self.max_events is not None and self.seen >= self.max_events:
                 self.done.set()
 
@@ -106,7 +124,8 @@ class Watcher:
         tenants = [self.tenant] if self.tenant is not None else await find_tenants(self.budget)
         for name in tenants:
             if name not in self._followers:
-                self._followers[name] = asyncio.create_task(self._follow(name))
+                since = await self._recent(name)
+                self._followers[name] = asyncio.create_task(self._follow(name, since))
         return [await self.budget.status(name) for name in tenants]
 
     def view(self, statuses: list[Status], width: int | None = None) -> Group:
@@ -175,7 +194,10 @@ async def watch(
 @click.option("--duration", type=float, callback=params.positive, help="Stop after this many seconds.")
 @click.option("--once", is_flag=True, help="Draw one frame and exit.")
 @click.option(
-    "--max-events", type=int, callback=params.positive, help="Stop after this many events (and one last frame)."
+    "--max-events",
+    type=int,
+    callback=params.positive,
+    help="Stop after this many live events (and one last frame).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines: status snapshots and events.")
 @click.pass_context
