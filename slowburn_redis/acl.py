@@ -55,6 +55,7 @@ SCRIPT_COMMANDS: tuple[str, ...] = (
     "hsetnx",
     "hdel",
     "hexists",
+    "hkeys",
     "sadd",
     "smembers",
     "zadd",

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import ast
+import gc
 import inspect
 from pathlib import Path
 
@@ -27,6 +28,24 @@ MODULES = {
 }
 # The core: everything but the operator's CLI and the framework adapters, which have their own tests.
 CORE = {name: path for name, path in MODULES.items() if not name.startswith(("slowburn_redis.cli",))}
+
+
+def _parse(path: Path) -> ast.Module:
+    """`path` parsed with the garbage collector paused.
+
+    A finalizer that runs during a parse (an asyncio task another test left
+    behind logs its traceback, and Python 3.11's traceback formatting calls
+    ``ast.parse``) breaks CPython 3.11's shared AST state ("AST constructor
+    recursion depth mismatch"); no collection, no finalizer.
+    """
+    source = path.read_text()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return ast.parse(source)
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _is_type_checking(node: ast.If) -> bool:
@@ -61,7 +80,7 @@ def _imports(tree: ast.AST) -> list[str]:
 def _graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for name, path in MODULES.items():
-        tree = ast.parse(path.read_text())
+        tree = _parse(path)
         # A package's __init__ re-exports its modules: importing the package itself is not a layer arrow.
         graph[name] = {dep for dep in _imports(tree) if dep in MODULES and dep != name and dep != "slowburn_redis"}
     return graph
@@ -89,7 +108,7 @@ def test_no_import_cycles() -> None:
 
 def _private_reaches(path: Path) -> list[str]:
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(_parse(path)):
         if (
             isinstance(node, ast.Attribute)
             and node.attr.startswith("_")
@@ -109,7 +128,7 @@ def test_only_the_engine_touches_the_redis_client() -> None:
     allowed = {"slowburn_redis.engine", "slowburn_redis.connection", "slowburn_redis.scripts"}
     touching = []
     for name, path in MODULES.items():
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(_parse(path)):
             if isinstance(node, ast.Attribute) and node.attr == "client" and name not in allowed:
                 touching.append(f"{name}:{node.lineno}")
     assert touching == []
@@ -118,7 +137,7 @@ def test_only_the_engine_touches_the_redis_client() -> None:
 def test_no_core_function_is_longer_than_60_lines() -> None:
     long = []
     for name, path in CORE.items():
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(_parse(path)):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 length = (node.end_lineno or node.lineno) - node.lineno + 1
                 if length > 60:
