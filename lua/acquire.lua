@@ -54,72 +54,6 @@ local function rank_of(ticket, priority)
   return nil, '', (MAX_PRIORITY - priority) * RANK_SPAN + RANK_SPAN - 1
 end
 
--- The limits this request needs, or the reply for one it can never fit.
-local function needs(agent, model, amounts, mode)
-  local needed = {}
-  for _, L in ipairs(limits_of(agent, model)) do
-    local amt = amounts[L.d] or 0
-    if amt > 0 then
-      if amt > L.a and mode ~= 'advisory' then return nil, {-1, L.lk, L.a, amt} end
-      needed[#needed + 1] = {L = L, amt = amt}
-    end
-  end
-  return needed
-end
-
--- When (NOW) a limit that is full will have room for `n` again; nil for never by itself.
--- A concurrency slot returns when the soonest lease expires (on the lease
--- clock, which runs with NOW: the expiry on NOW's timeline is score + LEASE_SHIFT).
-local function room_at(n, t)
-  if n.L.d == 'concurrency' then
-    flush_leases()
-    local soonest = redis.call('ZRANGE', K.leases, 0, 0, 'WITHSCORES')
-    return soonest[2] and tonumber(soonest[2]) + LEASE_SHIFT or nil
-  end
-  return refill_at(n.L, t + n.amt - n.L.a, NOW)
-end
-
--- Check every needed limit for capacity and for earlier waiters; returns the
--- verdict: blocked limit keys (empty: admit), the limits out of capacity,
--- the retry time, the first limit and why, and the limits passed in advisory mode.
-local function check(needed, mode, ticket, rank)
-  local v = {blocked = {}, full = {}, retry_at = 0, forever = false, first = '', first_amount = 0, reason = '',
-             over = {}}
-  for _, n in ipairs(needed) do
-    n.state = advance(n.L, NOW)
-    local t = n.state.t
-    n.t, n.exhausted = t, n.state.th
-    local full = t + n.amt > n.L.a
-    local behind = false
-    if mode ~= 'advisory' and waiting then
-      local head, head_rank = queue_head(n.L.lk)
-      behind = head ~= nil and head ~= ticket and head_rank < rank
-    elseif full then
-      v.over[#v.over + 1] = n.L.lk
-    end
-    if mode ~= 'advisory' and (full or behind) then
-      v.blocked[#v.blocked + 1] = n.L.lk
-      if v.first == '' or (full and v.reason ~= 'capacity') then
-        v.first, v.first_amount, v.reason = n.L.lk, n.L.a, full and 'capacity' or 'queue'
-      end
-      if full then
-        v.full[#v.full + 1] = n
-        local at = room_at(n, t)
-        if at then v.retry_at = math.max(v.retry_at, at) else v.forever = true end
-        if at and n.L.d == 'concurrency' then v.lease_at = at end
-      else
-        v.forever = true
-      end
-    end
-  end
-  if v.forever then v.retry_at = -1 end
-  -- A retry time set by a lease is a promise the lease clock keeps across a gap (lib.lua, clock).
-  if v.lease_at and v.retry_at == v.lease_at then
-    LEASE_PROMISE = math.max(LEASE_PROMISE, v.lease_at - LEASE_SHIFT)
-  end
-  return v
-end
-
 -- Charge every needed limit, record the reservation and its lease, leave the queue.
 local function admit(id, agent, model, needed, amounts_text, lease_ttl, ticket, record, over)
   local charges = {}
@@ -199,12 +133,12 @@ local function acquire(id, agent, model, mode, priority, ticket, lease_ttl, queu
     return {-2, agent}
   end
   stored_any = true
-  local needed, too_large = needs(agent, model, parse_amounts(amounts_text), mode)
+  local needed, too_large = needs(limits_of(agent, model), parse_amounts(amounts_text), mode)
   if too_large then
     if ticket ~= '' then drop_ticket(ticket, wake) end
     return too_large
   end
-  local v = check(needed, mode, ticket, rank)
+  local v = check(needed, mode, ticket, rank, waiting)
   if #v.blocked == 0 then return admit(id, agent, model, needed, amounts_text, lease_ttl, ticket, record, v.over) end
   announce_exhausted(v.full, agent)
   if mode ~= 'wait' then return {0, '', NOW, v.retry_at, v.first, v.reason, v.first_amount} end

@@ -66,6 +66,10 @@ local THRESHOLDS = {50, 75, 90, 100}
 
 local function fmt(x) return string.format('%d', x) end
 
+-- quote.lua sets this: queue_head, purge_leases and room_at then judge as a
+-- writing script would, through the cache, and write nothing.
+local READ_ONLY = false
+
 -- clock ---------------------------------------------------------------------
 --
 -- NOW, the tenant's clock, never runs backward and never stands still. The
@@ -606,16 +610,21 @@ end
 -- library's own bookkeeping can hold a queue up.
 local function queue_head(lk)
   local key = blocked_key(lk)
+  local skipped = 0  -- dead heads passed over without dropping them (READ_ONLY)
   for _ = 1, PURGE_BATCH do
-    local head = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    local head = redis.call('ZRANGE', key, skipped, skipped, 'WITHSCORES')
     local ticket = head[1]
     if not ticket then return nil end
     local expiry = redis.call('ZSCORE', K.queue_expiry, ticket)
     if expiry and tonumber(expiry) > LEASE_NOW and redis.call('HEXISTS', K.queue, ticket) == 1 then
       return ticket, tonumber(head[2])
     end
-    redis.call('ZREM', key, ticket)
-    if expiry then drop_ticket_later[#drop_ticket_later + 1] = ticket end
+    if READ_ONLY then
+      skipped = skipped + 1
+    else
+      redis.call('ZREM', key, ticket)
+      if expiry then drop_ticket_later[#drop_ticket_later + 1] = ticket end
+    end
   end
   return nil
 end
@@ -711,9 +720,88 @@ local function purge_leases(now, lease_now, wake)
         heads_of({c.L.lk}, wake)
       end
     end
-    redis.call('HSET', key, 's', 'expired')
-    redis.call('PEXPIRE', key, EXPIRED_RECORD_TTL_MS)
-    drop_lease(id)
-    publish_event('lease_expired', {agent = rs[2] or '', reservation = id})
+    if not READ_ONLY then
+      redis.call('HSET', key, 's', 'expired')
+      redis.call('PEXPIRE', key, EXPIRED_RECORD_TTL_MS)
+      drop_lease(id)
+      publish_event('lease_expired', {agent = rs[2] or '', reservation = id})
+    end
   end
+end
+
+-- verdict (acquire and quote) -------------------------------------------------
+
+-- The limits among `limits` (applicable_limits) that `amounts` needs, or the
+-- acquire reply for a request that can never fit: {-1, limit_key, amount, requested}.
+local function needs(limits, amounts, mode)
+  local needed = {}
+  for _, L in ipairs(limits) do
+    local amt = amounts[L.d] or 0
+    if amt > 0 then
+      if amt > L.a and mode ~= 'advisory' then return nil, {-1, L.lk, L.a, amt} end
+      needed[#needed + 1] = {L = L, amt = amt}
+    end
+  end
+  return needed
+end
+
+-- When (NOW) a limit that is full will have room for `n` again; nil for never by itself.
+-- A concurrency slot returns when the soonest lease expires (on the lease
+-- clock, which runs with NOW: the expiry on NOW's timeline is score + LEASE_SHIFT).
+local function room_at(n, t)
+  if n.L.d == 'concurrency' then
+    local soonest
+    if READ_ONLY then  -- expired leases stay in the set: the soonest one still running
+      soonest = redis.call('ZRANGEBYSCORE', K.leases, '(' .. fmt(LEASE_NOW), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+    else
+      flush_leases()
+      soonest = redis.call('ZRANGE', K.leases, 0, 0, 'WITHSCORES')
+    end
+    return soonest[2] and tonumber(soonest[2]) + LEASE_SHIFT or nil
+  end
+  return refill_at(n.L, t + n.amt - n.L.a, NOW)
+end
+
+-- Check every needed limit for capacity and for earlier waiters (`waiting`:
+-- anyone is queued); returns the verdict: blocked limit keys (empty: admit),
+-- the limits out of capacity, the retry time, the first limit and why, and the
+-- limits passed in advisory mode. It charges nothing: windows are only read
+-- through the cache (advance); a lease retry time becomes a promise
+-- (LEASE_PROMISE) that only a writing script stores.
+local function check(needed, mode, ticket, rank, waiting)
+  local v = {blocked = {}, full = {}, retry_at = 0, forever = false, first = '', first_amount = 0, reason = '',
+             over = {}}
+  for _, n in ipairs(needed) do
+    n.state = advance(n.L, NOW)
+    local t = n.state.t
+    n.t, n.exhausted = t, n.state.th
+    local full = t + n.amt > n.L.a
+    local behind = false
+    if mode ~= 'advisory' and waiting then
+      local head, head_rank = queue_head(n.L.lk)
+      behind = head ~= nil and head ~= ticket and head_rank < rank
+    elseif full then
+      v.over[#v.over + 1] = n.L.lk
+    end
+    if mode ~= 'advisory' and (full or behind) then
+      v.blocked[#v.blocked + 1] = n.L.lk
+      if v.first == '' or (full and v.reason ~= 'capacity') then
+        v.first, v.first_amount, v.reason = n.L.lk, n.L.a, full and 'capacity' or 'queue'
+      end
+      if full then
+        v.full[#v.full + 1] = n
+        local at = room_at(n, t)
+        if at then v.retry_at = math.max(v.retry_at, at) else v.forever = true end
+        if at and n.L.d == 'concurrency' then v.lease_at = at end
+      else
+        v.forever = true
+      end
+    end
+  end
+  if v.forever then v.retry_at = -1 end
+  -- A retry time set by a lease is a promise the lease clock keeps across a gap (lib.lua, clock).
+  if v.lease_at and v.retry_at == v.lease_at then
+    LEASE_PROMISE = math.max(LEASE_PROMISE, v.lease_at - LEASE_SHIFT)
+  end
+  return v
 end

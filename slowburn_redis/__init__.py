@@ -36,6 +36,7 @@ from slowburn_redis.errors import (
 from slowburn_redis.events import Event
 from slowburn_redis.limits import Limit
 from slowburn_redis.names import EVERY_AGENT
+from slowburn_redis.quote import Quote
 from slowburn_redis.reservation import Reservation, Settlement
 from slowburn_redis.status import LimitStatus, Status
 from slowburn_redis.sync import SyncBudget, SyncReservation
@@ -56,6 +57,7 @@ __all__ = [
     "LimitsMissing",
     "MissingExtra",
     "PermissionDenied",
+    "Quote",
     "RedisBusy",
     "RedisLoading",
     "RedisMisconfigured",

@@ -29,6 +29,7 @@ from slowburn_redis.events import Event
 from slowburn_redis.keys import TenantKeys, scope_field
 from slowburn_redis.limits import Limit, coerce_limits, validate_dimension
 from slowburn_redis.names import EVERY_AGENT, validate_agent, validate_model, validate_name
+from slowburn_redis.quote import Quote, quote_from_reply
 from slowburn_redis.reseeding import Reseeder
 from slowburn_redis.reservation import Reservation, Settler, check_lease_ttl
 from slowburn_redis.resilience import Backoff, OnUnavailable
@@ -356,6 +357,37 @@ class Budget:
     async def _refresh(self, tenant: str, tickets: list[str]) -> tuple[list[str], list[str]]:
         reply = await self._run("refresh", tenant, [round(self.heartbeat * 3000), *tickets])
         return protocol.decode_refresh(reply)
+
+    async def quote(
+        self,
+        tenant: str,
+        agent: str | None = None,
+        *,
+        model: str | None = None,
+        priority: int = 0,
+        usd: float | str | None = None,
+        tokens: int | None = None,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        requests: int = 1,
+        **custom: int,
+    ) -> Quote:
+        """Would `acquire` with these arguments be admitted now? Read-only: nothing is charged or queued.
+
+        The answer (`slowburn_redis.quote.Quote`) is the verdict an acquire in
+        ``wait`` mode sent at the same instant would get: admitted now or not,
+        the limit that would deny it (in words) and why, and in how many
+        seconds the spent limits will have room. The arguments are those of
+        `acquire` and are checked the same way (InvalidInput); a tenant with
+        no limits raises LimitsMissing.
+        """
+        tenant = validate_name("tenant", tenant)
+        agent = _acquiring_agent(agent)
+        model = None if model is None else validate_model(model)
+        estimate = _estimate(usd, tokens, input_tokens, output_tokens, requests, custom)
+        args = protocol.quote_args(agent=agent, model=model, priority=_priority(priority), estimate=estimate)
+        reply = await self._run("quote", tenant, args)
+        return quote_from_reply(reply, tenant=tenant, agent=agent, model=model, estimate=estimate)
 
     # inspecting and resetting -------------------------------------------------
 

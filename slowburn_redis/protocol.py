@@ -47,6 +47,11 @@ def acquire_args(
     ]
 
 
+def quote_args(*, agent: str | None, model: str | None, priority: int, estimate: dict[str, int]) -> list[Any]:
+    """One quote (quote.lua): agent, model, priority and amounts, joined by spaces as its header says."""
+    return [f"{agent or ''} {model or ''} {priority} {format_amounts(estimate)}"]
+
+
 def settle_args(
     *,
     reservation_id: str,

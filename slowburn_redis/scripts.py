@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from redis.exceptions import NoScriptError
 
-SCRIPT_NAMES = ("acquire", "settle", "extend", "leave", "refresh", "set_limits", "reset", "status", "announce")
+SCRIPT_NAMES = ("acquire", "settle", "extend", "leave", "refresh", "set_limits", "reset", "status", "announce", "quote")
 BATCHED = frozenset({"acquire", "settle"})
 """Scripts whose ARGV may hold several requests, answered with a list of replies (see `slowburn_redis.batching`)."""
 
@@ -101,3 +101,4 @@ class Scripts:
         self.reset = Script("reset", clock)
         self.status = Script("status", clock)
         self.announce = Script("announce", clock)
+        self.quote = Script("quote", clock)

@@ -28,6 +28,7 @@ from slowburn_redis.status import Status
 
 if TYPE_CHECKING:
     from slowburn_redis.budget import Budget, Mode
+    from slowburn_redis.quote import Quote
     from slowburn_redis.report import Report
     from slowburn_redis.trail import Since
 
@@ -294,6 +295,36 @@ class SyncBudget:
             return await call
 
         return SyncReservation(self.portal, self.portal.call(_run()))
+
+    def quote(
+        self,
+        tenant: str,
+        agent: str | None = None,
+        *,
+        model: str | None = None,
+        priority: int = 0,
+        usd: float | str | None = None,
+        tokens: int | None = None,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        requests: int = 1,
+        **custom: int,
+    ) -> Quote:
+        """See `Budget.quote`."""
+        return self.portal.call(
+            self.budget.quote(
+                tenant,
+                agent,
+                model=model,
+                priority=priority,
+                usd=usd,
+                tokens=tokens,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                requests=requests,
+                **custom,
+            )
+        )
 
     def status(self, tenant: str, *, agent: str | None = None) -> Status:
         return self.portal.call(self.budget.status(tenant, agent=agent))
