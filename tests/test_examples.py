@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -94,3 +95,21 @@ async def test_multi_tenant_one_exhausted_the_other_goes_on(real_url: str, prefi
 
     out_again = run_example("multi_tenant.py", *args)  # rerunnable: usage is reset at the start
     assert "example-enterprise kept going" in out_again
+
+
+@pytest.mark.parametrize("store", ["embedded", "real"])
+def test_planning_quotes_both_plans_and_runs_the_one_that_fits(store: str, request: pytest.FixtureRequest) -> None:
+    args = ["--redis-url", request.getfixturevalue("real_url")] if store == "real" else []
+    out = run_example("planning.py", *args)
+    result = json.loads(out.rsplit("RESULT ", 1)[1])
+    deep, quick = result["quotes"]["deep"], result["quotes"]["quick"]
+    # $0.03 already spent of usd 0.05/hour: the deep plan's estimate does not fit now, the quick one does
+    assert deep["usd"] > 0.02 and (deep["admitted"], deep["reason"], deep["limit"]) == (
+        False,
+        "capacity",
+        "usd 0.05/hour (tenant)",
+    )
+    assert quick["admitted"] and quick["usd"] < 0.02
+    assert result["chosen"] == "quick" and result["tool_calls_used"] == 2
+    assert 0.03 < result["spent_usd"] < 0.03 + quick["usd"]
+    assert re.search(r"plan deep: estimated \$0\.03\d+; .*does not fit now .*; fits in \d+(\.\d+)?s", out)

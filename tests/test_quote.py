@@ -9,14 +9,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import litellm
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from slowburn_redis import Budget, BudgetExhausted, LimitsMissing, RequestTooLarge
+from slowburn_redis.llm import BudgetedLLM, mock_reply
+from slowburn_redis.llm.bridge import stop_litellm_worker
 from slowburn_redis.testing import advance_clock, freeze_clock
 
 TENANT = "acme"
@@ -205,3 +208,30 @@ async def agree(budget: Budget, requests: list[dict[str, Any]]) -> None:
             await advance_clock(budget, tenant, r["step"])
     for reservation in open_reservations:
         await reservation.release()
+
+
+@pytest.fixture
+async def _litellm_worker_stopped() -> AsyncIterator[None]:
+    yield
+    await stop_litellm_worker()
+
+
+@pytest.mark.usefixtures("_litellm_worker_stopped")
+async def test_budgeted_llm_quotes_a_call_without_making_it(budget: Budget) -> None:
+    model = "gpt-4o-mini"
+    question = [{"role": "user", "content": "Summarize sliding windows in one line."}]
+    await budget.set_limits(TENANT, ["usd 0.001/hour", "requests 10/min"])
+    llm = BudgetedLLM(budget, TENANT, agent="researcher", model=model)
+    small = await llm.aquote(question, max_tokens=100)
+    large = await llm.aquote(question, max_tokens=5000)
+    prompt_cost, completion_cost = litellm.cost_per_token(
+        model=model, prompt_tokens=small.input_tokens, completion_tokens=100
+    )
+    assert small.usd == pytest.approx(prompt_cost + completion_cost)
+    assert (small.output_tokens, small.model, small.admitted) == (100, model, True)
+    assert (large.admitted, large.quote.reason, large.quote.limit) == (False, "too_large", "usd 0.001/hour (tenant)")
+    assert (await budget.status(TENANT)).limits[0].used == 0  # nothing was charged
+    reply = mock_reply(model, question, "Windows slide.")
+    await llm.acompletion(question, max_tokens=100, mock_response=reply)
+    entries = await budget.engine.client.xlen(budget.key(TENANT) + ":ledger")
+    assert entries == 1  # the quotes wrote nothing to the ledger; the call did

@@ -6,7 +6,7 @@ and ``LITELLM_OFFLINE_MODE=true`` before importing it, so litellm uses the
 price map it ships instead of fetching one.
 """
 
-from slowburn_redis.llm.client import BudgetedLLM
+from slowburn_redis.llm.client import BudgetedLLM, CallQuote
 from slowburn_redis.llm.estimate import CallEstimate, count_input_tokens, estimate_call, output_cap
 from slowburn_redis.llm.meter import Meter
 from slowburn_redis.llm.metering import MeteredCall, Usage, open_call
@@ -21,6 +21,7 @@ __all__ = [
     "BudgetedStream",
     "CallEstimate",
     "CallOptions",
+    "CallQuote",
     "Meter",
     "MeteredCall",
     "Price",

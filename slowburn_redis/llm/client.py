@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import litellm
+from pydantic import BaseModel
 
 from slowburn_redis.budget import Budget, Mode
 from slowburn_redis.errors import InvalidInput
@@ -28,7 +29,28 @@ from slowburn_redis.llm.options import split_budget_options
 from slowburn_redis.llm.pricing import Price, PricePerToken, resolve_price
 from slowburn_redis.llm.stream import BudgetedStream, SyncBudgetedStream
 from slowburn_redis.llm.usage import chat_usage, embedding_usage, responses_usage
+from slowburn_redis.quote import Quote
 from slowburn_redis.sync import SyncBudget
+
+
+class CallQuote(BaseModel):
+    """One call's estimate (what `acompletion` would reserve) and the budget's verdict on it (`quote`)."""
+
+    model: str
+    input_tokens: int
+    output_tokens: int
+    """Reserved at ``max_tokens`` (or the LLM's default)."""
+    usd: float
+    """The estimated cost in dollars: input tokens counted, output at its cap, priced by litellm."""
+    quote: Quote
+
+    @property
+    def admitted(self) -> bool:
+        """Would the call be admitted now?"""
+        return self.quote.admitted
+
+    def __str__(self) -> str:
+        return f"{self.model}: ${self.usd:.4f} ({self.input_tokens}+{self.output_tokens} tokens); {self.quote}"
 
 
 @dataclass(frozen=True)
@@ -162,6 +184,37 @@ class BudgetedLLM:
         meta.update(metadata)
         return _Plan(model, params, estimate, options, meta)
 
+    # quoting ---------------------------------------------------------------
+
+    async def aquote(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> CallQuote:
+        """What a chat call would reserve, and whether the budget would admit it now (read-only).
+
+        The arguments are those of `acompletion` (``max_tokens`` bounds the
+        output reserved; a ``model=`` overrides this LLM's). Nothing is sent to
+        the provider, nothing is charged or queued: the answer is the estimate
+        (`CallQuote.usd`, tokens) and `Budget.quote`'s verdict for it.
+        """
+        plan = self._plan("chat", messages, kwargs)
+        est, priority = plan.estimate, self.meter.options.merged(plan.options).priority
+
+        async def ask(budget: Budget) -> Quote:
+            return await budget.quote(
+                self.tenant,
+                self.agent,
+                model=est.model,
+                priority=priority,
+                usd=est.usd,
+                tokens=est.tokens,
+                input_tokens=est.input_tokens,
+                output_tokens=est.output_tokens,
+                requests=1,
+            )
+
+        verdict = await self.meter.bridge.arun(ask)
+        return CallQuote(
+            model=est.model, input_tokens=est.input_tokens, output_tokens=est.output_tokens, usd=est.usd, quote=verdict
+        )
+
     # async -----------------------------------------------------------------
 
     async def acompletion(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> Any:
@@ -269,6 +322,11 @@ class BudgetedLLM:
         result = self._block(self.acompletion(messages, **kwargs))
         if isinstance(result, BudgetedStream):
             return SyncBudgetedStream(self.meter.bridge.twin().portal, result)
+        return result
+
+    def quote(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> CallQuote:
+        """Blocking `aquote`."""
+        result: CallQuote = self._block(self.aquote(messages, **kwargs))
         return result
 
     def batch(self, list_of_messages: Sequence[Sequence[dict[str, Any]]], **kwargs: Any) -> list[Any]:
