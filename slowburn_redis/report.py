@@ -52,6 +52,8 @@ class Row(BaseModel):
     """Reserved estimates in nano-dollars."""
     outcomes: dict[str, int] = Field(default_factory=dict)
     """Entries per outcome (ok, overrun, error, timeout, cancelled, abandoned...)."""
+    custom: dict[str, int] = Field(default_factory=dict)
+    """Committed amounts of custom dimensions (``tool_calls``, ``steps``...), whole units."""
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -76,6 +78,10 @@ class Row(BaseModel):
         self.est_usd_nano += _int(entry, "est_usd")
         outcome = entry.get("outcome") or "ok"
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        for pair in (entry.get("x") or "").split():
+            dim, _, value = pair.partition("=")
+            if value.lstrip("-").isdigit():
+                self.custom[dim] = self.custom.get(dim, 0) + int(value)
 
 
 class Report(BaseModel):
@@ -153,7 +159,13 @@ class Report(BaseModel):
             for cells in self._table_cells(rows, label):
                 parts.append("| " + " | ".join(_md_escape(c) for c in cells) + " |\n")
             parts.append(total_line + "\n")
+        if self.totals.custom:
+            parts.append(f"Custom dimensions, in total: {self._custom_words()}.\n")
         return "".join(parts).rstrip("\n") + "\n"
+
+    def _custom_words(self) -> str:
+        """``tool_calls 12, steps 3``: the custom dimensions committed over the whole report."""
+        return ", ".join(f"{dim} {value:,}" for dim, value in sorted(self.totals.custom.items()))
 
     def to_latex(self) -> str:
         """A booktabs table (needs ``\\usepackage{booktabs}``): agents, then models, then the total."""
@@ -196,7 +208,8 @@ class Report(BaseModel):
             )
 
         title = f"LLM cost of tenant {self.tenant}: {self.entries} entries, {self._period()}"
-        return "\n".join([title, fmt(head), *(fmt(r) for r in body)]) + "\n"
+        custom = [f"custom dimensions: {self._custom_words()}"] if self.totals.custom else []
+        return "\n".join([title, fmt(head), *(fmt(r) for r in body), *custom]) + "\n"
 
 
 MAX_SINCE = 100 * 365 * 86400

@@ -214,3 +214,17 @@ async def test_a_model_scope_takes_custom_dimensions_and_calendar_periods(budget
     limit_row = await row(budget, "tool_calls 2/calendar day@Europe/Berlin (model ollama/llama3:8b)")
     assert (limit_row.used, limit_row.model, limit_row.refill_in) == (2, "ollama/llama3:8b", None)
     assert limit_row.resets is not None and limit_row.resets.endswith("00:00 Europe/Berlin")
+
+
+async def test_reports_sum_custom_dimensions(budget: Budget) -> None:
+    await budget.set_limits(TENANT, ["tool_calls 10/hour", "requests 10/hour"])
+    await (await budget.acquire(TENANT, "a", tool_calls=2)).commit(tool_calls=3)
+    await (await budget.acquire(TENANT, "b", tool_calls=1, steps=1)).commit()
+    report = await budget.report(TENANT)
+    assert report.totals.custom == {"tool_calls": 4, "steps": 1}
+    assert {row.name: row.custom for row in report.agents} == {
+        "a": {"tool_calls": 3},
+        "b": {"tool_calls": 1, "steps": 1},
+    }
+    assert "custom dimensions: steps 1, tool_calls 4" in report.to_table()
+    assert "Custom dimensions, in total: steps 1, tool_calls 4." in report.to_markdown()
