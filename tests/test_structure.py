@@ -152,6 +152,7 @@ TWIN_METHODS = [
     "get_limits",
     "acquire",
     "quote",
+    "run",
     "status",
     "reset",
     "report",
