@@ -10,6 +10,8 @@
 --             id returns the first admission instead of charging twice)
 --   agent     '' for the tenant alone
 --   model     '' for none; else the limits of scope "M:<model>" apply too
+--   run       '' for none; else the run id: its caps (scope "R:<run>", in
+--             B:run:<run>) are charged too, and never queued on
 --   mode      'wait' (queue when denied), 'reject' (do not queue),
 --             'advisory' (admit and charge whatever the limits say)
 --   priority  an integer in [-100, 100], higher first
@@ -36,6 +38,14 @@
 --   {-2, agent}                               no limits are stored for the tenant, its
 --                                             default agent or this agent: refused
 --                                             (absence is not permission)
+--   {-3, reason, limit_key, limit_amount, used, requested}
+--                                             the run cannot take the request, and
+--                                             never will: reason 'cap' (limit_key is
+--                                             the run's cap "R:<run>:<dim>:0"), 'time'
+--                                             (max_seconds passed; amounts in ms,
+--                                             limit_key "R:<run>") or 'gone' (the
+--                                             run's keys expired); judged before any
+--                                             queue, so such a request never waits
 --
 -- Clock: stores the tenant's clock (clock_commit, lib.lua) unless every
 -- request was refused for missing limits, so such a tenant gets no key.
@@ -55,8 +65,9 @@ local function rank_of(ticket, priority)
 end
 
 -- Charge every needed limit, record the reservation and its lease, leave the queue.
-local function admit(id, agent, model, needed, amounts_text, lease_ttl, ticket, record, over)
+local function admit(id, agent, model, needed, amounts_text, lease_ttl, ticket, record, over, run)
   local charges = {}
+  for _, n in ipairs(run and run.needed or {}) do needed[#needed + 1] = n end
   for _, n in ipairs(needed) do
     local _, gen, t = charge(n.L, n.state, n.amt, NOW, agent)
     local prefix = n.L.charge_prefix  -- built once per limit per script
@@ -73,6 +84,11 @@ local function admit(id, agent, model, needed, amounts_text, lease_ttl, ticket, 
   redis.call('HSET', rkey, 's', 'open', 'a', agent, 'c', table.concat(charges, ' '),
              'e', amounts_text, 't0', fmt(NOW), 'x', fmt(expiry))
   if model ~= '' then redis.call('HSET', rkey, 'm', model) end
+  if run then
+    redis.call('HSET', rkey, 'u', run.id)
+    redis.call('HINCRBY', run.key, 'n', 1)
+    touch_run(run)
+  end
   add_lease(id, expiry)
   if ticket ~= '' then
     drop_ticket(ticket, wake)
@@ -120,26 +136,50 @@ local function enqueue(id, agent, priority, ticket, record, queue_ttl, v)
   return {0, ticket, NOW, v.retry_at, v.first, v.reason, v.first_amount}
 end
 
+-- Announce (once per run) that the run's caps or time are spent.
+local function announce_run_spent(run, agent, reply)
+  if run.gone or redis.call('HSETNX', run.key, 'ex', reply[2]) == 0 then return end
+  publish_event('run_exhausted', {agent = agent, run = run.id, reason = reply[2], limit = reply[3],
+                                  amount = reply[4], used = reply[5], requested = reply[6]})
+end
+
 local stored_any = false  -- did any request find limits? A batch refused whole as missing stores nothing
 
-local function acquire(id, agent, model, mode, priority, ticket, lease_ttl, queue_ttl, amounts_text)
+-- The run's verdict on the request (nil when it names no run): the reply
+-- refusing it, or nil and the run with the caps it needs (run.needed).
+local function run_check(limits, amounts, mode, over)
+  local run = limits.run
+  if not run then return nil end
+  local needed, spent = run_verdict(run, amounts, mode, over)
+  if spent then return spent end
+  run.needed = needed
+  return nil, run
+end
+
+local function acquire(id, agent, model, run_id, mode, priority, ticket, lease_ttl, queue_ttl, amounts_text)
   local existing = redis.call('HMGET', reservation_key(id), 't0', 'x')
   if existing[1] then return {1, id, tonumber(existing[1]), tonumber(existing[2]) + LEASE_SHIFT, ''} end
   local record, rank
   record, ticket, rank = rank_of(ticket, priority)
   if record then rank = record.rank end
-  if not limits_of(agent, model).stored then
+  local limits = limits_of(agent, model, run_id)
+  if not limits.stored then
     if ticket ~= '' then drop_ticket(ticket, wake) end
     return {-2, agent}
   end
   stored_any = true
-  local needed, too_large = needs(limits_of(agent, model), parse_amounts(amounts_text), mode)
-  if too_large then
+  local amounts = parse_amounts(amounts_text)
+  local run_over = {}
+  local spent, run = run_check(limits, amounts, mode, run_over)
+  local needed, too_large = needs(limits, amounts, mode)
+  if spent or too_large then
     if ticket ~= '' then drop_ticket(ticket, wake) end
-    return too_large
+    if spent then announce_run_spent(limits.run, agent, spent) end
+    return spent or too_large
   end
   local v = check(needed, mode, ticket, rank, waiting)
-  if #v.blocked == 0 then return admit(id, agent, model, needed, amounts_text, lease_ttl, ticket, record, v.over) end
+  for _, lk in ipairs(run_over) do v.over[#v.over + 1] = lk end
+  if #v.blocked == 0 then return admit(id, agent, model, needed, amounts_text, lease_ttl, ticket, record, v.over, run) end
   announce_exhausted(v.full, agent)
   if mode ~= 'wait' then return {0, '', NOW, v.retry_at, v.first, v.reason, v.first_amount} end
   return enqueue(id, agent, priority, ticket, record, queue_ttl, v)
@@ -147,10 +187,10 @@ end
 
 local replies = {}
 for _, request in ipairs(ARGV) do
-  local id, agent, model, mode, priority, ticket, lease_ttl, queue_ttl, amounts =
-    string.match(request, '^(%S+) (%S*) (%S*) (%S+) (%S+) (%S*) (%S+) (%S+) (.*)$')
+  local id, agent, model, run, mode, priority, ticket, lease_ttl, queue_ttl, amounts =
+    string.match(request, '^(%S+) (%S*) (%S*) (%S*) (%S+) (%S+) (%S*) (%S+) (%S+) (.*)$')
   if not id then return redis.error_reply('malformed acquire request ' .. request) end
-  replies[#replies + 1] = acquire(id, agent, model, mode, tonumber(priority), ticket, tonumber(lease_ttl),
+  replies[#replies + 1] = acquire(id, agent, model, run, mode, tonumber(priority), ticket, tonumber(lease_ttl),
                                   tonumber(queue_ttl), amounts)
 end
 purge_met_tickets(wake)

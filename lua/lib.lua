@@ -7,8 +7,8 @@
 -- Key layout under base B (LK = limit key "<scope>:<dimension>:<window_ms>",
 -- or "<scope>:<dimension>:<period>@<zone>" for a calendar period such as
 -- "T:usd:month@Europe/Berlin"; scope "T" for the tenant, "A:<agent>" for one
--- agent or "M:<model>" for one model; a dimension is a built-in one or a
--- custom name of letters and _):
+-- agent, "M:<model>" for one model or "R:<run>" for the lifetime caps of one
+-- run; a dimension is a built-in one or a custom name of letters and _):
 --   B:limits        hash   "T" | "D" | "A:<agent>" | "M:<model>" -> JSON list of limits
 --   B:agents        set    agents that ever had a window of their own
 --   B:w:<LK>        hash   window: t (running total), o (oldest bucket index
@@ -23,7 +23,7 @@
 --                          the lease clock)
 --   B:seq           string ticket sequence
 --   B:r:<id>        hash   reservation: s (state), a (agent), m (model, when
---                          given), c (charges),
+--                          given), u (run id, when given), c (charges),
 --                          e (estimates), t0 (admitted ms), x (lease expiry,
 --                          on the lease clock like B:leases)
 --   B:leases        zset   open reservation id -> lease expiry on the lease
@@ -33,6 +33,13 @@
 --                          served), s (lease shift, only grows), p (latest
 --                          concurrency retry time promised, lease clock)
 --   B:ledger        stream one entry per commit
+--   B:run:<id>      hash   a run (see "runs" below): a (agent), c (caps, JSON
+--                          like a scope of B:limits), t0 (start, NOW ms), dl
+--                          (deadline ms, 0 for none), x (TTL in ms its keys get
+--                          on every use), h (processes inside), n (steps:
+--                          admissions), d:<dim> (committed), m|<model>|<dim>
+--                          (committed per model); its caps' windows are
+--                          B:w:R:<id>:<dim>:0, with the same TTL
 --   B:trail         stream one entry per event (field "event": the JSON also
 --                          published on B:events, which adds the entry's id as
 --                          "id"), the last TRAIL_MAXLEN kept (exact trim)
@@ -54,6 +61,7 @@ local K = {
 local function window_key(lk) return B .. ':w:' .. lk end
 local function blocked_key(lk) return B .. ':b:' .. lk end
 local function reservation_key(id) return B .. ':r:' .. id end
+local function run_key(id) return B .. ':run:' .. id end
 
 local BUCKETS = 60
 local MAX_UNITS = 2 ^ 53 - 1        -- the largest integer a double holds exactly; no total goes past it
@@ -186,13 +194,26 @@ local function decode_limits(json, scope)
   return out
 end
 
+-- The run `id` as the scripts use it: its hash, caps (limits of scope
+-- "R:<id>", each marked L.run), start, deadline and key TTL; `gone` when its
+-- keys expired (or it never was).
+local function run_state(id)
+  local key = run_key(id)
+  local v = redis.call('HMGET', key, 'c', 't0', 'dl', 'x')
+  if not v[1] then return {id = id, key = key, gone = true, caps = {}} end
+  local caps = decode_limits(v[1], 'R:' .. id)
+  for _, L in ipairs(caps) do L.run = true end
+  return {id = id, key = key, caps = caps, t0 = tonumber(v[2]), dl = tonumber(v[3]) or 0, ttl = tonumber(v[4])}
+end
+
 -- The limits that apply to one agent ('' for none) calling one model ('' for
 -- none): the tenant's, then the agent's own or, when it has none, the
 -- tenant's default for every agent, then the model's (scope "M:<model>",
--- tenant-wide). `out.stored` is false when neither the tenant's nor the
+-- tenant-wide), then the caps of run `run` (nil or '' for none; `out.run` is
+-- its run_state). `out.stored` is false when neither the tenant's nor the
 -- agent's scopes are stored: absence is not permission (an explicitly
 -- unlimited tenant stores T as '[]'); a model's limits only add to those.
-local function applicable_limits(agent, model)
+local function applicable_limits(agent, model, run)
   local out = {}
   local cfg = redis.call('HMGET', K.limits, 'T', 'A:' .. agent, 'D', 'M:' .. (model or ''))
   out.stored = (cfg[1] or (agent ~= '' and (cfg[2] or cfg[3]))) and true or false
@@ -204,6 +225,10 @@ local function applicable_limits(agent, model)
   end
   if model and model ~= '' then
     for _, L in ipairs(decode_limits(cfg[4], 'M:' .. model)) do out[#out + 1] = L end
+  end
+  if run and run ~= '' then
+    out.run = run_state(run)
+    for _, L in ipairs(out.run.caps) do out[#out + 1] = L end
   end
   return out
 end
@@ -222,11 +247,11 @@ end
 -- script; only for scripts that do not change limits.
 local function limits_memo()
   local memo = {}
-  return function(agent, model)
-    local id = agent .. ' ' .. (model or '')
+  return function(agent, model, run)
+    local id = agent .. ' ' .. (model or '') .. ' ' .. (run or '')
     local found = memo[id]
     if found == nil then
-      found = applicable_limits(agent, model)
+      found = applicable_limits(agent, model, run)
       memo[id] = found
     end
     return found
@@ -423,8 +448,9 @@ local function flush_writes()
     if #del > 0 then redis.call('HDEL', w.L.key, unpack(del)) end
     if #put > 0 then redis.call('HSET', w.L.key, unpack(put)) end
     if w.ttl then
-      -- a calendar window outlives its period by a day
-      redis.call('PEXPIRE', w.L.key, w.L.cal and w.e - NOW + DAY_MS or (w.L.n + 2) * bucket_width(w.L))
+      -- a calendar window outlives its period by a day; a run's cap lives as long as the run (touch_run)
+      local ttl = w.ttl_ms or (w.L.cal and w.e - NOW + DAY_MS or (w.L.n + 2) * bucket_width(w.L))
+      redis.call('PEXPIRE', w.L.key, ttl)
     end
     w.dirty, w.ttl = {}, false
   end
@@ -527,7 +553,7 @@ end
 -- bucket again) and the new total. `now` must be the script's NOW (the
 -- current bucket is cached).
 local function charge(L, w, amt, now, agent)
-  if w.g == nil and agent ~= '' and L.scope ~= 'T' then redis.call('SADD', K.agents, agent) end
+  if w.g == nil and agent ~= '' and L.scope ~= 'T' and not L.run then redis.call('SADD', K.agents, agent) end
   add(w, w.cur, amt, now)
   return w.cur, w.g, w.t
 end
@@ -729,6 +755,63 @@ local function purge_leases(now, lease_now, wake)
   end
 end
 
+-- runs ----------------------------------------------------------------------
+--
+-- A run (slowburn_redis/runs.py) is a short-lived scope of lifetime caps: a
+-- request that names it is charged to its caps too, in the same script call,
+-- all or nothing. A cap never refills, so a request that does not fit is not
+-- queued: acquire answers {-3, ...} at once, before any queue is looked at.
+-- Every key of a run expires x ms after its last use (run.lua sets x: the
+-- run's max_seconds and a margin while it is open, a short grace once every
+-- process left it).
+
+-- The acquire reply for a request the run `run` (run_state) cannot take, or
+-- nil and the caps it needs: {-3, reason, limit_key, limit_amount, used, requested}
+-- with reason 'cap' (a cap is spent), 'time' (max_seconds passed: amounts in
+-- ms) or 'gone' (its keys expired). Advisory mode charges the caps whatever
+-- they say (the exceeded ones go into `over`), except for a run gone.
+local function run_verdict(run, amounts, mode, over)
+  local lk = 'R:' .. run.id
+  if run.gone then return nil, {-3, 'gone', lk, 0, 0, 0} end
+  if run.dl > 0 and NOW >= run.dl and mode ~= 'advisory' then
+    return nil, {-3, 'time', lk, run.dl - run.t0, NOW - run.t0, 0}
+  end
+  local needed = {}
+  for _, L in ipairs(run.caps) do
+    local amt = amounts[L.d] or 0
+    if amt > 0 then
+      local w = advance(L, NOW)
+      if w.t + amt > L.a then
+        if mode ~= 'advisory' then return nil, {-3, 'cap', L.lk, L.a, w.t, amt} end
+        over[#over + 1] = L.lk
+      end
+      needed[#needed + 1] = {L = L, amt = amt, state = w}
+    end
+  end
+  return needed
+end
+
+-- The run was used: its keys live another x ms (the windows' TTL is set when they are written).
+local function touch_run(run)
+  if run.gone then return end
+  redis.call('PEXPIRE', run.key, run.ttl)
+  for _, L in ipairs(run.caps) do
+    local w = window(L)
+    w.ttl_ms, w.ttl = run.ttl, true
+  end
+end
+
+-- Count a commit's final amounts on the run, per dimension and per model.
+local function run_committed(run, final, model)
+  if run.gone then return end
+  for dim, v in pairs(final) do
+    if dim ~= 'concurrency' and v ~= 0 then
+      redis.call('HINCRBY', run.key, 'd:' .. dim, v)
+      redis.call('HINCRBY', run.key, 'm|' .. model .. '|' .. dim, v)
+    end
+  end
+end
+
 -- verdict (acquire and quote) -------------------------------------------------
 
 -- The limits among `limits` (applicable_limits) that `amounts` needs, or the
@@ -737,7 +820,7 @@ local function needs(limits, amounts, mode)
   local needed = {}
   for _, L in ipairs(limits) do
     local amt = amounts[L.d] or 0
-    if amt > 0 then
+    if amt > 0 and not L.run then  -- a run's caps are judged by run_verdict, never queued on
       if amt > L.a and mode ~= 'advisory' then return nil, {-1, L.lk, L.a, amt} end
       needed[#needed + 1] = {L = L, amt = amt}
     end

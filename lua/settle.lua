@@ -26,6 +26,11 @@
 --
 -- A lease that already expired may still be committed: the actual cost
 -- replaces the estimate that stayed charged.
+--
+-- A reservation made in a run (field u) settles on the run's caps like on
+-- every other window it was charged to; a commit also counts its final
+-- amounts on the run (per dimension and per model) and refreshes the run's
+-- TTL. A run whose keys expired is left alone.
 
 clock_commit()
 local wake = {}
@@ -127,8 +132,8 @@ end
 
 local function settle(id, kind, actual, maxlen, model, outcome, meta)
   local rkey = reservation_key(id)
-  local rs = redis.call('HMGET', rkey, 's', 'a', 'c', 'e', 'm')
-  local state, agent, acquired_model = rs[1], rs[2] or '', rs[5] or ''
+  local rs = redis.call('HMGET', rkey, 's', 'a', 'c', 'e', 'm', 'u')
+  local state, agent, acquired_model, run_id = rs[1], rs[2] or '', rs[5] or '', rs[6] or ''
   if not state then return {0, 'unknown'} end
   if state ~= 'open' and state ~= 'expired' then return {0, state} end
   if state == 'expired' and kind == 'release' then return {0, 'expired'} end
@@ -139,7 +144,7 @@ local function settle(id, kind, actual, maxlen, model, outcome, meta)
   local function current_limits()
     if config == nil then
       config = {}
-      for _, L in ipairs(limits_of(agent, acquired_model)) do config[L.lk] = L end
+      for _, L in ipairs(limits_of(agent, acquired_model, run_id)) do config[L.lk] = L end
     end
     return config
   end
@@ -149,6 +154,11 @@ local function settle(id, kind, actual, maxlen, model, outcome, meta)
   local over = {}
   if kind == 'commit' then
     over = overruns(final, estimate, charge_unreserved(final, estimate, charged, agent, current_limits))
+  end
+  local run = run_id ~= '' and limits_of(agent, acquired_model, run_id).run
+  if run then
+    if kind == 'commit' then run_committed(run, final, model) end
+    touch_run(run)
   end
 
   state = kind == 'commit' and 'committed' or 'released'

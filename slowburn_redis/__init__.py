@@ -31,6 +31,7 @@ from slowburn_redis.errors import (
     RedisUnavailable,
     RequestTooLarge,
     ReservationError,
+    RunExhausted,
     SlowburnError,
 )
 from slowburn_redis.events import Event
@@ -38,6 +39,7 @@ from slowburn_redis.limits import Limit
 from slowburn_redis.names import EVERY_AGENT
 from slowburn_redis.quote import Quote
 from slowburn_redis.reservation import Reservation, Settlement
+from slowburn_redis.runs import Run, RunSummary, SyncRun, current_run
 from slowburn_redis.status import LimitStatus, Status
 from slowburn_redis.sync import SyncBudget, SyncReservation
 
@@ -68,10 +70,15 @@ __all__ = [
     "RequestTooLarge",
     "Reservation",
     "ReservationError",
+    "Run",
+    "RunExhausted",
+    "RunSummary",
     "Settlement",
     "SlowburnError",
     "Status",
     "SyncBudget",
     "SyncReservation",
+    "SyncRun",
     "__version__",
+    "current_run",
 ]

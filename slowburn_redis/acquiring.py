@@ -20,11 +20,19 @@ import structlog
 
 from slowburn_redis import protocol
 from slowburn_redis.engine import Engine
-from slowburn_redis.errors import BudgetClosed, BudgetExhausted, BudgetTimeout, LimitsMissing, RequestTooLarge
+from slowburn_redis.errors import (
+    BudgetClosed,
+    BudgetExhausted,
+    BudgetTimeout,
+    LimitsMissing,
+    RequestTooLarge,
+    RunExhausted,
+)
 from slowburn_redis.keys import LimitKey, describe_limit_key
 from slowburn_redis.limits import from_units
 from slowburn_redis.reservation import Reservation, Settler
 from slowburn_redis.resilience import FINAL_ATTEMPT, bounded
+from slowburn_redis.runs import read_summary, run_exhausted
 from slowburn_redis.status import Status
 from slowburn_redis.tasks import finish_despite_cancel
 from slowburn_redis.waiting import Waiter, WakeHub
@@ -34,6 +42,10 @@ log = structlog.get_logger("slowburn_redis")
 CLEANUP_GRACE = 5.0
 """Seconds an interrupted acquire waits for its in-flight script's answer before cleaning up regardless
 (then a queue place it left may outlive it until its heartbeats lapse, three heartbeats at most)."""
+
+
+SUMMARY_WAIT = 2.0
+"""Seconds a RunExhausted waits for the run's summary (then it is raised without one)."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,8 @@ class AcquireRequest:
     lease_ttl: float
     model: str | None = None
     """The model called, when known: the limits of its scope (``M:<model>``) apply too."""
+    run_id: str | None = None
+    """The run the call is made in (`slowburn_redis.runs`): its caps are charged too."""
 
 
 class AcquireCall:
@@ -99,6 +113,8 @@ class AcquireCall:
                     raise self._too_large(reply)
                 if isinstance(reply, protocol.Missing):
                     raise self._missing()
+                if isinstance(reply, protocol.RunSpent):
+                    raise await self._run_spent(reply)
                 await self._denied(reply, deadline)
         except BaseException:
             await self._clean_up()
@@ -121,6 +137,7 @@ class AcquireCall:
             queue_ms=self._queue_ttl_ms,
             estimate=request.estimate,
             model=request.model,
+            run_id=request.run_id,
         )
         self._in_flight = True
         reply = await self._engine.run(self._engine.scripts.acquire, self._settler.key, args, deadline=deadline)
@@ -160,6 +177,21 @@ class AcquireCall:
             tenant=tenant,
             agent=agent,
         )
+
+    async def _run_spent(self, reply: protocol.RunSpent) -> RunExhausted:
+        """The RunExhausted for a run that cannot take the request, with the run's summary (None if unreadable)."""
+        self._ticket = ""
+        request = self.request
+        run_id = request.run_id or ""
+        try:
+            deadline = asyncio.get_running_loop().time() + SUMMARY_WAIT  # the error to raise is RunExhausted
+            summary = await bounded(
+                read_summary(self._engine, self._settler.key, run_id=run_id, tenant=request.tenant), deadline
+            )
+        except Exception:
+            summary = None
+        log.info("run.exhausted", tenant=request.tenant, agent=request.agent, run=run_id, reason=reply.reason)
+        return run_exhausted(reply, summary, tenant=request.tenant, agent=request.agent, run_id=run_id)
 
     def _too_large(self, reply: protocol.TooLarge) -> RequestTooLarge:
         self._ticket = ""

@@ -33,6 +33,7 @@ from slowburn_redis.quote import Quote, quote_from_reply
 from slowburn_redis.reseeding import Reseeder
 from slowburn_redis.reservation import Reservation, Settler, check_lease_ttl
 from slowburn_redis.resilience import Backoff, OnUnavailable
+from slowburn_redis.runs import RunScope, current_run, validated_spec
 from slowburn_redis.status import Status
 from slowburn_redis.waiting import WakeHub
 
@@ -310,9 +311,14 @@ class Budget:
         whatever the limits say. A request larger than a limit itself raises
         RequestTooLarge at once. All arguments are checked before Redis is
         touched (InvalidInput).
+
+        Inside ``budget.run(...)`` (see `run`) of the same tenant, the run's
+        caps are charged too; a spent cap raises RunExhausted at once.
         """
+        tenant = validate_name("tenant", tenant)
+        run = current_run()  # read here, in the caller's context (the sync twin's thread included)
         request = AcquireRequest(
-            tenant=validate_name("tenant", tenant),
+            tenant=tenant,
             agent=_acquiring_agent(agent),
             estimate=_estimate(usd, tokens, input_tokens, output_tokens, requests, custom),
             mode=_mode(mode),
@@ -320,6 +326,7 @@ class Budget:
             priority=_priority(priority),
             lease_ttl=check_lease_ttl(self.lease_ttl if lease_ttl is None else lease_ttl),
             model=None if model is None else validate_model(model),
+            run_id=run.id if run is not None and run.tenant == tenant else None,
         )
         return _Acquire(self._acquiring(request))
 
@@ -388,6 +395,35 @@ class Budget:
         args = protocol.quote_args(agent=agent, model=model, priority=_priority(priority), estimate=estimate)
         reply = await self._run("quote", tenant, args)
         return quote_from_reply(reply, tenant=tenant, agent=agent, model=model, estimate=estimate)
+
+    # runs --------------------------------------------------------------------
+
+    def run(
+        self,
+        tenant: str,
+        agent: str | None = None,
+        *,
+        caps: Iterable[Limit | str] | str | None = None,
+        max_seconds: float | None = None,
+        run_id: str | None = None,
+    ) -> RunScope:
+        """A run: ``async with budget.run("acme", agent="researcher", caps=["tokens 50k"], max_seconds=600) as run:``.
+
+        Inside, every acquire of `tenant` (through `acquire`, `BudgetedLLM`
+        and the integrations, in this task and the tasks it creates) is
+        charged to the run's `caps` (lifetime amounts: ``requests 20``,
+        ``tokens 50k``, ``usd 0.50``, custom dimensions) as well as to the
+        tenant's and agent's limits, all or nothing. A cap never refills: a
+        call that does not fit, or one made after `max_seconds` (the tenant's
+        clock), raises RunExhausted at once, in wait mode too, with the run's
+        summary. ``run.id`` names the run; ``await run.summary()`` gives what
+        it spent. `run_id` joins a run other processes share, or opens it
+        under that id (given caps must match the stored ones; none: take
+        them). The run's keys expire after it (`slowburn_redis.runs`).
+        """
+        tenant = validate_name("tenant", tenant)
+        spec = validated_spec(tenant, _acquiring_agent(agent), caps, max_seconds, run_id)
+        return RunScope(self.engine, self.key(tenant), spec)
 
     # inspecting and resetting -------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from slowburn_redis.runs import RunSummary
     from slowburn_redis.status import Status
 
 
@@ -55,6 +56,36 @@ class RequestTooLarge(BudgetDenied):
         super().__init__(message, tenant=tenant, agent=agent, limit=limit)
         self.amount = amount
         self.requested = requested
+
+
+class RunExhausted(BudgetDenied):
+    """A run's cap (or its max_seconds) is spent: raised at once, in every mode that checks limits, never waited on.
+
+    A run cap never refills, so waiting cannot help. `summary` (a
+    `slowburn_redis.runs.RunSummary`) is what the run spent, per dimension
+    and per model, its steps and its time; `cap` says in words what was hit
+    (``tokens 50000 (run r-123)``, ``max_seconds 600 (run r-123)``); `reason`
+    is ``cap``, ``time`` or ``gone`` (the run's keys expired); `limit` is the
+    cap's limit key.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        tenant: str,
+        agent: str | None,
+        limit: str,
+        run_id: str,
+        reason: str,
+        cap: str,
+        summary: RunSummary | None,
+    ) -> None:
+        super().__init__(message, tenant=tenant, agent=agent, limit=limit)
+        self.run_id = run_id
+        self.reason = reason
+        self.cap = cap
+        self.summary = summary
 
 
 class LimitsMissing(SlowburnError):

@@ -7,7 +7,8 @@ scripts derive the same names from KEYS[1] with the helpers at the top of
 
 A *limit key* (LK) names one limit of one scope: ``<scope>:<dimension>:<window_ms>``
 with scope ``T`` (the tenant), ``D`` (the default of every agent) or
-``A:<agent>``, or ``M:<model>`` (one model, tenant-wide); a lifetime cap has
+``A:<agent>``, or ``M:<model>`` (one model, tenant-wide), or ``R:<run>`` (the
+lifetime caps of one run, see `slowburn_redis.runs`); a lifetime cap has
 window 0; a calendar period ends in ``<period>@<zone>`` instead
 (``T:usd:month@Europe/Berlin``). Text for people never shows a limit key:
 `describe_limit_key` turns it into ``usd 0.5/hour (agent researcher)`` or
@@ -25,6 +26,7 @@ TENANT_SCOPE = "T"
 DEFAULT_AGENT_SCOPE = "D"
 AGENT_SCOPE_PREFIX = "A:"
 MODEL_SCOPE_PREFIX = "M:"
+RUN_SCOPE_PREFIX = "R:"
 
 # The suffixes after the base key; lua/lib.lua names the same ones.
 LIMITS = "limits"
@@ -35,6 +37,7 @@ QUEUE = "q"
 QUEUE_EXPIRY = "qexp"
 SEQUENCE = "seq"
 RESERVATION = "r"
+RUN = "run"
 LEASES = "leases"
 LEDGER = "ledger"
 ADMIN = "admin"
@@ -113,6 +116,10 @@ class TenantKeys:
     def reservation(self, reservation_id: str) -> str:
         return self._(f"{RESERVATION}:{reservation_id}")
 
+    def run(self, run_id: str) -> str:
+        """Hash: one run (caps, start, deadline, steps, committed amounts; see lua/lib.lua, "runs")."""
+        return self._(f"{RUN}:{run_id}")
+
     @property
     def leases(self) -> str:
         return self._(LEASES)
@@ -184,18 +191,25 @@ class LimitKey:
         return self.scope[len(MODEL_SCOPE_PREFIX) :] if self.scope.startswith(MODEL_SCOPE_PREFIX) else None
 
     @property
+    def run(self) -> str | None:
+        """The run id of an ``R:`` scope (a run's cap), else None."""
+        return self.scope[len(RUN_SCOPE_PREFIX) :] if self.scope.startswith(RUN_SCOPE_PREFIX) else None
+
+    @property
     def agent(self) -> str | None:
         """The agent of an ``A:`` scope, ``*`` for the default of every agent, None for the tenant or a model."""
-        if self.scope.startswith(MODEL_SCOPE_PREFIX):
+        if self.scope.startswith((MODEL_SCOPE_PREFIX, RUN_SCOPE_PREFIX)):
             return None
         if self.scope.startswith(AGENT_SCOPE_PREFIX):
             return self.scope[len(AGENT_SCOPE_PREFIX) :]
         return EVERY_AGENT if self.scope == DEFAULT_AGENT_SCOPE else None
 
     def scope_words(self) -> str:
-        """``tenant``, ``every agent``, ``agent researcher`` or ``model gpt-4o``."""
+        """``tenant``, ``every agent``, ``agent researcher``, ``model gpt-4o`` or ``run r-123``."""
         if self.model is not None:
             return f"model {self.model}"
+        if self.run is not None:
+            return f"run {self.run}"
         agent = self.agent
         if agent is None:
             return "tenant"

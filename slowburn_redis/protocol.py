@@ -32,12 +32,14 @@ def acquire_args(
     queue_ms: int,
     estimate: dict[str, int],
     model: str | None = None,
+    run_id: str | None = None,
 ) -> list[Any]:
     """One acquire request (acquire.lua): the fields its header lists, in order."""
     return [
         reservation_id,
         agent or "",
         model or "",
+        run_id or "",
         mode,
         priority,
         ticket,
@@ -151,7 +153,22 @@ class Missing:
     agent: str
 
 
-AcquireReply = Admitted | Denied | TooLarge | Missing
+@dataclass(frozen=True)
+class RunSpent:
+    """acquire.lua ``{-3, reason, limit_key, limit_amount, used, requested}``: the run cannot take the request.
+
+    `reason` is ``cap`` (`limit_key` is the run's cap), ``time`` (max_seconds
+    passed; amounts in ms) or ``gone`` (the run's keys expired).
+    """
+
+    reason: str
+    limit_key: str
+    amount: int
+    used: int
+    requested: int
+
+
+AcquireReply = Admitted | Denied | TooLarge | Missing | RunSpent
 
 UNLIMITED_JSON = "[]"
 """What set_limits.lua stores for a scope deliberately left unlimited (an absent scope is missing, not unlimited)."""
@@ -171,7 +188,54 @@ def decode_acquire(reply: list[Any]) -> AcquireReply:
         return TooLarge(str(limit_key), int(amount), int(requested))
     if code == -2:
         return Missing(str(reply[1]))
+    if code == -3:
+        _, reason, limit_key, amount, used, requested = reply
+        return RunSpent(str(reason), str(limit_key), int(amount), int(used), int(requested))
     raise ValueError(f"unexpected acquire reply {reply!r}")
+
+
+def run_open_args(*, run_id: str, agent: str | None, caps_json: str, max_ms: int, ttl_ms: int) -> list[Any]:
+    """run.lua ``open``: create the run, or join it (`caps_json` '' joins only a run that exists)."""
+    return ["open", run_id, agent or "", caps_json, max_ms, ttl_ms]
+
+
+@dataclass(frozen=True)
+class RunOpened:
+    """run.lua ``open``: `created` False when an existing run was joined; times in ms on the tenant clock."""
+
+    created: bool
+    agent: str | None
+    caps_json: str
+    started_ms: int
+    deadline_ms: int | None
+    now_ms: int
+
+
+def decode_run_open(reply: list[Any]) -> RunOpened | None:
+    """The run opened or joined; None when joining a run that does not exist."""
+    if int(reply[0]) == -1:
+        return None
+    created, agent, caps, started, deadline, now = reply
+    return RunOpened(bool(int(created)), str(agent) or None, str(caps), int(started), int(deadline) or None, int(now))
+
+
+@dataclass(frozen=True)
+class RunCounters:
+    """run.lua ``summary``: the run hash's fields and each cap as ``(limit_key, amount, used)`` in units."""
+
+    now_ms: int
+    fields: dict[str, str]
+    caps: list[tuple[str, int, int]]
+
+
+def decode_run_summary(reply: list[Any]) -> RunCounters | None:
+    """The run's counters; None when the run is gone."""
+    if int(reply[0]) == -1:
+        return None
+    _, now, flat, caps = reply
+    fields = {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat), 2)}
+    rows = [(str(caps[i]), int(caps[i + 1]), int(caps[i + 2])) for i in range(0, len(caps), 3)]
+    return RunCounters(int(now), fields, rows)
 
 
 @dataclass(frozen=True)

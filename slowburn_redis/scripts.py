@@ -18,11 +18,23 @@ from typing import Any, Literal
 
 from redis.exceptions import NoScriptError
 
-SCRIPT_NAMES = ("acquire", "settle", "extend", "leave", "refresh", "set_limits", "reset", "status", "announce", "quote")
+SCRIPT_NAMES = (
+    "acquire",
+    "settle",
+    "extend",
+    "leave",
+    "refresh",
+    "set_limits",
+    "reset",
+    "status",
+    "announce",
+    "quote",
+    "run",
+)
 BATCHED = frozenset({"acquire", "settle"})
 """Scripts whose ARGV may hold several requests, answered with a list of replies (see `slowburn_redis.batching`)."""
 
-_JOINED_FIELDS = {"acquire": 9, "settle": 4}
+_JOINED_FIELDS = {"acquire": 10, "settle": 4}
 """How many leading arguments of a request travel as one space-joined string (see each script's header)."""
 Clock = Literal["server", "test"]
 
@@ -102,3 +114,4 @@ class Scripts:
         self.status = Script("status", clock)
         self.announce = Script("announce", clock)
         self.quote = Script("quote", clock)
+        self.run = Script("run", clock)

@@ -24,6 +24,7 @@ from slowburn_redis.errors import BudgetClosed, WrongThread
 from slowburn_redis.events import Event
 from slowburn_redis.limits import Limit
 from slowburn_redis.reservation import Reservation, Settlement
+from slowburn_redis.runs import SyncRunScope
 from slowburn_redis.status import Status
 
 if TYPE_CHECKING:
@@ -224,14 +225,14 @@ class SyncBudget:
 
     def __init__(self, build: Callable[[], Budget]) -> None:
         self.portal = Portal()
-        """The private loop; `run` submits any coroutine to it (for layers built on the async Budget)."""
+        """The private loop; `call` submits any coroutine to it (for layers built on the async Budget)."""
 
         async def _build() -> Budget:
             return build()
 
         self.budget = self.portal.call(_build())
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine of the async layer on this twin's loop and wait for it (see `Portal.call`)."""
         return self.portal.call(coro)
 
@@ -324,6 +325,20 @@ class SyncBudget:
                 requests=requests,
                 **custom,
             )
+        )
+
+    def run(
+        self,
+        tenant: str,
+        agent: str | None = None,
+        *,
+        caps: Iterable[Limit | str] | str | None = None,
+        max_seconds: float | None = None,
+        run_id: str | None = None,
+    ) -> SyncRunScope:
+        """See `Budget.run`: ``with twin.run(...) as run:``; the run is current in the calling thread."""
+        return SyncRunScope(
+            self.portal, self.budget.run(tenant, agent, caps=caps, max_seconds=max_seconds, run_id=run_id)
         )
 
     def status(self, tenant: str, *, agent: str | None = None) -> Status:

@@ -30,7 +30,12 @@ def test_the_lua_key_table_matches_keys_py() -> None:
 
 
 def test_the_lua_per_item_keys_match_keys_py() -> None:
-    per_item = (("window_key", keys.WINDOW), ("blocked_key", keys.BLOCKED), ("reservation_key", keys.RESERVATION))
+    per_item = (
+        ("window_key", keys.WINDOW),
+        ("blocked_key", keys.BLOCKED),
+        ("reservation_key", keys.RESERVATION),
+        ("run_key", keys.RUN),
+    )
     for function, suffix in per_item:
         assert re.search(rf"local function {function}\(\w+\) return B \.\. ':{suffix}:' \.\. \w+ end", LIB), function
 

@@ -20,7 +20,7 @@ def test_acquire_args_follow_the_script_header_order() -> None:
         queue_ms=15000,
         estimate={"usd": 5, "concurrency": 1},
     )
-    assert args == ["r1", "", "", "wait", 3, "", 60000, 15000, "usd=5 concurrency=1"]
+    assert args == ["r1", "", "", "", "wait", 3, "", 60000, 15000, "usd=5 concurrency=1"]
     with_model = protocol.acquire_args(
         reservation_id="r1",
         agent="bot",
@@ -32,7 +32,28 @@ def test_acquire_args_follow_the_script_header_order() -> None:
         estimate={"tool_calls": 2},
         model="openai/gpt-4o",
     )
-    assert with_model[:3] == ["r1", "bot", "openai/gpt-4o"] and with_model[-1] == "tool_calls=2"
+    assert with_model[:4] == ["r1", "bot", "openai/gpt-4o", ""] and with_model[-1] == "tool_calls=2"
+    in_run = protocol.acquire_args(
+        reservation_id="r1",
+        agent="bot",
+        mode="wait",
+        priority=0,
+        ticket="",
+        lease_ms=1,
+        queue_ms=1,
+        estimate={"tokens": 2},
+        run_id="r-1",
+    )
+    assert in_run[:4] == ["r1", "bot", "", "r-1"]
+
+
+def test_the_acquire_script_reads_as_many_joined_fields_as_acquire_args_builds() -> None:
+    from slowburn_redis.scripts import Script
+
+    args = protocol.acquire_args(
+        reservation_id="r1", agent="a", mode="wait", priority=0, ticket="", lease_ms=1, queue_ms=1, estimate={"usd": 1}
+    )
+    assert Script("acquire").request(args) == [" ".join(map(str, args))]
 
 
 def test_settle_args_carry_metadata_as_compact_json() -> None:
@@ -50,6 +71,7 @@ def test_settle_args_carry_metadata_as_compact_json() -> None:
         ([0, "t", "100", "-1", "T:usd:0", "capacity", "5"], protocol.Denied("t", 100, -1, "T:usd:0", "capacity", 5)),
         ([-1, "T:usd:0", "5", "9"], protocol.TooLarge("T:usd:0", 5, 9)),
         ([-2, "researcher"], protocol.Missing("researcher")),
+        ([-3, "cap", "R:r-1:tokens:0", "50", "40", "20"], protocol.RunSpent("cap", "R:r-1:tokens:0", 50, 40, 20)),
     ],
 )
 def test_acquire_replies_decode_to_their_types(reply: list[object], decoded: protocol.AcquireReply) -> None:

@@ -208,7 +208,7 @@ def test_latex_escape_covers_every_special_character() -> None:
 def test_latex_compiles(make_budget: Any, tmp_path: Path) -> None:
     sync = make_budget().sync()
     try:
-        sync.run(_fill(sync.budget))
+        sync.call(_fill(sync.budget))
         latex = sync.report("acme").to_latex()
     finally:
         sync.close()

@@ -152,6 +152,7 @@ TWIN_METHODS = [
     "get_limits",
     "acquire",
     "quote",
+    "run",
     "status",
     "reset",
     "report",
@@ -186,6 +187,7 @@ async def test_every_operation_of_a_closed_budget_raises_budget_closed() -> None
         "get_limits": lambda: budget.get_limits("acme"),
         "acquire": lambda: budget.acquire("acme", usd=0.1),
         "quote": lambda: budget.quote("acme", usd=0.1),
+        "run": lambda: budget.run("acme", caps=["tokens 10"]).__aenter__(),
         "status": lambda: budget.status("acme"),
         "reset": lambda: budget.reset("acme"),
         "report": lambda: budget.report("acme"),
@@ -206,7 +208,12 @@ def test_every_operation_of_a_closed_sync_twin_raises_budget_closed() -> None:
     twin = Budget.embedded().sync()
     twin.set_limits("acme", ["usd 1/hour"])
     twin.close()
-    for call in (lambda: twin.status("acme"), lambda: twin.get_limits("acme"), lambda: twin.acquire("acme")):
+    for call in (
+        lambda: twin.status("acme"),
+        lambda: twin.get_limits("acme"),
+        lambda: twin.acquire("acme"),
+        lambda: twin.run("acme", caps=["tokens 10"]).__enter__(),
+    ):
         with pytest.raises(BudgetClosed):
             call()
 
