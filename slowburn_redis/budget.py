@@ -365,7 +365,7 @@ class Budget:
         reply = await self._run("refresh", tenant, [round(self.heartbeat * 3000), *tickets])
         return protocol.decode_refresh(reply)
 
-    async def quote(
+    def quote(
         self,
         tenant: str,
         agent: str | None = None,
@@ -378,7 +378,7 @@ class Budget:
         output_tokens: int | None = None,
         requests: int = 1,
         **custom: int,
-    ) -> Quote:
+    ) -> Coroutine[Any, Any, Quote]:
         """Would `acquire` with these arguments be admitted now? Read-only: nothing is charged or queued.
 
         The answer (`slowburn_redis.quote.Quote`) is the verdict an acquire in
@@ -386,15 +386,32 @@ class Budget:
         the limit that would deny it (in words) and why, and in how many
         seconds the spent limits will have room. The arguments are those of
         `acquire` and are checked the same way (InvalidInput); a tenant with
-        no limits raises LimitsMissing.
+        no limits raises LimitsMissing. Inside a `run`, its caps are judged
+        too (reason ``run`` when the run cannot take it).
         """
         tenant = validate_name("tenant", tenant)
         agent = _acquiring_agent(agent)
         model = None if model is None else validate_model(model)
         estimate = _estimate(usd, tokens, input_tokens, output_tokens, requests, custom)
-        args = protocol.quote_args(agent=agent, model=model, priority=_priority(priority), estimate=estimate)
+        run = current_run()  # read here, in the caller's context (the sync twin's thread too): a run's caps count
+        run_id = run.id if run is not None and run.tenant == tenant else None
+        args = protocol.quote_args(
+            agent=agent, model=model, priority=_priority(priority), estimate=estimate, run_id=run_id
+        )
+        return self._quoting(tenant, args, agent=agent, model=model, estimate=estimate, run_id=run_id)
+
+    async def _quoting(
+        self,
+        tenant: str,
+        args: list[Any],
+        *,
+        agent: str | None,
+        model: str | None,
+        estimate: dict[str, int],
+        run_id: str | None,
+    ) -> Quote:
         reply = await self._run("quote", tenant, args)
-        return quote_from_reply(reply, tenant=tenant, agent=agent, model=model, estimate=estimate)
+        return quote_from_reply(reply, tenant=tenant, agent=agent, model=model, estimate=estimate, run_id=run_id)
 
     # runs --------------------------------------------------------------------
 

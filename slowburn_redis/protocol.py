@@ -49,9 +49,11 @@ def acquire_args(
     ]
 
 
-def quote_args(*, agent: str | None, model: str | None, priority: int, estimate: dict[str, int]) -> list[Any]:
-    """One quote (quote.lua): agent, model, priority and amounts, joined by spaces as its header says."""
-    return [f"{agent or ''} {model or ''} {priority} {format_amounts(estimate)}"]
+def quote_args(
+    *, agent: str | None, model: str | None, priority: int, estimate: dict[str, int], run_id: str | None = None
+) -> list[Any]:
+    """One quote (quote.lua): agent, model, run, priority and amounts, joined by spaces as its header says."""
+    return [f"{agent or ''} {model or ''} {run_id or ''} {priority} {format_amounts(estimate)}"]
 
 
 def settle_args(

@@ -16,8 +16,9 @@ from slowburn_redis import protocol
 from slowburn_redis.errors import LimitsMissing
 from slowburn_redis.keys import describe_limit_key
 from slowburn_redis.limits import from_units
+from slowburn_redis.runs import run_cap_words
 
-Reason = Literal["capacity", "queue", "too_large"]
+Reason = Literal["capacity", "queue", "too_large", "run"]
 
 
 class Quote(BaseModel):
@@ -27,8 +28,9 @@ class Quote(BaseModel):
     would be admitted at once. When not, `limit` names the limit that would
     deny it in words (``usd 0.5/hour (agent researcher)``) and `reason` says
     why: ``capacity`` (the limit is spent), ``queue`` (waiters of the same or
-    a higher priority are ahead) or ``too_large`` (larger than the limit
-    itself: it never fits). `retry_in` is the number of seconds until the
+    a higher priority are ahead), ``too_large`` (larger than the limit
+    itself: it never fits) or ``run`` (the current run's cap or time is spent:
+    an acquire would raise RunExhausted; it never fits in this run). `retry_in` is the number of seconds until the
     spent limits will have room, exact to the bucket (0 when admitted; None
     when only a settlement, a reset or the waiters ahead can make room, or
     never).
@@ -54,13 +56,21 @@ class Quote(BaseModel):
             return f"{who}: fits now"
         if self.reason == "too_large":
             return f"{who}: never fits: larger than {self.limit} itself"
+        if self.reason == "run":
+            return f"{who}: never fits in this run: {self.limit} is spent"
         when = "unknown (waits for a settlement or a reset)" if self.retry_in is None else f"in {self.retry_in:g}s"
         ahead = "waiters ahead on" if self.reason == "queue" else "spent:"
         return f"{who}: does not fit now ({ahead} {self.limit}); fits {when}"
 
 
 def quote_from_reply(
-    reply: list[object], *, tenant: str, agent: str | None, model: str | None, estimate: dict[str, int]
+    reply: list[object],
+    *,
+    tenant: str,
+    agent: str | None,
+    model: str | None,
+    estimate: dict[str, int],
+    run_id: str | None = None,
 ) -> Quote:
     """Decode a quote.lua reply (see its header); LimitsMissing for ``{-2, agent}``."""
     amounts = {dim: from_units(dim, units) for dim, units in estimate.items()}
@@ -72,6 +82,18 @@ def quote_from_reply(
             f"no limits are stored for {scope}: refused (set them, or store 'unlimited' deliberately)",
             tenant=tenant,
             agent=agent,
+        )
+    if code == -3:
+        spent = protocol.RunSpent(
+            str(reply[1]), str(reply[2]), int(str(reply[3])), int(str(reply[4])), int(str(reply[5]))
+        )
+        return Quote(
+            **common,
+            admitted=False,
+            reason="run",
+            limit=run_cap_words(spent, run_id or ""),
+            limit_key=spent.limit_key,
+            at=datetime.now(UTC),
         )
     if code == -1:
         too_large = protocol.TooLarge(str(reply[1]), int(str(reply[2])), int(str(reply[3])))

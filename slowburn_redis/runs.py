@@ -129,18 +129,25 @@ async def read_summary(engine: Engine, key: str, *, run_id: str, tenant: str) ->
     return None if counters is None else summary_from(counters, run_id=run_id, tenant=tenant)
 
 
+def run_cap_words(reply: protocol.RunSpent, run_id: str) -> str:
+    """What of the run refused: ``tokens 5000 (run r-1)``, ``max_seconds 600 (run r-1)`` or ``run r-1``."""
+    if reply.reason == "time":
+        return f"max_seconds {reply.amount / 1000:g} (run {run_id})"
+    if reply.reason == "gone":
+        return f"run {run_id}"
+    return describe_limit_key(reply.limit_key, reply.amount)
+
+
 def run_exhausted(
     reply: protocol.RunSpent, summary: RunSummary | None, *, tenant: str, agent: str | None, run_id: str
 ) -> RunExhausted:
     """The RunExhausted for acquire.lua's ``{-3, ...}`` reply, in words (no internal keys)."""
+    cap = run_cap_words(reply, run_id)
     if reply.reason == "time":
-        cap = f"max_seconds {reply.amount / 1000:g} (run {run_id})"
         what = f"run {run_id} is out of time: {cap} passed ({reply.used / 1000:.1f}s used)"
     elif reply.reason == "gone":
-        cap = f"run {run_id}"
         what = f"run {run_id} is over: its keys expired (it ended, or stayed idle past its TTL)"
     else:
-        cap = describe_limit_key(reply.limit_key, reply.amount)
         dim = LimitKey.parse(reply.limit_key).dimension
         what = (
             f"run {run_id} is spent: {cap} has {from_units(dim, reply.used):g} used "

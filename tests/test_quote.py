@@ -235,3 +235,32 @@ async def test_budgeted_llm_quotes_a_call_without_making_it(budget: Budget) -> N
     await llm.acompletion(question, max_tokens=100, mock_response=reply)
     entries = await budget.engine.client.xlen(budget.key(TENANT) + ":ledger")
     assert entries == 1  # the quotes wrote nothing to the ledger; the call did
+
+
+async def test_a_quote_inside_a_run_judges_its_caps(budget: Budget) -> None:
+    await budget.set_limits(TENANT, ["requests 100/min", "tokens 10k/min"])
+    async with budget.run(TENANT, agent="researcher", caps=["tokens 1000"], max_seconds=60):
+        assert (await budget.quote(TENANT, "researcher", tokens=900)).admitted
+        await (await budget.acquire(TENANT, "researcher", tokens=900)).commit()
+        spent = await budget.quote(TENANT, "researcher", tokens=200)
+        assert (spent.admitted, spent.reason, spent.retry_in) == (False, "run", None)
+        assert spent.limit is not None and spent.limit.startswith("tokens 1000 (run ")
+        assert "never fits in this run" in str(spent)
+    assert (await budget.quote(TENANT, "researcher", tokens=200)).admitted  # outside the run: the tenant's limits
+
+
+def test_the_sync_twin_quotes_inside_its_run(make_budget: Callable[..., Budget]) -> None:
+    async def setup() -> Budget:
+        budget = make_budget()
+        await budget.set_limits(TENANT, ["requests 100/min"])
+        return budget
+
+    budget = asyncio.run(setup())  # (make_budget's own teardown closes it)
+    twin = budget.sync()
+    try:
+        with twin.run(TENANT, caps=["requests 1"], max_seconds=60):
+            twin.acquire(TENANT).commit()
+            assert twin.quote(TENANT).reason == "run"  # the run reached the twin's loop thread
+        assert twin.quote(TENANT).admitted
+    finally:
+        twin.close()
