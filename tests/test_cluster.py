@@ -4,7 +4,7 @@ Two layers:
 
 - The core, waiting, fleet, calendar, scopes, quote and event-trail suites
   (tests/test_core.py, test_waiting.py, test_fleet.py, test_calendar.py,
-  test_scopes.py, test_quote.py, test_event_trail.py) run again here,
+  test_scopes.py, test_quote.py, test_event_trail.py, test_runs.py) run again here,
   unchanged, with the fixtures ``make_budget``,
   ``real_url`` and ``server_url`` pointed at the cluster (a
   ``redis+cluster://`` URL). Their tenant lives on one node.
@@ -37,7 +37,16 @@ from redis.crc import key_slot
 
 from slowburn_redis import Budget, BudgetTimeout, PermissionDenied
 from slowburn_redis.connection import connect_url
-from tests import test_calendar, test_core, test_event_trail, test_fleet, test_quote, test_scopes, test_waiting
+from tests import (
+    test_calendar,
+    test_core,
+    test_event_trail,
+    test_fleet,
+    test_quote,
+    test_runs,
+    test_scopes,
+    test_waiting,
+)
 from tests.cluster_support import LocalCluster, running_cluster, tenants_on_each_node
 from tests.test_waiting_processes import eventually
 from tests.workers import Worker
@@ -47,7 +56,16 @@ pytestmark = pytest.mark.cluster
 # The suites that run here too (see the module docstring). pytest collects
 # every test function found in this module's namespace, with the fixtures of
 # this module, so they run against the cluster.
-for _suite in (test_core, test_waiting, test_fleet, test_calendar, test_scopes, test_quote, test_event_trail):
+for _suite in (
+    test_core,
+    test_waiting,
+    test_fleet,
+    test_calendar,
+    test_scopes,
+    test_quote,
+    test_event_trail,
+    test_runs,
+):
     for _name, _test in vars(_suite).items():
         if _name.startswith("test_") and callable(_test):
             globals()[_name] = _test

@@ -249,18 +249,17 @@ async def test_a_quote_inside_a_run_judges_its_caps(budget: Budget) -> None:
     assert (await budget.quote(TENANT, "researcher", tokens=200)).admitted  # outside the run: the tenant's limits
 
 
-def test_the_sync_twin_quotes_inside_its_run(make_budget: Callable[..., Budget]) -> None:
-    async def setup() -> Budget:
-        budget = make_budget()
-        await budget.set_limits(TENANT, ["requests 100/min"])
-        return budget
-
-    budget = asyncio.run(setup())  # (make_budget's own teardown closes it)
+async def test_the_sync_twin_quotes_inside_its_run(budget: Budget) -> None:
+    await budget.set_limits(TENANT, ["requests 100/min"])
     twin = budget.sync()
-    try:
-        with twin.run(TENANT, caps=["requests 1"], max_seconds=60):
-            twin.acquire(TENANT).commit()
-            assert twin.quote(TENANT).reason == "run"  # the run reached the twin's loop thread
-        assert twin.quote(TENANT).admitted
-    finally:
-        twin.close()
+
+    def work() -> tuple[str | None, bool]:
+        try:
+            with twin.run(TENANT, caps=["requests 1"], max_seconds=60):
+                twin.acquire(TENANT).commit()
+                inside = twin.quote(TENANT).reason  # the run reached the twin's loop thread
+            return inside, twin.quote(TENANT).admitted
+        finally:
+            twin.close()
+
+    assert await asyncio.to_thread(work) == ("run", True)
