@@ -11,6 +11,7 @@ request, see `slowburn_redis.batching`). Unit-tested without Redis in
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,19 +35,56 @@ def acquire_args(
     model: str | None = None,
     run_id: str | None = None,
 ) -> list[Any]:
-    """One acquire request (acquire.lua): the fields its header lists, in order."""
-    return [
-        reservation_id,
-        agent or "",
-        model or "",
-        run_id or "",
-        mode,
-        priority,
-        ticket,
-        lease_ms,
-        queue_ms,
-        format_amounts(estimate),
-    ]
+    """One acquire request (acquire.lua): the fields its header lists, in order (`ACQUIRE_FIELDS`)."""
+    fields = {
+        "reservation_id": reservation_id,
+        "agent": agent or "",
+        "model": model or "",
+        "run": run_id or "",
+        "mode": mode,
+        "priority": priority,
+        "ticket": ticket,
+        "lease_ms": lease_ms,
+        "queue_ms": queue_ms,
+        "amounts": format_amounts(estimate),
+    }
+    return [fields[name] for name in ACQUIRE_FIELDS]
+
+
+ACQUIRE_FIELDS = (
+    "reservation_id",
+    "agent",
+    "model",
+    "run",
+    "mode",
+    "priority",
+    "ticket",
+    "lease_ms",
+    "queue_ms",
+    "amounts",
+)
+"""The fields of one acquire request, in the order of acquire.lua's header (`acquire_args` builds them)."""
+
+
+@dataclass(frozen=True)
+class AcquireFields:
+    """What the client itself needs back from an acquire request it built (failing open: `resilience`)."""
+
+    reservation_id: str
+    agent: str | None
+    lease_ms: int
+    amounts: str
+
+
+def read_acquire_args(args: Sequence[Any]) -> AcquireFields:
+    """The inverse of `acquire_args` for the fields a client reads back."""
+    field_of = dict(zip(ACQUIRE_FIELDS, args, strict=True))
+    return AcquireFields(
+        reservation_id=str(field_of["reservation_id"]),
+        agent=str(field_of["agent"]) or None,
+        lease_ms=int(field_of["lease_ms"]),
+        amounts=str(field_of["amounts"]),
+    )
 
 
 def quote_args(

@@ -98,6 +98,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from slowburn_redis import protocol
 from slowburn_redis.errors import (
     InvalidInput,
     RedisBusy,
@@ -442,7 +443,8 @@ class Resilience:
 
     def _fail_open(self, name: str, args: Sequence[Any], exc: BaseException) -> Any:
         if name == "acquire":
-            rid, lease_ms = str(args[0]), int(args[5])
+            request = protocol.read_acquire_args(args)
+            rid, lease_ms = request.reservation_id, request.lease_ms
             self._unbacked[rid] = None
             while len(self._unbacked) > _MAX_UNBACKED:
                 self._unbacked.popitem(last=False)
@@ -450,8 +452,8 @@ class Resilience:
                 "budget.fail_open",
                 redis=self.description,
                 reservation=rid,
-                agent=args[1] or None,
-                amounts=args[7],
+                agent=request.agent,
+                amounts=request.amounts,
                 error=_describe(exc),
                 note="admitted WITHOUT a budget check: Redis is unavailable and on_unavailable='allow'",
             )

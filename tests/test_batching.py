@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from redis.exceptions import ResponseError
 
-from slowburn_redis import Budget, BudgetExhausted, InvalidInput
+from slowburn_redis import Budget, BudgetExhausted, InvalidInput, protocol
 from slowburn_redis.batching import MAX_BATCH
 from slowburn_redis.scripts import Script
 
@@ -171,9 +171,18 @@ async def test_a_reply_of_the_wrong_length_is_an_error_not_a_wrong_answer(budget
 
 def test_a_request_travels_as_few_arguments() -> None:
     acquire, settle, status = Script("acquire"), Script("settle"), Script("status")
-    assert acquire.request(["id1", "", "wait", 0, "", 60000, 15000, "usd=5 concurrency=1"]) == [
-        "id1  wait 0  60000 15000 usd=5 concurrency=1"
-    ]
+    args = protocol.acquire_args(
+        reservation_id="id1",
+        agent=None,
+        mode="wait",
+        priority=0,
+        ticket="",
+        lease_ms=60000,
+        queue_ms=15000,
+        estimate={"usd": 5, "concurrency": 1},
+        model="gpt-4o",
+    )
+    assert acquire.request(args) == ["id1  gpt-4o  wait 0  60000 15000 usd=5 concurrency=1"]
     assert settle.request(["id1", "commit", 100, "usd=4", "gpt-4o", "", '{"k": 1}']) == [
         "id1 commit 100 usd=4",
         "gpt-4o",

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from slowburn_redis import Budget
+from slowburn_redis import Budget, protocol
 from slowburn_redis.acl import SCRIPT_COMMANDS
 from slowburn_redis.scripts import Script
 from tests.servers import RedisServer, redis_server_available
@@ -37,7 +37,7 @@ QUIET = 3.0  # seconds of measurement
 
 
 REFRESH, ACQUIRE = Script("refresh"), Script("acquire")
-AMOUNTS = "concurrency=1 requests=1 usd=10000000"
+AMOUNTS = {"concurrency": 1, "requests": 1, "usd": 10_000_000}
 # Commands the scripts run inside Redis (counted by commandstats like any other).
 # SCRIPT_COMMANDS is checked against every redis.call in lua/ by test_acl.
 SCRIPT_ONLY = {"evalsha", *SCRIPT_COMMANDS}
@@ -135,9 +135,17 @@ def test_fifty_waiters_send_almost_nothing_while_nothing_changes(own_redis: Redi
             ttl_ms = round(HEARTBEAT * 3000)
             refresh_all = cost(client, REFRESH, base, ttl_ms, *queue[:PER_PROCESS])
             refresh_one = cost(client, REFRESH, base, ttl_ms, queue[-1])
-            head_retry = cost(
-                client, ACQUIRE, base, *ACQUIRE.request(["x1", "p0w0", "wait", 0, queue[0], 60000, ttl_ms, AMOUNTS])
+            retry = protocol.acquire_args(
+                reservation_id="x1",
+                agent="p0w0",
+                mode="wait",
+                priority=0,
+                ticket=queue[0],
+                lease_ms=60000,
+                queue_ms=ttl_ms,
+                estimate=AMOUNTS,
             )
+            head_retry = cost(client, ACQUIRE, base, *ACQUIRE.request(retry))
         assert refresh_all == refresh_one, "a refresh must cost the same whatever the number of waiters"
 
         beats = int(QUIET / HEARTBEAT) + 1  # heartbeats that can fall in the interval, per process

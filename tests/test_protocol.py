@@ -7,6 +7,7 @@ import pytest
 from slowburn_redis import protocol
 from slowburn_redis.keys import LimitKey, TenantKeys, describe_limit_key
 from slowburn_redis.limits import Limit
+from slowburn_redis.scripts import Script
 
 
 def test_acquire_args_follow_the_script_header_order() -> None:
@@ -122,3 +123,35 @@ def test_tenant_keys_share_the_hash_tag() -> None:
     assert keys.base == "sb:{acme}"
     named = [keys.limits, keys.queue, keys.ledger, keys.window("T:usd:0"), keys.reservation("r1"), keys.wake_channel]
     assert all(name.startswith("sb:{acme}:") for name in named)
+
+
+def test_acquire_fields_read_back_what_acquire_args_wrote() -> None:
+    args = protocol.acquire_args(
+        reservation_id="r9",
+        agent="bot",
+        mode="reject",
+        priority=-3,
+        ticket="t",
+        lease_ms=4500,
+        queue_ms=15000,
+        estimate={"usd": 7, "tool_calls": 1},
+        model="gpt-4o",
+        run_id="run1",
+    )
+    joined = Script("acquire").request(args)
+    assert len(args) == len(protocol.ACQUIRE_FIELDS) and len(joined) == 1  # every field travels in the one string
+    fields = protocol.read_acquire_args(args)
+    assert (fields.reservation_id, fields.agent, fields.lease_ms, fields.amounts) == (
+        "r9",
+        "bot",
+        4500,
+        "usd=7 tool_calls=1",
+    )
+    assert (
+        protocol.read_acquire_args(
+            protocol.acquire_args(
+                reservation_id="r", agent=None, mode="wait", priority=0, ticket="", lease_ms=1, queue_ms=1, estimate={}
+            )
+        ).agent
+        is None
+    )
