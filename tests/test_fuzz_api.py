@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from slowburn_redis import Budget, Limit
 from slowburn_redis.errors import InvalidInput, InvalidLimit, InvalidName, SlowburnError
-from slowburn_redis.limits import DIMENSIONS, MAX_UNITS, MAX_WINDOW, MIN_WINDOW, UNITS
+from slowburn_redis.limits import DIMENSIONS, MAX_UNITS, MAX_WINDOW, MIN_WINDOW, UNITS, validate_dimension
 from tests.statecheck import glob_escape, snapshot
 
 FUZZ = settings(
@@ -63,7 +63,8 @@ numbers = st.one_of(
 amounts = st.one_of(st.none(), numbers)
 
 dimension_texts = st.one_of(
-    st.sampled_from([*DIMENSIONS, "usd ", "USD", "cost", "", "concurrency:0"]), st.text(max_size=8)
+    st.sampled_from([*DIMENSIONS, "usd ", "USD", "cost", "", "concurrency:0", "tool_calls", "steps", "timeout"]),
+    st.text(max_size=8),
 )
 amount_texts = st.one_of(
     st.sampled_from(
@@ -376,6 +377,15 @@ def test_limit_parse_returns_a_limit_that_round_trips_or_raises_invalid_limit(te
     assert limit.dimension != "concurrency" or limit.window is None
 
 
+def valid_dimension(name: object) -> bool:
+    """A built-in dimension or a well-formed custom one (``tool_calls``)."""
+    try:
+        validate_dimension(name)
+    except InvalidInput:
+        return False
+    return True
+
+
 @settings(max_examples=400, deadline=None)
 @given(fields=limit_fields)
 def test_limit_fields_give_a_limit_or_invalid_limit(fields: dict[str, Any]) -> None:
@@ -384,7 +394,7 @@ def test_limit_fields_give_a_limit_or_invalid_limit(fields: dict[str, Any]) -> N
     except InvalidLimit:
         return
     assert "extra" not in fields, "an unknown field was silently ignored"
-    assert fields["dimension"] in DIMENSIONS and fields["amount"] is not None
+    assert valid_dimension(fields["dimension"]) and fields["amount"] is not None
     assert not clearly_bad_amount(fields["amount"]) and not isinstance(fields.get("window"), bool)
     assert Limit.parse(str(limit)) == limit
     assert 0 <= limit.units <= MAX_UNITS
