@@ -139,10 +139,18 @@ def server_ms(server: RedisServer) -> int:
 
 
 def restart_empty(server: RedisServer) -> int:
-    """SIGKILL the server and start it again with nothing; the server time just after."""
+    """SIGKILL the server and start it again with nothing; the time of the kill, in ms.
+
+    Read from this host's clock once the process is dead, so no admission of
+    the old server comes after it, and every admission of the new one (same
+    host, same clock, started later) comes after it. (The new server's time,
+    read once it answers, would come after admissions a loaded machine let
+    the workers make first.)
+    """
     server.kill()
+    killed_at = int(time.time() * 1000)
     server.start()
-    return server_ms(server)
+    return killed_at
 
 
 def flat(records: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -172,14 +180,14 @@ def test_an_empty_restart_refuses_the_fleet_instead_of_admitting_it(server: Redi
     fleet = Fleet(server.url, tmp_path)
     try:
         fleet.wait_for(every_worker_admitted, "every worker to be admitted")
-        restarted_at = restart_empty(server)
+        killed_at = restart_empty(server)
         fleet.wait_for(every_worker_refused("LimitsMissing", 3), "every worker to be refused three times")
         logs = fleet.stop()
     finally:
         fleet.kill()
     records = fleet.records()
     assert_typed(records)
-    after = [a for a in admissions(records) if a["t"] >= restarted_at]
+    after = [a for a in admissions(records) if a["t"] > killed_at]
     refused = sum(r.get("error") == "LimitsMissing" for r in flat(records))
     print(f"empty restart: {len(admissions(records))} admitted before, {len(after)} after; {refused} LimitsMissing")
     assert after == [], "nothing is admitted once the limits are gone"
@@ -197,9 +205,9 @@ def test_an_empty_restart_with_declared_limits_reseeds_once_and_holds_the_limit_
     fleet = Fleet(server.url, tmp_path, desired={TENANT: LIMITS})
     try:
         fleet.wait_for(every_worker_admitted, "every worker to be admitted")
-        restarted_at = restart_empty(server)
+        killed_at = restart_empty(server)
         fleet.wait_for(
-            lambda rs: sum(r.get("admitted", 0) >= restarted_at for r in flat(rs)) >= 20,
+            lambda rs: sum(r.get("admitted", 0) > killed_at for r in flat(rs)) >= 20,
             "20 admissions after the restart",
         )
         logs = fleet.stop()
@@ -208,8 +216,8 @@ def test_an_empty_restart_with_declared_limits_reseeds_once_and_holds_the_limit_
     records = fleet.records()
     assert_typed(records)
     limit = round(USD_LIMIT * UNITS["usd"])
-    before = [a for a in admissions(records) if a["t"] < restarted_at]
-    after = [a for a in admissions(records) if a["t"] >= restarted_at]
+    before = [a for a in admissions(records) if a["t"] <= killed_at]
+    after = [a for a in admissions(records) if a["t"] > killed_at]
     # The history before the restart is gone (and said so): each side holds the limit on its own.
     assert max_in_any_window(before, "usd", WINDOW_MS) <= limit
     assert max_in_any_window(after, "usd", WINDOW_MS) <= limit
