@@ -20,17 +20,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]*")
 
 def validate_name(kind: str, value: object) -> str:
     """Return `value` if it is a valid `kind` name ("tenant", "agent"), else raise InvalidName."""
-    if not isinstance(value, str):
-        raise InvalidName(f"{kind} name must be a string, not {type(value).__name__}")
-    if not value:
-        raise InvalidName(f"{kind} name must not be empty")
-    if len(value) > MAX_NAME_LENGTH:
-        raise InvalidName(f"{kind} name is {len(value)} characters long; at most {MAX_NAME_LENGTH}")
-    if not _NAME.fullmatch(value):
-        raise InvalidName(
-            f"{kind} name {value!r} may hold only letters, digits and _ . @ - (and start with a letter or digit)"
-        )
-    return value
+    return _checked(kind, value, _NAME, MAX_NAME_LENGTH, "_ . @ -")
 
 
 MAX_MODEL_LENGTH = 128
@@ -43,17 +33,22 @@ def validate_model(model: object) -> str:
     Model names may hold letters, digits and ``_ . : / @ + -`` (no spaces,
     braces or ``|``), at most 128 characters.
     """
-    if not isinstance(model, str):
-        raise InvalidName(f"model name must be a string, not {type(model).__name__}")
-    if not model:
-        raise InvalidName("model name must not be empty")
-    if len(model) > MAX_MODEL_LENGTH:
-        raise InvalidName(f"model name is {len(model)} characters long; at most {MAX_MODEL_LENGTH}")
-    if not _MODEL.fullmatch(model):
+    return _checked("model", model, _MODEL, MAX_MODEL_LENGTH, "_ . : / @ + -")
+
+
+def _checked(kind: str, value: object, pattern: re.Pattern[str], max_length: int, punctuation: str) -> str:
+    """`value` if it is a non-empty string of at most `max_length` that `pattern` matches whole, else InvalidName."""
+    if not isinstance(value, str):
+        raise InvalidName(f"{kind} name must be a string, not {type(value).__name__}")
+    if not value:
+        raise InvalidName(f"{kind} name must not be empty")
+    if len(value) > max_length:
+        raise InvalidName(f"{kind} name is {len(value)} characters long; at most {max_length}")
+    if not pattern.fullmatch(value):
         raise InvalidName(
-            f"model name {model!r} may hold only letters, digits and _ . : / @ + - (and start with a letter or digit)"
+            f"{kind} name {value!r} may hold only letters, digits and {punctuation} (and start with a letter or digit)"
         )
-    return model
+    return value
 
 
 def validate_agent(agent: str | None) -> str | None:
