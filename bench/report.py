@@ -55,6 +55,7 @@ def markdown(results: dict[str, Any]) -> str:
         ("waiting", waiting),
         ("memory", memory),
         ("tenants", tenants),
+        ("sync", sync_twin),
     ):
         if name in sections:
             data = sections[name]
@@ -279,5 +280,51 @@ def tenants(d: dict[str, Any]) -> list[str]:
         f"limits config {num(d['limits_config_bytes_per_tenant'])} "
         f"bytes per tenant; used_memory after one call per tenant {num(d['used_memory_per_tenant_after_one_call'])} "
         f"bytes per tenant. Median bytes by key kind: {kinds}.",
+        "",
+    ]
+
+
+def sync_twin(d: dict[str, Any]) -> list[str]:
+    s, x = d["summary"], d["ratios"]
+    names = {"async": "async Budget", "sync": "sync twin", "sync_baseline": "sync twin, baseline portal (before)"}
+    rows = []
+    for kind, what in names.items():
+        wide, one = s["wide"][kind], s["one"][kind]
+        rows.append(
+            [
+                what,
+                num(wide["per_s"]),
+                num(wide["p50_ms"], 2),
+                "1.00" if kind == "async" else num(x[f"{kind}_threads_share_of_tasks"], 2),
+                num(one["p50_ms"], 3),
+                "1.00" if kind == "async" else num(x[f"{kind}_p50_x_async"], 2),
+            ]
+        )
+    g = d["goals"]
+    return [
+        "## Sync twin: threads against tasks",
+        "",
+        f"acquire+commit in a closed loop on one tenant ({', '.join(d['limits'])}, never reached), in one process: "
+        f"{d['wide']} asyncio tasks on the async Budget against {d['wide']} threads on `budget.sync()`, then 1 "
+        "task against 1 thread for the latency; the baseline row is the hand-off before issue 16 (a private loop "
+        "per twin, `run_coroutine_threadsafe` per call), run interleaved in the same repetitions. Ratios are "
+        "medians of per-repetition ratios.",
+        "",
+        *table(
+            [
+                "caller",
+                f"calls/s ({d['wide']} wide)",
+                "p50 ms (wide)",
+                "throughput (x async)",
+                "p50 ms (1 wide)",
+                "p50 (x async)",
+            ],
+            rows,
+        ),
+        f"- Goal sync twin p50 within 1.25x of async: {num(x['sync_p50_x_async'], 2)}x, "
+        f"{goal(g['p50_within_1.25x_of_async'])} (before: {num(x['sync_baseline_p50_x_async'], 2)}x).",
+        f"- Goal {d['wide']} threads >= 80% of {d['wide']} tasks' throughput: "
+        f"{num(100 * x['sync_threads_share_of_tasks'], 0)}%, {goal(g['threads_at_least_80pct_of_tasks'])} "
+        f"(before: {num(100 * x['sync_baseline_threads_share_of_tasks'], 0)}%).",
         "",
     ]

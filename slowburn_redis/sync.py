@@ -1,22 +1,37 @@
-"""The blocking twin of Budget: the same async code, run on a private event loop.
+"""The blocking twin of Budget: the same async code, run on a shared event loop.
 
-`SyncBudget` owns a thread running an asyncio loop (a portal) and a Budget
-built inside it by the same factory as the async one (same options, same
-pub/sub factory, so a cluster Budget's twin waits on the node-rotating
-pub/sub too). Each method submits the async method to that loop and waits;
-its signature is the async method's (``tests/test_structure.py`` compares
-them). Interrupting a wait (KeyboardInterrupt) cancels the async call, whose
-own cleanup leaves no reservation and no queue place behind. A blocking call
-made from the portal's own thread (a callback of the async code) raises
-`WrongThread` at once instead of deadlocking.
+`SyncBudget` runs a Budget built by the same factory as the async one (same
+options, same pub/sub factory, so a cluster Budget's twin waits on the
+node-rotating pub/sub too) on the process's portal loop: one asyncio loop on
+one daemon thread, shared by every twin of the process (Celery, RQ and
+thread-pool workers included) and stopped when the last twin closes (or at
+exit). Each method submits the async method to that loop and waits; its
+signature is the async method's (``tests/test_structure.py`` compares them).
+
+The hand-off is cheap: a call is queued in a deque and the loop is woken once
+per turn however many threads submit in it (one self-pipe write, not one per
+call), so the calls of many threads start in the same turn and the batcher
+coalesces them into one script call, as it does for tasks. The caller waits
+on a plain lock that the call's own task releases in its last step.
+
+Interrupting a wait (KeyboardInterrupt) cancels the async call, whose own
+cleanup leaves no reservation and no queue place behind. A blocking call made
+from the portal's own thread (a callback of the async code) raises
+`WrongThread` at once instead of deadlocking. A twin made before a `fork`
+belongs to the parent: in the child its calls raise `BudgetClosed` (make a new
+twin there; it gets the child's own portal loop).
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextvars
+import os
+import selectors
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -39,25 +54,203 @@ CANCEL_GRACE = 10.0
 """Seconds an interrupted call waits for the cancelled coroutine's cleanup."""
 CANCEL_REPEAT = 0.25
 """Seconds between deliveries of a cancellation the coroutine has not acted on."""
+STOP_GRACE = 5.0
+"""Seconds closing a portal waits for its calls still running, once cancelled (and for the loop thread)."""
 
 
-@dataclass
-class _PortalCall:
-    """One `Portal.call`: the task running it (once started), whether its caller gave up, and its end."""
+class _Call:
+    """One `Portal.call` in flight: its coroutine, its task once started, its outcome, and the lock its caller waits on.
 
-    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
-    abandoned: bool = False
-    finished: threading.Event = field(default_factory=threading.Event)
+    `done` is held from creation until the call has ended (`finished`), then
+    released by the task's last step. `abandoned` is set by a caller that gave
+    up (before it reads `task`); the task checks it once `task` is set, so a
+    call abandoned before it started never runs.
+    """
+
+    __slots__ = ("abandoned", "context", "coro", "done", "error", "finished", "task", "value")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any]) -> None:
+        self.coro = coro
+        self.context = contextvars.copy_context()
+        """The caller's context variables, which the task runs in (as `asyncio.run_coroutine_threadsafe` does)."""
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.task: asyncio.Task[None] | None = None
+        self.abandoned = False
+        self.finished = False
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+
+async def _run(call: _Call, portal: Portal) -> None:
+    """The task of one call: await its coroutine, keep the outcome, and release the caller in this same step.
+
+    The task is published in `call.task` by its own first step, so whoever
+    cancels it finds it only once it runs (a task cancelled before its first
+    step would never enter the ``try`` below); a call given up before that, or
+    whose portal was closed, closes its coroutine unstarted.
+    """
+    try:
+        call.task = asyncio.current_task()
+        portal._running.add(call)
+        if call.abandoned or portal._closed:  # both checks follow the line above: see Portal.call and stop
+            call.coro.close()
+            call.error = asyncio.CancelledError()
+        else:
+            call.value = await call.coro
+    except BaseException as exc:  # every outcome goes to the caller; nothing is left for the loop to log
+        call.error = exc
+    finally:
+        portal._running.discard(call)
+        call.finished = True
+        portal._shared.selector.finished.append(call.done)
+
+
+class _Selector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+    """The portal loop's selector: releases the callers of the calls that ended just before it polls.
+
+    A caller woken while the loop still runs Python would wake only to wait
+    for the GIL; released here, as the loop is about to block (or poll), it
+    finds the GIL free and runs at once.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.finished: list[threading.Lock] = []
+
+    def release(self) -> None:
+        finished, self.finished = self.finished, []
+        for done in finished:
+            done.release()
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        if self.finished:
+            self.release()
+        return super().select(timeout)  # type: ignore[no-any-return]
+
+
+class _Loop:
+    """The process's portal loop: an asyncio loop on a daemon thread, fed by a queue of calls.
+
+    Threads append calls to `inbox` and wake the loop with one
+    ``call_soon_threadsafe(_drain)`` only when no drain is already due
+    (`scheduled`); a drain clears the flag before it empties the queue, so no
+    call is left behind and the calls of one turn start together.
+    """
+
+    def __init__(self) -> None:
+        self.selector = _Selector()
+        self.loop: asyncio.AbstractEventLoop = asyncio.SelectorEventLoop(self.selector)
+        self.inbox: deque[tuple[_Call, Portal]] = deque()
+        self.scheduled = False
+        self.users = 0
+        self.forked = False
+        """True in a child process forked while this loop ran: its thread is not there."""
+        self.thread = threading.Thread(target=self._run_forever, name="slowburn-portal", daemon=True)
+        self.thread.start()
+
+    def _run_forever(self) -> None:
+        try:
+            self.loop.run_forever()
+        finally:  # calls that ended in the last turn
+            self.selector.release()
+
+    def submit(self, call: _Call, portal: Portal) -> None:
+        self.inbox.append((call, portal))
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        self.scheduled = False  # before the queue is read: a call appended after the last read schedules again
+        inbox, loop = self.inbox, self.loop
+        while inbox:
+            call, portal = inbox.popleft()
+            loop.create_task(_run(call, portal), context=call.context)
+
+    def stop(self) -> None:
+        """Stop the loop, wait for its thread, and close the loop (once the thread has ended)."""
+        if self.forked:
+            return
+        if threading.get_ident() == self.thread.ident:  # from a callback of the loop itself: it stops after it
+            self.loop.stop()
+            return
+        if self.loop.is_running() and self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=STOP_GRACE)
+        if not self.thread.is_alive() and not self.loop.is_closed():
+            self.loop.close()
+
+
+_shared: _Loop | None = None
+_shared_lock = threading.Lock()
+
+
+def _take_loop() -> _Loop:
+    """The process's portal loop, started if there is none, counted as one more user."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = _Loop()
+        _shared.users += 1
+        return _shared
+
+
+def _leave_loop(shared: _Loop) -> None:
+    """One user less; the last stops the loop and its thread (a later twin starts another)."""
+    global _shared
+    with _shared_lock:
+        shared.users -= 1
+        if shared.users > 0:
+            return
+        if _shared is shared:
+            _shared = None
+    shared.stop()
+
+
+@atexit.register
+def _stop_at_exit() -> None:
+    """At interpreter exit, stop the portal loop of twins never closed (their calls are over by now)."""
+    global _shared
+    with _shared_lock:
+        shared, _shared = _shared, None
+    if shared is not None:
+        shared.stop()
+
+
+def _after_fork_in_child() -> None:
+    """In a forked child the portal thread is gone: twins made before the fork refuse, new ones start afresh."""
+    global _shared, _shared_lock
+    _shared_lock = threading.Lock()  # it may have been held by another thread of the parent at the fork
+    if _shared is not None:
+        _shared.forked = True
+        _shared = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Portal:
-    """An event loop on a daemon thread, with a blocking `call`."""
+    """One twin's door to the process's portal loop (`loop`, shared by every twin), with a blocking `call`.
+
+    `stop` closes this door only: its calls still running are cancelled (their
+    callers raise BudgetClosed), later calls raise BudgetClosed, and the
+    shared loop stops with the last door.
+    """
 
     def __init__(self) -> None:
         self._closed = False
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="slowburn-portal", daemon=True)
-        self._thread.start()
+        self._shared = _take_loop()
+        self.loop = self._shared.loop
+        self._thread = self._shared.thread
+        self._running: set[_Call] = set()
+        """Calls of this portal started on the loop and not yet ended (touched on the loop thread only)."""
+
+    @property
+    def closed(self) -> bool:
+        """True once `stop` was called (or in a child forked after this portal was made)."""
+        return self._closed or self._shared.forked
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run `coro` on the portal loop and wait for it.
@@ -67,7 +260,8 @@ class Portal:
         started) and this waits (up to `CANCEL_GRACE` s) for its cleanup to
         finish before re-raising, so an interrupted wait leaves nothing behind
         in Redis. A cancellation that asyncio lost (the ``wait_for`` race of
-        Python 3.11) is delivered again until the coroutine ends.
+        Python 3.11) is delivered again until the coroutine ends. A call
+        cancelled by `stop` raises BudgetClosed.
         """
         if threading.get_ident() == self._thread.ident:
             coro.close()
@@ -75,46 +269,64 @@ class Portal:
                 "a blocking slowburn-redis call was made from the sync budget's own event-loop thread "
                 "(it would wait for itself): use the async Budget there"
             )
-        if self._closed:
+        if self._closed or self._shared.forked:
             coro.close()
-            raise BudgetClosed("the sync budget is closed")
-        call = _PortalCall()
-
-        async def run() -> T:
-            task = asyncio.current_task()
-            assert task is not None
-            call.tasks.append(task)
-            try:
-                if call.abandoned:  # interrupted before it started: the check follows the append
-                    coro.close()
-                    raise asyncio.CancelledError
-                return await coro
-            finally:
-                call.finished.set()
-
+            raise BudgetClosed(
+                "the sync budget was made in the parent process, before a fork: make a new one in this process"
+                if self._shared.forked
+                else "the sync budget is closed"
+            )
+        call = _Call(coro)
         try:
-            return asyncio.run_coroutine_threadsafe(run(), self.loop).result()
+            self._shared.submit(call, self)
+            call.done.acquire()
         except BaseException:
-            call.abandoned = True  # before reading call.tasks: see run()
+            call.abandoned = True  # before reading call.task: see _run
             self._cancel_and_wait(call)
             raise
+        error = call.error
+        if error is None:
+            value: T = call.value
+            return value
+        call.error = None  # no reference cycle through the traceback
+        if isinstance(error, asyncio.CancelledError) and self._closed:
+            raise BudgetClosed("the sync budget is closed") from None
+        raise error
 
-    def _cancel_and_wait(self, call: _PortalCall) -> None:
+    def _cancel_and_wait(self, call: _Call) -> None:
         for _ in range(int(CANCEL_GRACE / CANCEL_REPEAT)):
-            if call.finished.is_set():
+            if call.finished:
                 return
-            for task in list(call.tasks):  # cleanup code finishes despite repeats (tasks.finish_despite_cancel)
+            task = call.task
+            if task is not None:  # cleanup code finishes despite repeats (tasks.finish_despite_cancel)
                 self.loop.call_soon_threadsafe(task.cancel)
-            call.finished.wait(timeout=CANCEL_REPEAT)
+            if call.done.acquire(timeout=CANCEL_REPEAT):
+                return
 
     def stop(self) -> None:
-        """Stop the loop, wait for its thread, and close the loop; later calls raise BudgetClosed."""
+        """Close this portal: cancel its calls still running, wait for them (up to `STOP_GRACE` s), and
+        leave the shared loop (the last portal stops it); later calls raise BudgetClosed. Idempotent."""
+        if self._closed:
+            return
         self._closed = True
-        if self.loop.is_running():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=5)
-        if not self._thread.is_alive() and not self.loop.is_closed():
-            self.loop.close()
+        if self._shared.forked:
+            return
+        if threading.get_ident() != self._thread.ident and self.loop.is_running():
+            cancelled = threading.Event()
+
+            def cancel_running() -> None:
+                tasks = [call.task for call in self._running if call.task is not None]
+                for task in tasks:
+                    task.cancel()
+                if not tasks:
+                    cancelled.set()
+                    return
+                waiter = asyncio.ensure_future(asyncio.wait(tasks, timeout=STOP_GRACE))
+                waiter.add_done_callback(lambda _: cancelled.set())
+
+            self.loop.call_soon_threadsafe(cancel_running)
+            cancelled.wait(timeout=STOP_GRACE)
+        _leave_loop(self._shared)
 
 
 class SyncReservation:
@@ -225,12 +437,17 @@ class SyncBudget:
 
     def __init__(self, build: Callable[[], Budget]) -> None:
         self.portal = Portal()
-        """The private loop; `call` submits any coroutine to it (for layers built on the async Budget)."""
+        """This twin's door to the portal loop; `call` submits any coroutine to it (for layers built on the
+        async Budget)."""
 
         async def _build() -> Budget:
             return build()
 
-        self.budget = self.portal.call(_build())
+        try:
+            self.budget = self.portal.call(_build())
+        except BaseException:
+            self.portal.stop()
+            raise
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine of the async layer on this twin's loop and wait for it (see `Portal.call`)."""
@@ -292,10 +509,7 @@ class SyncBudget:
             **custom,
         )
 
-        async def _run() -> Reservation:
-            return await call
-
-        return SyncReservation(self.portal, self.portal.call(_run()))
+        return SyncReservation(self.portal, self.portal.call(call))
 
     def quote(
         self,
@@ -365,13 +579,14 @@ class SyncBudget:
                 except StopAsyncIteration:
                     return
         finally:
-            if not self.portal.loop.is_closed():
+            if not self.portal.closed:
                 aclose = getattr(stream, "aclose", None)
                 if aclose is not None:
                     self.portal.call(aclose())
 
     def close(self) -> None:
-        """Close the connection, stop the private loop and close it; later calls raise BudgetClosed."""
+        """Close the connection and leave the portal loop (the last twin open stops it); later calls raise
+        BudgetClosed."""
         try:
             self.portal.call(self.budget.aclose())
         finally:
