@@ -63,7 +63,7 @@ class _Call:
 
     `done` is held from creation until the call has ended (`finished`), then
     released by the task's last step. `abandoned` is set by a caller that gave
-    up (before it reads `task`); the task checks it once `task` is set, so a
+    up (before it reads `task`); the task (`Portal.serve`) checks it once `task` is set, so a
     call abandoned before it started never runs.
     """
 
@@ -82,31 +82,7 @@ class _Call:
         self.error: BaseException | None = None
 
 
-async def _run(call: _Call, portal: Portal) -> None:
-    """The task of one call: await its coroutine, keep the outcome, and release the caller in this same step.
-
-    The task is published in `call.task` by its own first step, so whoever
-    cancels it finds it only once it runs (a task cancelled before its first
-    step would never enter the ``try`` below); a call given up before that, or
-    whose portal was closed, closes its coroutine unstarted.
-    """
-    try:
-        call.task = asyncio.current_task()
-        portal._running.add(call)
-        if call.abandoned or portal._closed:  # both checks follow the line above: see Portal.call and stop
-            call.coro.close()
-            call.error = asyncio.CancelledError()
-        else:
-            call.value = await call.coro
-    except BaseException as exc:  # every outcome goes to the caller; nothing is left for the loop to log
-        call.error = exc
-    finally:
-        portal._running.discard(call)
-        call.finished = True
-        portal._shared.selector.finished.append(call.done)
-
-
-class _Selector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+class _Selector(selectors.DefaultSelector):
     """The portal loop's selector: releases the callers of the calls that ended just before it polls.
 
     A caller woken while the loop still runs Python would wake only to wait
@@ -126,7 +102,7 @@ class _Selector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         if self.finished:
             self.release()
-        return super().select(timeout)  # type: ignore[no-any-return]
+        return super().select(timeout)
 
 
 class _Loop:
@@ -166,7 +142,7 @@ class _Loop:
         inbox, loop = self.inbox, self.loop
         while inbox:
             call, portal = inbox.popleft()
-            loop.create_task(_run(call, portal), context=call.context)
+            loop.create_task(portal.serve(call), context=call.context)
 
     def stop(self) -> None:
         """Stop the loop, wait for its thread, and close the loop (once the thread has ended)."""
@@ -252,6 +228,30 @@ class Portal:
         """True once `stop` was called (or in a child forked after this portal was made)."""
         return self._closed or self._shared.forked
 
+    async def serve(self, call: _Call) -> None:
+        """The task of one call (the loop's side of `call`): await its coroutine, keep the outcome, and
+        hand the caller's release to the selector (see `_Selector`).
+
+        The task is published in `call.task` by its own first step, so whoever
+        cancels it finds it only once it runs (a task cancelled before its first
+        step would never enter the ``try`` below); a call given up before that, or
+        whose portal was closed, closes its coroutine unstarted.
+        """
+        try:
+            call.task = asyncio.current_task()
+            self._running.add(call)
+            if call.abandoned or self._closed:  # both checks follow the line above: see call and stop
+                call.coro.close()
+                call.error = asyncio.CancelledError()
+            else:
+                call.value = await call.coro
+        except BaseException as exc:  # every outcome goes to the caller; nothing is left for the loop to log
+            call.error = exc
+        finally:
+            self._running.discard(call)
+            call.finished = True
+            self._shared.selector.finished.append(call.done)
+
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run `coro` on the portal loop and wait for it.
 
@@ -281,7 +281,7 @@ class Portal:
             self._shared.submit(call, self)
             call.done.acquire()
         except BaseException:
-            call.abandoned = True  # before reading call.task: see _run
+            call.abandoned = True  # before reading call.task: see serve
             self._cancel_and_wait(call)
             raise
         error = call.error

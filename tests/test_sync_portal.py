@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from slowburn_redis import Budget, BudgetClosed, SyncBudget
-from slowburn_redis.errors import WrongThread
 from slowburn_redis import sync as sync_module
+from slowburn_redis.errors import WrongThread
 
 T = "acme"
 
