@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import ceiling, memory, peers, report, tenants, waiting
+from bench import ceiling, cluster, memory, peers, report, tenants, waiting
 from bench.helpers import Fleet, RedisServer, Settings, machine, redis_version
 
 SECTIONS: dict[str, Callable[[Settings], dict[str, Any]]] = {
@@ -19,6 +19,7 @@ SECTIONS: dict[str, Callable[[Settings], dict[str, Any]]] = {
     "waiting": waiting.run,
     "memory": memory.run,
     "tenants": tenants.run,
+    "cluster": cluster.run,
 }
 HERE = Path(__file__).resolve().parent
 
