@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import ceiling, memory, peers, report, sync_twin, tenants, waiting
+from bench import ceiling, cluster, memory, peers, report, sync_twin, tenants, waiting
 from bench.helpers import Fleet, RedisServer, Settings, machine, redis_version
 
 SECTIONS: dict[str, Callable[[Settings], dict[str, Any]]] = {
@@ -20,6 +20,7 @@ SECTIONS: dict[str, Callable[[Settings], dict[str, Any]]] = {
     "memory": memory.run,
     "tenants": tenants.run,
     "sync": sync_twin.run,
+    "cluster": cluster.run,
 }
 HERE = Path(__file__).resolve().parent
 

@@ -56,6 +56,7 @@ def markdown(results: dict[str, Any]) -> str:
         ("memory", memory),
         ("tenants", tenants),
         ("sync", sync_twin),
+        ("cluster", cluster),
     ):
         if name in sections:
             data = sections[name]
@@ -326,5 +327,45 @@ def sync_twin(d: dict[str, Any]) -> list[str]:
         f"- Goal {d['wide']} threads >= 80% of {d['wide']} tasks' throughput: "
         f"{num(100 * x['sync_threads_share_of_tasks'], 0)}%, {goal(g['threads_at_least_80pct_of_tasks'])} "
         f"(before: {num(100 * x['sync_baseline_threads_share_of_tasks'], 0)}%).",
+        "",
+    ]
+
+
+def cluster(d: dict[str, Any]) -> list[str]:
+    s, m = d["summary"], d["model"]
+    rows = [
+        [
+            label,
+            num(s[key]["per_s"]),
+            num(s[key]["cpu_us_per_admission"], 1),
+            num(100 * s[key]["busiest_node_share"]) + " %",
+            num(s[key]["p99_ms"], 2),
+        ]
+        for key, label in (("spread", "spread over the nodes"), ("one_node", "all on one node"))
+    ]
+    model_rows = [[f"{n} nodes", num(c["admissions_per_s"]), num(c["tenants"])] for n, c in m["clusters"].items()]
+    gib = m["memory_per_node_bytes"] / 2**30
+    return [
+        "## 6. Past one node: a 3-node Redis Cluster, and the capacity model",
+        "",
+        f"{d['nodes']} primaries on this machine; {num(d['tenants_per_set'])} tenants per set, each with "
+        f"{', '.join(d['limits'])}; acquire+commit on a random tenant per call, 4 processes x 16 tasks. The "
+        "load generator shares the cores with the servers, so calls/s is bound by the clients here; server CPU "
+        "(INFO cpu, user+sys, every node) per admission is what the model scales.",
+        "",
+        *table(["tenants", "calls/s", "server CPU µs/admission", "busiest node's share", "p99 ms"], rows),
+        f"- Shape check: CPU per admission spread / one node = "
+        f"{num(d['spread_over_one_node_cpu_per_admission'], 2)} (the cost is per call, not per node or tenant); "
+        f"throughput spread / one node = {num(d['spread_over_one_node_throughput'], 2)}.",
+        f"- Bytes per tenant (limits, windows, clock, ledger and trail after one call): "
+        f"{num(d['bytes_per_tenant']['one_node'])}.",
+        f"- Model: one node at {num(100 * m['utilisation'])} % of a core admits "
+        f"{num(m['admissions_per_s_per_node'])}/s; balance (mean / busiest node's share) {num(m['balance'], 2)}; "
+        f"{num(m['tenants_per_node'])} tenants per node of {gib:g} GiB filled to {num(100 * m['memory_headroom'])} %.",
+        "",
+        *table(["cluster", "admissions/s", "tenants"], model_rows),
+        f"- {num(m['target']['tenants'])} tenants at {num(m['target']['admissions_per_s'])} admissions/s: "
+        f"{m['nodes_for_rate']} nodes for the rate, {m['nodes_for_tenants']} for the tenants: "
+        f"**{m['nodes_for_target']} primaries** (each with a replica for failover).",
         "",
     ]
