@@ -109,7 +109,7 @@ def steady_state(settings: Settings, client: redis.Redis) -> dict[str, Any]:
     out). The tombstones live 10 minutes: at R admissions/s Redis holds
     600 * R of them, so the steady state is this figure times 600 * R.
     """
-    count = 4_000 if settings.quick else 20_000
+    count = 4_000 if settings.quick else 10_000
     per_admission: list[float] = []
     keys_left: dict[str, int] = {}
     for rep in range(settings.reps):
