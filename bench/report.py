@@ -244,7 +244,7 @@ def memory(d: dict[str, Any]) -> list[str]:
         "",
         "Bytes per limit: MEMORY USAGE (all elements) of the window keys, divided by the number of limits "
         "(slowburn: 3 windowed limits, concurrency excluded). used_memory growth per admission includes "
-        "slowburn's reservation records (kept 10 min after settling) and ledger entries.",
+        "slowburn's tombstones of settled reservations (kept 10 min) and ledger entries.",
         "",
         *table(["limiter", "admissions", "bytes per limit", "used_memory growth / admission"], rows),
         f"- Goal slowburn flat (bounded whatever the admissions: at most 61 buckets, under "
@@ -253,7 +253,34 @@ def memory(d: dict[str, Any]) -> list[str]:
         f"admissions as more buckets of each window come into use (sliding logs: "
         f"x{num(d['limits-moving-window']['growth'], 1)} and x{num(d['pyrate-limiter-redis']['growth'], 1)}).",
         "",
+        *memory_per_admission(d),
     ]
+
+
+def memory_per_admission(d: dict[str, Any]) -> list[str]:
+    """The steady-state bytes a settled admission leaves, and one tenant's bytes by key kind."""
+    out: list[str] = []
+    steady = d.get("steady_state")
+    if steady:
+        left = ", ".join(f"{k} {num(v)}" for k, v in steady["keys_left_by_kind"].items())
+        out += [
+            f"- Redis bytes per admission in steady state, beyond the ledger (used_memory growth minus the ledger's "
+            f"growth, over {num(steady['admissions'])} admissions all settled): "
+            f"{num(steady['bytes_per_admission_beyond_ledger'])} bytes, goal at most {num(steady['goal_bytes'])}: "
+            f"{goal(steady['goal_met'])}. Each leaves its tombstone, kept 10 minutes: "
+            f"{num(steady['at_1000_per_s_mb'])} MB at 1,000 admissions/s. Keys left by kind: {left}.",
+        ]
+    tenant = d.get("per_tenant")
+    if tenant:
+        for label, what in (("default", "Redis's default"), ("small_stream_node", "")):
+            row = tenant[label]
+            kinds = ", ".join(f"{k} {num(v)}" for k, v in row["by_kind"].items())
+            node = f"stream-node-max-bytes {num(row['stream_node_max_bytes'])}" + (f" ({what})" if what else "")
+            out.append(
+                f"- One tenant ({', '.join(tenant['limits'])}) after one settled call, {node}: "
+                f"{num(row['total'])} bytes (MEMORY USAGE by key kind: {kinds})."
+            )
+    return [*out, ""] if out else []
 
 
 def tenants(d: dict[str, Any]) -> list[str]:

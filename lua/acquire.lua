@@ -7,7 +7,10 @@
 --          each all or nothing on its own). A request is one string of
 --          fields joined by single spaces (names hold no spaces):
 --   id        reservation id (client-made; a retried acquire with the same
---             id returns the first admission instead of charging twice)
+--             id returns the first admission instead of charging twice; an
+--             id settled less than 10 minutes ago, lib.lua "reservation
+--             records", is admitted with now_ms = lease_expiry_ms = NOW and
+--             charges nothing)
 --   agent     '' for the tenant alone
 --   model     '' for none; else the limits of scope "M:<model>" apply too
 --   run       '' for none; else the run id: its caps (scope "R:<run>", in
@@ -157,8 +160,13 @@ local function run_check(limits, amounts, mode, over)
 end
 
 local function acquire(id, agent, model, run_id, mode, priority, ticket, lease_ttl, queue_ttl, amounts_text)
-  local existing = redis.call('HMGET', reservation_key(id), 't0', 'x')
-  if existing[1] then return {1, id, tonumber(existing[1]), tonumber(existing[2]) + LEASE_SHIFT, ''} end
+  -- A known id (a retry, or a copy of an earlier attempt) is never admitted twice: an open or
+  -- expired reservation returns its admission, a settled one (its tombstone) charges nothing.
+  if redis.call('EXISTS', reservation_key(id), settled_key(id)) > 0 then
+    local existing = redis.call('HMGET', reservation_key(id), 't0', 'x')
+    if existing[1] then return {1, id, tonumber(existing[1]), tonumber(existing[2]) + LEASE_SHIFT, ''} end
+    if settled_state(id) then return {1, id, NOW, NOW, ''} end
+  end
   local record, rank
   record, ticket, rank = rank_of(ticket, priority)
   if record then rank = record.rank end

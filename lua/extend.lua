@@ -6,7 +6,8 @@
 -- ARGV[2]  new TTL in ms, counted from now
 --
 -- Reply: {1, lease_expiry_ms} (on NOW's timeline) when extended, {0, state} otherwise (state is
--- 'committed', 'released', 'expired' or 'unknown').
+-- 'committed' or 'released' for 10 minutes after settlement, then 'unknown'; 'expired'; or
+-- 'unknown' for an id never admitted).
 
 local id, ttl = ARGV[1], tonumber(ARGV[2])
 clock_commit()
@@ -15,7 +16,7 @@ purge_leases(NOW, LEASE_NOW, wake)
 flush_writes()
 publish_wake(wake)
 local state = redis.call('HGET', reservation_key(id), 's')
-if not state then return {0, 'unknown'} end
+if not state then return {0, settled_state(id) or 'unknown'} end
 if state ~= 'open' then return {0, state} end
 local expiry = LEASE_NOW + ttl  -- on the lease clock, like every lease
 redis.call('HSET', reservation_key(id), 'x', fmt(expiry))

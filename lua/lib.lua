@@ -22,10 +22,16 @@
 --   B:qexp          zset   ticket -> expiry of its place in the queue (ms, on
 --                          the lease clock)
 --   B:seq           string ticket sequence
---   B:r:<id>        hash   reservation: s (state), a (agent), m (model, when
---                          given), u (run id, when given), c (charges),
---                          e (estimates), t0 (admitted ms), x (lease expiry,
---                          on the lease clock like B:leases)
+--   B:r:<id>        hash   reservation not settled yet: s (state: open, or
+--                          expired once its lease ran out), a (agent), m
+--                          (model, when given), u (run id, when given), c
+--                          (charges), e (estimates), t0 (admitted ms), x (lease
+--                          expiry, on the lease clock like B:leases); open: no
+--                          TTL; expired: EXPIRED_RECORD_TTL_MS
+--   B:s:<id>        string a settled reservation (its tombstone, which
+--                          replaces B:r:<id> at settlement): 1 committed, 2
+--                          released; expires SETTLED_TTL_MS after settlement
+--                          (see "reservation records" below)
 --   B:leases        zset   open reservation id -> lease expiry on the lease
 --                          clock (ms; see "clock" below: NOW - lease shift)
 --   B:clock         hash   the tenant's clock: o (offset added to TIME, only
@@ -61,6 +67,7 @@ local K = {
 local function window_key(lk) return B .. ':w:' .. lk end
 local function blocked_key(lk) return B .. ':b:' .. lk end
 local function reservation_key(id) return B .. ':r:' .. id end
+local function settled_key(id) return B .. ':s:' .. id end
 local function run_key(id) return B .. ':run:' .. id end
 
 local BUCKETS = 60
@@ -69,10 +76,61 @@ local RANK_SPAN = 2 ^ 44            -- queue ranks of one priority: (MAX_PRIORIT
 local MAX_PRIORITY = 100
 local PURGE_BATCH = 64              -- expired leases or queue places dropped per script, at most (O(1) per call)
 local EXPIRED_RECORD_TTL_MS = 3600000  -- an expired reservation's record is kept an hour (a late commit still lands)
-local SETTLED_RECORD_TTL_MS = 600000   -- a settled reservation's record is kept 10 minutes (retries stay idempotent)
 local THRESHOLDS = {50, 75, 90, 100}
 
 local function fmt(x) return string.format('%d', x) end
+
+-- reservation records -------------------------------------------------------
+--
+-- An admission writes B:r:<id> (a hash of ~650 bytes: charges, estimates,
+-- agent, model, run, times). It is needed while the reservation can still be
+-- settled: while open, and for EXPIRED_RECORD_TTL_MS once its lease expired
+-- (a late commit replaces the estimate that stayed charged). Settlement needs
+-- none of it any more: settle_record replaces it by the tombstone B:s:<id>, a
+-- string holding only the final state ('1' committed, '2' released: a small
+-- integer, which Redis stores as a shared object), about 150 bytes with a
+-- 40-character key name (~100 bytes + the key name, in steps of 16).
+--
+-- What reads a tombstone, and what it must get:
+--   * a retried settle (commit or release, same id: a reply was lost and
+--     slowburn_redis.resilience sent it again; or the release of an
+--     interrupted acquire): {0, state}, exactly as a second settle got from
+--     the settled record before, and nothing charged;
+--   * a retried acquire of the id (a copy of an earlier attempt): admitted,
+--     nothing charged, no lease, no queue place; its reply is {1, id, NOW,
+--     NOW, ''} (the lease is over; nobody reads it: the acquire's caller
+--     read its admission before it could settle);
+--   * extend: {0, state}.
+-- Without the tombstone (expired) a settle or an extend finds nothing and
+-- answers {0, 'unknown'}, changing nothing: only its reply's state differs.
+-- A copy of an acquire is the one thing that would charge again (a second
+-- admission, charged at its estimate), so the tombstone must outlive every
+-- copy of an acquire that can still be executed after the settlement. Every
+-- acquire attempt is sent before its caller reads the admission, so before
+-- any settle; a copy can run later only if its bytes were still on the way
+-- when the client gave up that attempt and dropped its connection: TCP still
+-- delivers them while the closed socket retransmits (Linux: 8 retries,
+-- tcp_orphan_retries, with exponential backoff from the RTO, 200 ms at least:
+-- about 100 s on a LAN, 8.5 min at a 1 s RTO), and a network holds a segment
+-- at most its MSL (2 min). SETTLED_TTL_MS (10 min) covers that, and gives a
+-- settle retried within 10 minutes of its first send (retry_timeout up to
+-- 10 min) the true state.
+local SETTLED_TTL_MS = 600000
+local SETTLED_CODE = {committed = '1', released = '2'}
+local SETTLED_STATE = {['1'] = 'committed', ['2'] = 'released'}
+
+-- Settle the reservation `id` for good: its record gives way to its tombstone.
+local function settle_record(id, state)
+  redis.call('DEL', reservation_key(id))
+  redis.call('SET', settled_key(id), SETTLED_CODE[state], 'PX', SETTLED_TTL_MS)
+end
+
+-- The state of the settled reservation `id` ('committed' or 'released'), or
+-- nil when no tombstone is kept for it.
+local function settled_state(id)
+  local code = redis.call('GET', settled_key(id))
+  return code and SETTLED_STATE[code] or nil
+end
 
 -- quote.lua sets this: queue_head, purge_leases and room_at then judge as a
 -- writing script would, through the cache, and write nothing.

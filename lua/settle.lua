@@ -20,9 +20,15 @@
 --   {1, state, overrun, ledger_id}  settled now; state 'committed' or
 --                                   'released'; overrun "dim=int ..." charged
 --                                   beyond the estimate; ledger_id or ''
---   {0, state}                      nothing changed: state is 'committed',
---                                   'released', 'expired' (a release after the
+--   {0, state}                      nothing changed: state is 'committed' or
+--                                   'released' (settled before: its tombstone,
+--                                   kept 10 minutes, lib.lua "reservation
+--                                   records"), 'expired' (a release after the
 --                                   lease ran out refunds nothing) or 'unknown'
+--                                   (never admitted, or settled longer ago)
+--
+-- Settling replaces the reservation's record B:r:<id> by its tombstone
+-- B:s:<id> (lib.lua, settle_record).
 --
 -- A lease that already expired may still be committed: the actual cost
 -- replaces the estimate that stayed charged.
@@ -134,7 +140,7 @@ local function settle(id, kind, actual, maxlen, model, outcome, meta)
   local rkey = reservation_key(id)
   local rs = redis.call('HMGET', rkey, 's', 'a', 'c', 'e', 'm', 'u')
   local state, agent, acquired_model, run_id = rs[1], rs[2] or '', rs[5] or '', rs[6] or ''
-  if not state then return {0, 'unknown'} end
+  if not state then return {0, settled_state(id) or 'unknown'} end
   if state ~= 'open' and state ~= 'expired' then return {0, state} end
   if state == 'expired' and kind == 'release' then return {0, 'expired'} end
   local expired = state == 'expired'
@@ -162,8 +168,7 @@ local function settle(id, kind, actual, maxlen, model, outcome, meta)
   end
 
   state = kind == 'commit' and 'committed' or 'released'
-  redis.call('HSET', rkey, 's', state)
-  redis.call('PEXPIRE', rkey, SETTLED_RECORD_TTL_MS)
+  settle_record(id, state)
   drop_lease(id)
 
   local ledger_id = ''

@@ -102,6 +102,7 @@ WORKER_WRITE_KEYS: tuple[str, ...] = (
     "qexp",
     "seq",
     "r:*",
+    "s:*",
     "run:*",
     "leases",
     "ledger",

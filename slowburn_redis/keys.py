@@ -37,6 +37,7 @@ QUEUE = "q"
 QUEUE_EXPIRY = "qexp"
 SEQUENCE = "seq"
 RESERVATION = "r"
+SETTLED = "s"
 RUN = "run"
 LEASES = "leases"
 LEDGER = "ledger"
@@ -114,7 +115,12 @@ class TenantKeys:
         return self._(SEQUENCE)
 
     def reservation(self, reservation_id: str) -> str:
+        """Hash: a reservation not settled yet (open, or expired; see lua/lib.lua, "reservation records")."""
         return self._(f"{RESERVATION}:{reservation_id}")
+
+    def settled(self, reservation_id: str) -> str:
+        """String: a settled reservation's tombstone, ``1`` committed or ``2`` released, kept 10 minutes."""
+        return self._(f"{SETTLED}:{reservation_id}")
 
     def run(self, run_id: str) -> str:
         """Hash: one run (caps, start, deadline, steps, committed amounts; see lua/lib.lua, "runs")."""

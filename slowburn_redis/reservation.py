@@ -20,6 +20,18 @@ from slowburn_redis.limits import from_units
 
 log = structlog.get_logger("slowburn_redis")
 
+SETTLED_TTL = 600.0
+"""Seconds a settled reservation's tombstone is kept (``SETTLED_TTL_MS`` in lua/lib.lua, "reservation records").
+
+Settling replaces the reservation's record (~650 bytes) by a tombstone of
+about 150 bytes that holds only the final state. For that long a retried
+commit or release of the id answers ``settled=False`` with the state it
+settled to (nothing charged again), and a copy of its acquire admits nothing;
+later both Redis forgets the id: a settle answers state ``"unknown"`` and
+still changes nothing. 10 minutes outlives every copy of an acquire the
+network can still deliver (see lua/lib.lua) and a settle retried within a
+``retry_timeout`` of up to 10 minutes."""
+
 MAX_LEASE_TTL = 10**7
 """Seconds: the longest lease (about 116 days); longer is refused as a likely unit mistake."""
 
@@ -45,10 +57,12 @@ class Settler:
 class Settlement:
     """What a commit or release did.
 
-    `settled` is False when the call changed nothing (the reservation was
-    already settled, or a release came after its lease expired); `state` then
-    says why. `overrun` maps each dimension to what was charged beyond its
-    estimate.
+    `settled` is False when the call changed nothing; `state` then says why:
+    ``"committed"`` or ``"released"`` (settled before: a second call, or a
+    retry whose first reply was lost), ``"expired"`` (a release after the
+    lease expired refunds nothing) or ``"unknown"`` (Redis no longer knows
+    the id: settled more than `SETTLED_TTL` ago, or its keys were lost).
+    `overrun` maps each dimension to what was charged beyond its estimate.
     """
 
     settled: bool
