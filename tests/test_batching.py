@@ -60,6 +60,7 @@ async def test_concurrent_acquires_of_one_tenant_share_calls(budget: Budget) -> 
     n = MAX_BATCH * 2 + 3
     reservations = await asyncio.gather(*(budget.acquire(T, f"a{i}", usd=0.5) for i in range(n)))
     assert sorted(calls.of("acquire")) == [3, MAX_BATCH, MAX_BATCH]  # recorded as the replies come back
+    assert calls.trips == [1, 1, 1], "one tenant's batches go out side by side, never in one pipeline"
     assert len({r.id for r in reservations}) == n
     assert [r.agent for r in reservations] == [f"a{i}" for i in range(n)]  # each caller got its own reply
     await asyncio.gather(*(r.commit(usd=0.25) for r in reservations))
