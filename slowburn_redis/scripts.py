@@ -135,7 +135,8 @@ async def run_many(client: Any, calls: Sequence[Call]) -> list[Any]:
 async def _pipeline(client: Any, calls: Sequence[Call]) -> list[Any]:
     pipe = client.pipeline(transaction=False)
     for script, key, args in calls:
-        pipe.evalsha(script.sha, 1, key, *args)
+        # The raw command: redis-py's ClusterPipeline blocks its evalsha method, yet routes the command by its key.
+        pipe.execute_command("EVALSHA", script.sha, 1, key, *args)
     results = list(await pipe.execute(raise_on_error=False))
     if len(results) != len(calls):
         raise RuntimeError(f"a pipeline of {len(calls)} script calls was answered with {len(results)} replies")

@@ -271,8 +271,9 @@ class _CountingPipeline:
     def __init__(self, owner: CountingClient, pipe: Any) -> None:
         self._owner, self._pipe, self._names = owner, pipe, list[str]()
 
-    def evalsha(self, sha: str, *args: Any) -> _CountingPipeline:
-        self._pipe.evalsha(sha, *args)
+    def execute_command(self, command: str, sha: str, *args: Any) -> _CountingPipeline:
+        assert command == "EVALSHA"
+        self._pipe.execute_command(command, sha, *args)
         self._names.append(self._owner.names.get(sha, sha))
         return self
 
