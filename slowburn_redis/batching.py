@@ -8,9 +8,9 @@ loop into one call (a batch): one script run, and the work every run does
 first (the clock, expired leases, the tenant's limits) done once. The batches
 of every script and tenant gathered in that turn then travel together, as one
 pipeline (`send_many`; at most `max_pipeline` calls each, more pipelines at
-once for more, and never two calls of one script and tenant in one
-pipeline): one round trip for all of them, each call still its own atomic
-script run on its own tenant. Everything goes out on the next turn of
+once for more, and never two calls of one tenant in one pipeline): one
+round trip for all of them, each call still its own atomic script run on
+its own tenant. Everything goes out on the next turn of
 the loop, so no request waits for a batch or a pipeline to fill. A turn with a
 single batch sends it as a plain call. ``Budget(batch_size=1)`` sends every
 request as a call of its own (still pipelined with the others of its turn).
@@ -222,11 +222,15 @@ class Batcher:
         """Send what was gathered since the turn's first request: the first pipeline from here, others alongside."""
         pending, self._pending = self._pending, {}
         self._flushing = None
-        # The k-th batch of every slot in the k-th round: a slot's batches never share a pipeline (see MAX_BATCH:
-        # the process handles one's replies while Redis runs the next), the rounds cut into pipelines.
+        # The k-th call of every key (tenant) in the k-th round: one tenant's calls (a burst's batches, or an
+        # acquire and a settle) never share a pipeline, so the process handles one's replies while Redis runs
+        # the next (see MAX_BATCH); the rounds are cut into pipelines.
         rounds: list[list[_Batch]] = []
+        calls_of: dict[str, int] = {}
         for slot, queue in pending.items():
-            for k, start in enumerate(range(0, len(queue), self._max_batch)):
+            for start in range(0, len(queue), self._max_batch):
+                k = calls_of.get(slot[1], 0)
+                calls_of[slot[1]] = k + 1
                 if k == len(rounds):
                     rounds.append([])
                 rounds[k].append((slot, queue[start : start + self._max_batch]))

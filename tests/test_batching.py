@@ -325,7 +325,7 @@ async def test_calls_of_different_tenants_ready_together_travel_in_one_pipeline(
         assert used == {"usd": (pytest.approx(0.05), 0), "concurrency": (0, 0)}
 
 
-async def test_a_turn_with_one_call_sends_it_plainly_and_scripts_share_a_pipeline(budget: Budget) -> None:
+async def test_a_turn_with_one_call_sends_it_plainly_and_tenants_share_a_pipeline(budget: Budget) -> None:
     for tenant in TENANTS[:2]:
         await budget.set_limits(tenant, ["usd 10/hour"])
     await loaded(budget)
@@ -336,7 +336,11 @@ async def test_a_turn_with_one_call_sends_it_plainly_and_scripts_share_a_pipelin
     second, settled = await asyncio.gather(budget.acquire(TENANTS[1], usd=0.2), first.commit(usd=0.1))
     assert client.trips == [("pipeline", 2)], "an acquire and a commit of another tenant, one round trip"
     assert settled.state == "committed" and second.tenant == TENANTS[1]
-    await second.release()
+    client.trips.clear()
+    third, released = await asyncio.gather(budget.acquire(TENANTS[1], usd=0.3), second.release())
+    assert client.trips == [("evalsha", 1), ("evalsha", 1)], "one tenant's calls never share a pipeline"
+    assert released.state == "released"
+    await third.release()
 
 
 async def test_more_calls_than_a_pipeline_holds_go_out_as_several_pipelines(budget: Budget) -> None:
