@@ -8,12 +8,12 @@ loop into one call (a batch): one script run, and the work every run does
 first (the clock, expired leases, the tenant's limits) done once. The batches
 of every script and tenant gathered in that turn then travel together, as one
 pipeline (`send_many`; at most `max_pipeline` calls each, more pipelines at
-once for more, and never two calls of one tenant in one pipeline): one
-round trip for all of them, each call still its own atomic script run on
-its own tenant. Everything goes out on the next turn of
-the loop, so no request waits for a batch or a pipeline to fill. A turn with a
-single batch sends it as a plain call. ``Budget(batch_size=1)`` sends every
-request as a call of its own (still pipelined with the others of its turn).
+once for more, and never two calls of one tenant in one pipeline, so one
+tenant's calls go out side by side as before): one round trip for all of
+them, each call still its own atomic script run on its own tenant.
+Everything goes out on the next turn of the loop, so no request waits for a
+batch or a pipeline to fill. A pipeline of one call is sent as a plain call. ``Budget(batch_size=1)`` sends every
+request as a call of its own (pipelined with other tenants' calls of its turn).
 
 A request whose caller gave up (cancelled, or cut at its deadline) before
 its batch was sent is left out, and a batch whose callers have all given up
