@@ -1,4 +1,11 @@
-"""Section 5, scale of tenants: throughput and memory with 10,000 tenants of 3 limits each."""
+"""Section 5, scale of tenants: throughput and memory with 10,000 tenants of 3 limits each.
+
+acquire+commit on a random tenant per call against the same calls on one
+tenant, with cross-tenant pipelining (the default) and without it
+(``Engine.pipeline_size = 1``: every script call its own round trip, as
+before pipelining), side by side in one run; Redis's own time per request
+(INFO commandstats) for the whole load and, from one process, per script.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,16 @@ from typing import Any
 
 import redis
 
-from bench.helpers import Settings, closed_loop, load_dict, median, merge_loads, ratio, used_memory
+from bench.helpers import (
+    Settings,
+    closed_loop,
+    load_dict,
+    median,
+    merge_loads,
+    ratio,
+    script_server_time,
+    used_memory,
+)
 
 LIMITS = ["usd 50/day", "tokens 2000000/hour", "requests 600/min"]
 ONE_TENANT = "tn-one"  # the same three limits, never reached: the single-tenant baseline
@@ -40,13 +56,28 @@ async def setup_job(*, index: int, url: str, first: int, count: int, tasks: int,
         await budget.aclose()
 
 
+KINDS = {
+    "one_tenant": (1, True),
+    "all_tenants": (0, True),
+    "all_tenants_unpipelined": (0, False),
+}
+"""Each load: (tenants, 0 for all of them; cross-tenant pipelining on).
+
+One tenant needs no run without pipelining: a slot's batches never share a
+pipeline (`slowburn_redis.batching`), so its calls go out the same either way."""
+SPLIT_KINDS = ("one_tenant", "all_tenants")
+"""The loads measured per script (pipelining changes the round trips, not what a script costs Redis)."""
+
+
 async def load_job(
-    *, index: int, url: str, tenants: int, tasks: int, start_at: float, duration: float
+    *, index: int, url: str, tenants: int, tasks: int, start_at: float, duration: float, pipelined: bool = True
 ) -> dict[str, Any]:
     """acquire+commit on a random tenant among the first `tenants` each call (1: always the same one)."""
     from slowburn_redis import Budget
 
     budget = Budget.from_url(url, prefix="bench")
+    if not pipelined:
+        budget.engine.pipeline_size = 1
     rng = random.Random(index)
 
     def pick() -> str:
@@ -59,6 +90,50 @@ async def load_job(
     try:
         return load_dict(await closed_loop(op, tasks=tasks, start_at=start_at, duration=duration))
     finally:
+        await budget.aclose()
+
+
+async def split_job(
+    *, index: int, url: str, tenants: int, tasks: int, duration: float, pipelined: bool = True
+) -> dict[str, Any]:
+    """Redis's time per request of each script: acquires for `duration`, then their commits (run alone)."""
+    from slowburn_redis import Budget
+
+    budget = Budget.from_url(url, prefix="bench")
+    if not pipelined:
+        budget.engine.pipeline_size = 1
+    info = redis.Redis.from_url(url)
+    rng = random.Random(1000 + index)
+    held: list[Any] = []
+
+    def pick() -> str:
+        return ONE_TENANT if tenants == 1 else tenant_name(rng.randrange(tenants))
+
+    async def acquire(_: int) -> None:
+        held.append(await budget.acquire(pick(), usd=0.0001, tokens=10, mode="reject"))
+
+    try:
+        await acquire(0)  # scripts loaded, connections open
+        await held.pop().commit(usd=0.0001, tokens=8)
+        calls0, usec0 = script_server_time(info)
+        await closed_loop(acquire, tasks=tasks, start_at=0.0, duration=duration, warmup=0)
+        calls1, usec1 = script_server_time(info)
+        acquired = list(held)
+
+        async def commit(i: int) -> None:
+            for r in acquired[i::tasks]:
+                await r.commit(usd=0.0001, tokens=8)
+
+        await asyncio.gather(*(commit(i) for i in range(tasks)))
+        calls2, usec2 = script_server_time(info)
+        return {
+            "acquire_us_per_request": ratio(usec1 - usec0, len(acquired)),
+            "acquire_requests_per_call": ratio(len(acquired), calls1 - calls0),
+            "commit_us_per_request": ratio(usec2 - usec1, len(acquired)),
+            "commit_requests_per_call": ratio(len(acquired), calls2 - calls1),
+        }
+    finally:
+        info.close()
         await budget.aclose()
 
 
@@ -95,33 +170,59 @@ def run(settings: Settings) -> dict[str, Any]:
         for k, v in keys.items():
             breakdown.setdefault(k.split(":", 1)[0], []).append(v)
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {
-        "1p": {"one_tenant": [], "all_tenants": []},
-        "fleet": {"one_tenant": [], "all_tenants": []},
+        "1p": {kind: [] for kind in KINDS},
+        "fleet": {kind: [] for kind in KINDS},
     }
+    split: dict[str, list[dict[str, Any]]] = {kind: [] for kind in SPLIT_KINDS}
     for _ in range(settings.reps):
         for label, n in (("1p", 1), ("fleet", settings.processes)):
-            for kind, tenants in (("one_tenant", 1), ("all_tenants", count)):
+            for kind, (tenants, pipelined) in KINDS.items():
+                calls0, usec0 = script_server_time(client)
                 results = settings.fleet.run(
                     "bench.tenants:load_job",
                     n=n,
                     url=settings.url,
-                    tenants=tenants,
+                    tenants=tenants or count,
                     tasks=settings.tasks,
                     start_at=settings.start_at(1.0),
                     duration=settings.duration,
+                    pipelined=pipelined,
                 )
-                runs[label][kind].append(merge_loads(results))
+                calls1, usec1 = script_server_time(client)
+                merged = merge_loads(results)
+                merged["server_us_per_request"] = ratio(usec1 - usec0, 2 * merged["ops"])
+                merged["requests_per_script"] = ratio(2 * merged["ops"], calls1 - calls0)
+                runs[label][kind].append(merged)
+        for kind in SPLIT_KINDS:
+            tenants, pipelined = KINDS[kind]
+            (result,) = settings.fleet.run(
+                "bench.tenants:split_job",
+                n=1,
+                url=settings.url,
+                tenants=tenants or count,
+                tasks=settings.tasks,
+                duration=min(1.0, settings.duration / 2),
+                pipelined=pipelined,
+            )
+            split[kind].append(result)
     client.close()
     summary: dict[str, Any] = {}
     for label, kinds in runs.items():
-        one = median(r["per_s"] for r in kinds["one_tenant"])
-        many = median(r["per_s"] for r in kinds["all_tenants"])
+        figures = {kind: median(r["per_s"] for r in kinds[kind]) for kind in KINDS}
         summary[label] = {
-            "one_tenant_per_s": one,
-            "all_tenants_per_s": many,
-            "all_over_one": ratio(many, one),
+            "one_tenant_per_s": figures["one_tenant"],
+            "all_tenants_per_s": figures["all_tenants"],
+            "all_over_one": ratio(figures["all_tenants"], figures["one_tenant"]),
             "all_tenants_p99_ms": median(r["p99_ms"] for r in kinds["all_tenants"]),
+            "all_tenants_unpipelined_per_s": figures["all_tenants_unpipelined"],
+            "all_over_one_unpipelined": ratio(figures["all_tenants_unpipelined"], figures["one_tenant"]),
+            "all_tenants_unpipelined_p99_ms": median(r["p99_ms"] for r in kinds["all_tenants_unpipelined"]),
+            "server_us_per_request": {kind: median(r["server_us_per_request"] for r in kinds[kind]) for kind in KINDS},
+            "requests_per_script": {kind: median(r["requests_per_script"] for r in kinds[kind]) for kind in KINDS},
         }
+    summary["per_script_1p"] = {
+        kind: {field: median(r[field] for r in results) for field in results[0]} for kind, results in split.items()
+    }
     return {
         "tenants": count,
         "limits": LIMITS,
@@ -131,7 +232,14 @@ def run(settings: Settings) -> dict[str, Any]:
         "window_bytes_per_limit_median": median(window_bytes) / len(LIMITS),
         "key_bytes_median_by_kind": {kind: median(v) for kind, v in sorted(breakdown.items())},
         "summary": summary,
+        "goals": {
+            "random_tenant_at_least_0.8x_one_tenant": min(
+                summary["1p"]["all_over_one"], summary["fleet"]["all_over_one"]
+            )
+            >= 0.8
+        },
         "runs": runs,
+        "per_script_runs": split,
     }
 
 

@@ -2,7 +2,8 @@
 
 An Engine owns the Redis client and what stands between a caller and it:
 the cap on calls in flight (`MAX_CONNECTIONS`), the batching of one tenant's
-ready requests into one script call (`slowburn_redis.batching`), the
+ready requests into one script call and of the calls ready together into
+one pipeline (`slowburn_redis.batching`), the
 ``on_unavailable`` policy (`slowburn_redis.resilience`), the mapping of ACL
 refusals to `PermissionDenied`, and closing. No other module touches the
 client: they call `run` with a script and its arguments (built by
@@ -35,7 +36,7 @@ from slowburn_redis.batching import MAX_BATCH, Batcher
 from slowburn_redis.connection import MAX_CONNECTIONS
 from slowburn_redis.errors import BudgetClosed
 from slowburn_redis.resilience import Backoff, OnUnavailable, Resilience
-from slowburn_redis.scripts import Clock, Script, Scripts
+from slowburn_redis.scripts import Clock, Script, Scripts, run_many
 from slowburn_redis.tasks import cancel_and_wait
 
 log = structlog.get_logger("slowburn_redis")
@@ -83,11 +84,29 @@ class Engine:
         self._in_flight = asyncio.Semaphore(MAX_CONNECTIONS)
         # Only an interrupted acquire cleans up after its send (Batcher.quiesce): other orphaned sends are dropped.
         self._batcher = Batcher(
-            self._post, max_batch=batch_size, gate=self._in_flight, quiesced=[self.scripts.acquire.name]
+            self._post,
+            send_many=self._post_many,
+            max_batch=batch_size,
+            gate=self._in_flight,
+            quiesced=[self.scripts.acquire.name],
         )
         self._closing = False
         self.eviction_check: asyncio.Task[dict[str, str | None]] | None = None
         """The one-time ``maxmemory-policy`` check, started after the first answered script call."""
+
+    @property
+    def pipeline_size(self) -> int:
+        """Script calls per pipeline at most (`slowburn_redis.batching.MAX_PIPELINE`); 1 sends each call apart.
+
+        Settable, for benchmarks that compare with and without cross-tenant pipelining.
+        """
+        return self._batcher.max_pipeline
+
+    @pipeline_size.setter
+    def pipeline_size(self, size: int) -> None:
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"pipeline_size must be a positive integer, not {size!r}")
+        self._batcher.max_pipeline = size
 
     @property
     def closing(self) -> bool:
@@ -134,6 +153,12 @@ class Engine:
         if self._closing and script is not self.scripts.leave:
             raise BudgetClosed(f"budget {self.description} is closed")
         return await script(self.client, key, args)
+
+    async def _post_many(self, calls: list[tuple[Script, str, list[Any]]]) -> list[Any]:
+        """Run several batched calls as one pipeline (`scripts.run_many`); the caller holds one `_in_flight` slot."""
+        if self._closing:  # only batched scripts come here, and a closing Budget sends none of them
+            raise BudgetClosed(f"budget {self.description} is closed")
+        return await run_many(self.client, calls)
 
     async def _guarded(
         self,

@@ -4,6 +4,12 @@ Each script in ``lua/`` is sent as one source: a clock prelude
 (``clock/server.lua``, or ``clock/test.lua`` for tests that move time),
 ``lib.lua``, then the script itself. A NOSCRIPT reply (after ``SCRIPT FLUSH``,
 a restart or a failover) loads the source again and retries once.
+
+`run_many` sends several script calls (of any scripts and tenants) as one
+pipeline, each still its own EVALSHA: one round trip, each call's reply or
+error apart. On a Redis Cluster, redis-py's ClusterPipeline splits the
+pipeline by node (one round trip per node, the nodes at once) and follows
+MOVED/ASK redirections per call.
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from redis.exceptions import NoScriptError
+
+Call = tuple["Script", str, Sequence[str | int]]
+"""One script call: the script, KEYS[1] and its ARGV."""
 
 SCRIPT_NAMES = (
     "acquire",
@@ -98,6 +107,40 @@ class Script:
             await client.script_load(self.source)
             reply = await client.evalsha(self.sha, 1, key, *args)
         return decode(reply)
+
+
+async def run_many(client: Any, calls: Sequence[Call]) -> list[Any]:
+    """Run `calls` in one pipeline; for each, in order, its decoded reply or the exception it failed with.
+
+    A call answered NOSCRIPT has its script loaded and is sent once more
+    (those calls only, in a second pipeline), like `Script.__call__` does. A
+    failure of the pipeline as a whole (the connection) raises; on a cluster
+    a node's connection failing mid-read fails that node's calls only (their
+    entries are the error).
+    """
+    results = await _pipeline(client, calls)
+    missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+    if missing:
+        loaded: set[str] = set()
+        for i in missing:
+            script = calls[i][0]
+            if script.sha not in loaded:
+                loaded.add(script.sha)
+                await client.script_load(script.source)
+        for i, result in zip(missing, await _pipeline(client, [calls[i] for i in missing]), strict=True):
+            results[i] = result
+    return [result if isinstance(result, BaseException) else decode(result) for result in results]
+
+
+async def _pipeline(client: Any, calls: Sequence[Call]) -> list[Any]:
+    pipe = client.pipeline(transaction=False)
+    for script, key, args in calls:
+        # The raw command: redis-py's ClusterPipeline blocks its evalsha method, yet routes the command by its key.
+        pipe.execute_command("EVALSHA", script.sha, 1, key, *args)
+    results = list(await pipe.execute(raise_on_error=False))
+    if len(results) != len(calls):
+        raise RuntimeError(f"a pipeline of {len(calls)} script calls was answered with {len(results)} replies")
+    return results
 
 
 class Scripts:

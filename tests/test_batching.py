@@ -1,4 +1,7 @@
-"""Batching: concurrent requests of one tenant share one script call, and each stays all or nothing on its own."""
+"""Batching: concurrent requests of one tenant share one script call, and each stays all or nothing on its own.
+
+The calls of different tenants (and scripts) ready in the same turn travel in one pipeline, each its own script run.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +11,44 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from slowburn_redis import Budget, BudgetExhausted, InvalidInput, protocol
-from slowburn_redis.batching import MAX_BATCH
+from slowburn_redis import Budget, BudgetExhausted, InvalidInput, RedisUnavailable, protocol
+from slowburn_redis.batching import MAX_BATCH, MAX_PIPELINE
 from slowburn_redis.scripts import Script
 
 T = "acme"
 
 
 class Calls:
-    """Records every script call a Budget's batcher sends: (script name, key, number of requests)."""
+    """Records every script call a Budget's batcher sends: (script name, key, number of requests).
+
+    `trips` holds the number of script calls of each round trip (a plain call or a pipeline).
+    """
 
     def __init__(self, budget: Budget) -> None:
         self.sent: list[tuple[str, str, int]] = []
-        real = budget.engine._batcher._send
+        self.trips: list[int] = []
+        batcher = budget.engine._batcher
+        real, real_many = batcher._send, batcher._send_many
+        assert real_many is not None
 
         async def send(script: Script, key: str, args: list[Any]) -> Any:
             replies = await real(script, key, args)
             self.sent.append((script.name, key, len(replies)))
+            self.trips.append(1)
             return replies
 
-        budget.engine._batcher._send = send
+        async def send_many(calls: list[tuple[Script, str, list[Any]]]) -> list[Any]:
+            results = await real_many(calls)
+            for (script, key, _), replies in zip(calls, results, strict=True):
+                self.sent.append((script.name, key, len(replies) if isinstance(replies, list) else -1))
+            self.trips.append(len(calls))
+            return results
+
+        batcher._send = send
+        batcher._send_many = send_many
 
     def of(self, name: str) -> list[int]:
         return [n for script, _, n in self.sent if script == name]
@@ -41,6 +60,7 @@ async def test_concurrent_acquires_of_one_tenant_share_calls(budget: Budget) -> 
     n = MAX_BATCH * 2 + 3
     reservations = await asyncio.gather(*(budget.acquire(T, f"a{i}", usd=0.5) for i in range(n)))
     assert sorted(calls.of("acquire")) == [3, MAX_BATCH, MAX_BATCH]  # recorded as the replies come back
+    assert calls.trips == [1, 1, 1], "one tenant's batches go out side by side, never in one pipeline"
     assert len({r.id for r in reservations}) == n
     assert [r.agent for r in reservations] == [f"a{i}" for i in range(n)]  # each caller got its own reply
     await asyncio.gather(*(r.commit(usd=0.25) for r in reservations))
@@ -207,3 +227,305 @@ async def test_batch_size_one_sends_every_request_on_its_own(make_budget: Any) -
 def test_batch_size_out_of_range_is_refused(size: Any) -> None:
     with pytest.raises(InvalidInput, match="batch_size"):
         Budget.embedded(batch_size=size)
+
+
+# cross-tenant pipelining ------------------------------------------------------------
+
+
+class CountingClient:
+    """Delegates to a client; counts the round trips of script calls: each EVALSHA, and each pipeline with its size.
+
+    `scripts` lists the script names of each round trip. `fail_pipelines` pipelines fail as a whole with a
+    connection error, before anything is sent.
+    """
+
+    def __init__(self, client: Any, names: dict[str, str]) -> None:
+        self._client = client
+        self.names = names
+        self.trips: list[tuple[str, int]] = []
+        self.scripts: list[list[str]] = []
+        self.script_loads = 0
+        self.fail_pipelines = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def sent(self, script: str) -> int:
+        """How many calls of `script` were sent."""
+        return sum(names.count(script) for names in self.scripts)
+
+    async def evalsha(self, sha: str, *args: Any) -> Any:
+        self.trips.append(("evalsha", 1))
+        self.scripts.append([self.names.get(sha, sha)])
+        return await self._client.evalsha(sha, *args)
+
+    async def script_load(self, source: str) -> Any:
+        self.script_loads += 1
+        return await self._client.script_load(source)
+
+    def pipeline(self, **options: Any) -> Any:
+        return _CountingPipeline(self, self._client.pipeline(**options))
+
+
+class _CountingPipeline:
+    def __init__(self, owner: CountingClient, pipe: Any) -> None:
+        self._owner, self._pipe, self._names = owner, pipe, list[str]()
+
+    def execute_command(self, command: str, sha: str, *args: Any) -> _CountingPipeline:
+        assert command == "EVALSHA"
+        self._pipe.execute_command(command, sha, *args)
+        self._names.append(self._owner.names.get(sha, sha))
+        return self
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        self._owner.trips.append(("pipeline", len(self._names)))
+        self._owner.scripts.append(self._names)
+        if self._owner.fail_pipelines:
+            self._owner.fail_pipelines -= 1
+            await self._pipe.reset()
+            raise RedisConnectionError("Connection reset by peer (for the test)")
+        return list(await self._pipe.execute(raise_on_error=raise_on_error))
+
+
+async def loaded(budget: Budget) -> None:
+    """Load the batched scripts, so a first call is not answered NOSCRIPT."""
+    for script in (budget.engine.scripts.acquire, budget.engine.scripts.settle):
+        await budget.engine.client.script_load(script.source)
+
+
+def counting(budget: Budget) -> CountingClient:
+    scripts = budget.engine.scripts
+    names = {script.sha: script.name for script in (scripts.acquire, scripts.settle, scripts.leave, scripts.status)}
+    client = CountingClient(budget.engine.client, names)
+    budget.engine.client = client
+    return client
+
+
+TENANTS = [f"t{i}" for i in range(6)]
+
+
+async def test_calls_of_different_tenants_ready_together_travel_in_one_pipeline(budget: Budget) -> None:
+    for tenant in TENANTS:
+        await budget.set_limits(tenant, ["usd 10/hour", "concurrency 10"])
+    await loaded(budget)
+    client = counting(budget)
+    reservations = await asyncio.gather(
+        *(budget.acquire(t, f"agent-{t}", usd=0.1 * (i + 1)) for i, t in enumerate(TENANTS))
+    )
+    assert client.trips == [("pipeline", len(TENANTS))], "one round trip for six tenants"
+    assert [r.tenant for r in reservations] == TENANTS  # each caller got its own tenant's reply
+    assert [r.agent for r in reservations] == [f"agent-{t}" for t in TENANTS]
+    client.trips.clear()
+    settled = await asyncio.gather(*(r.commit(usd=0.05) for r in reservations))
+    assert [s.state for s in settled] == ["committed"] * len(TENANTS)
+    assert client.trips == [("pipeline", len(TENANTS))]
+    for tenant in TENANTS:
+        status = await budget.status(tenant)
+        used = {s.limit.dimension: (s.used, s.reserved) for s in status.limits}
+        assert used == {"usd": (pytest.approx(0.05), 0), "concurrency": (0, 0)}
+
+
+async def test_a_turn_with_one_call_sends_it_plainly_and_tenants_share_a_pipeline(budget: Budget) -> None:
+    for tenant in TENANTS[:2]:
+        await budget.set_limits(tenant, ["usd 10/hour"])
+    await loaded(budget)
+    client = counting(budget)
+    first = await budget.acquire(TENANTS[0], usd=0.1)
+    assert client.trips == [("evalsha", 1)]
+    client.trips.clear()
+    second, settled = await asyncio.gather(budget.acquire(TENANTS[1], usd=0.2), first.commit(usd=0.1))
+    assert client.trips == [("pipeline", 2)], "an acquire and a commit of another tenant, one round trip"
+    assert settled.state == "committed" and second.tenant == TENANTS[1]
+    client.trips.clear()
+    third, released = await asyncio.gather(budget.acquire(TENANTS[1], usd=0.3), second.release())
+    assert client.trips == [("evalsha", 1), ("evalsha", 1)], "one tenant's calls never share a pipeline"
+    assert released.state == "released"
+    await third.release()
+
+
+async def test_more_calls_than_a_pipeline_holds_go_out_as_several_pipelines(budget: Budget) -> None:
+    tenants = [f"p{i}" for i in range(MAX_PIPELINE * 2 + 1)]
+    for tenant in tenants:
+        await budget.set_limits(tenant, ["usd 10/hour"])
+    await loaded(budget)
+    client = counting(budget)
+    reservations = await asyncio.gather(*(budget.acquire(t, usd=0.1) for t in tenants))
+    assert sorted(client.trips) == [("evalsha", 1), ("pipeline", MAX_PIPELINE), ("pipeline", MAX_PIPELINE)]
+    assert [r.tenant for r in reservations] == tenants
+
+
+async def test_pipeline_size_one_sends_every_call_apart(budget: Budget) -> None:
+    for tenant in TENANTS:
+        await budget.set_limits(tenant, ["usd 10/hour"])
+    budget.engine.pipeline_size = 1
+    await loaded(budget)
+    client = counting(budget)
+    await asyncio.gather(*(budget.acquire(t, usd=0.1) for t in TENANTS))
+    assert client.trips == [("evalsha", 1)] * len(TENANTS)
+    with pytest.raises(ValueError, match="pipeline_size"):
+        budget.engine.pipeline_size = 0
+
+
+async def test_a_script_error_of_one_tenant_fails_only_its_batch(budget: Budget) -> None:
+    for tenant in TENANTS[:3]:
+        await budget.set_limits(tenant, ["usd 10/hour"])
+    await loaded(budget)
+    client = counting(budget)
+    engine = budget.engine
+    malformed = engine.run(engine.scripts.acquire, budget.key(TENANTS[1]), ["malformed"])  # its script answers an error
+    results = await asyncio.gather(
+        budget.acquire(TENANTS[0], usd=0.1),
+        malformed,
+        budget.acquire(TENANTS[2], usd=0.1),
+        budget.acquire(TENANTS[0], usd=0.2),
+        return_exceptions=True,
+    )
+    assert client.trips == [("pipeline", 3)]
+    assert isinstance(results[1], ResponseError) and "malformed acquire request" in str(results[1])
+    admitted = [results[0], results[2], results[3]]
+    assert [r.tenant for r in admitted] == [TENANTS[0], TENANTS[2], TENANTS[0]]  # type: ignore[union-attr]
+
+
+async def test_a_pipeline_that_fails_as_a_whole_fails_every_batch_it_carries(make_budget: Any) -> None:
+    budget = make_budget(on_unavailable="raise")
+    try:
+        for tenant in TENANTS[:3]:
+            await budget.set_limits(tenant, ["usd 10/hour"])
+        await loaded(budget)
+        client = counting(budget)
+        client.fail_pipelines = 1
+        results = await asyncio.gather(*(budget.acquire(t, usd=0.1) for t in TENANTS[:3]), return_exceptions=True)
+        assert all(isinstance(r, RedisUnavailable) for r in results), results
+        assert client.trips[0] == ("pipeline", 3)
+        # the policy applies per caller, as for a plain call: they are simply batched again
+        again = await asyncio.gather(*(budget.acquire(t, usd=0.1) for t in TENANTS[:3]))
+        assert [r.tenant for r in again] == TENANTS[:3]
+    finally:
+        await budget.aclose()
+
+
+async def test_a_noscript_in_a_pipeline_reloads_and_resends_only_the_calls_it_failed(budget: Budget) -> None:
+    for tenant in TENANTS[:3]:
+        await budget.set_limits(tenant, ["usd 10/hour"])
+    first = await budget.acquire(TENANTS[0], usd=0.1)
+    engine = budget.engine
+    await engine.client.script_flush()
+    await engine.client.script_load(engine.scripts.acquire.source)  # acquire is known, settle is not
+    client = counting(budget)
+    settled, *admitted = await asyncio.gather(
+        first.commit(usd=0.1), budget.acquire(TENANTS[1], usd=0.2), budget.acquire(TENANTS[2], usd=0.3)
+    )
+    assert client.trips == [("pipeline", 3), ("pipeline", 1)], "the settle alone is sent again"
+    assert client.script_loads == 1
+    assert settled.state == "committed"
+    assert [r.tenant for r in admitted] == TENANTS[1:3]
+    limit = (await budget.status(TENANTS[0])).limits[0]
+    assert (limit.used, limit.reserved) == (pytest.approx(0.1), 0)  # committed once
+
+
+async def test_a_pipeline_whose_callers_all_gave_up_while_it_waited_is_not_sent(budget: Budget) -> None:
+    for tenant in TENANTS[:3]:
+        await budget.set_limits(tenant, ["usd 1/hour"])
+    await loaded(budget)
+    client = counting(budget)
+    async with every_slot_taken(budget):
+        tasks = [asyncio.create_task(budget.acquire(t, usd=0.1)) for t in TENANTS[:3]]
+        for _ in range(10):  # the pipeline leaves the batcher and waits for a slot
+            await asyncio.sleep(0)
+        assert budget.engine._batcher._sending, "the pipeline is waiting to be sent"
+        for task in tasks:
+            task.cancel()
+        await asyncio.sleep(0)
+    for task in tasks:
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert client.sent("acquire") == 0, "nothing was sent for callers that all gave up"
+    for tenant in TENANTS[:3]:
+        assert [s.used + s.reserved for s in (await budget.status(tenant)).limits] == [0]
+
+
+async def test_a_pipeline_with_one_caller_left_sends_that_call_only(budget: Budget) -> None:
+    for tenant in TENANTS[:3]:
+        await budget.set_limits(tenant, ["usd 1/hour"])
+    await loaded(budget)
+    client = counting(budget)
+    async with every_slot_taken(budget):
+        gone = [asyncio.create_task(budget.acquire(t, usd=0.1)) for t in TENANTS[:2]]
+        kept = asyncio.create_task(budget.acquire(TENANTS[2], usd=0.2))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        for task in gone:
+            task.cancel()
+        await asyncio.sleep(0)
+    reservation = await kept
+    for task in gone:
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert [names for names in client.scripts if "acquire" in names] == [["acquire"]], "one call left: sent plainly"
+    for tenant in TENANTS[:2]:
+        assert [s.used + s.reserved for s in (await budget.status(tenant)).limits] == [0]
+    await reservation.release()
+
+
+async def test_quiesce_waits_for_the_pipeline_that_carries_the_slot(budget: Budget) -> None:
+    """An acquire's cleanup is ordered after its request even when that request shares a pipeline."""
+    for tenant in TENANTS[:2]:
+        await budget.set_limits(tenant, ["usd 1/hour"])
+    engine = budget.engine
+    gate = asyncio.Event()
+    real_many = engine._batcher._send_many
+    assert real_many is not None
+
+    async def held(calls: list[tuple[Script, str, list[Any]]]) -> list[Any]:
+        await gate.wait()
+        return await real_many(calls)
+
+    engine._batcher._send_many = held
+    tasks = [asyncio.create_task(budget.acquire(t, usd=0.1)) for t in TENANTS[:2]]
+    for _ in range(10):
+        await asyncio.sleep(0)
+    acquire = engine.scripts.acquire
+    assert not await engine.quiesce(acquire, budget.key(TENANTS[0]), timeout=0.01), "in flight in the pipeline"
+    waiting = asyncio.create_task(engine.quiesce(acquire, budget.key(TENANTS[1]), timeout=10))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    gate.set()
+    assert await waiting
+    assert await engine.quiesce(acquire, budget.key(TENANTS[0]), timeout=0)
+    for reservation in await asyncio.gather(*tasks):
+        await reservation.release()
+
+
+async def test_an_orphaned_acquire_pipeline_is_abandoned_once_quiesce_of_its_slots_ran_out(budget: Budget) -> None:
+    """Acquires are quiesced: their orphaned pipeline stays on the wire until a quiesce wait for each slot ran out."""
+    for tenant in TENANTS[:2]:
+        await budget.set_limits(tenant, ["usd 1/hour"])
+    engine = budget.engine
+    never = asyncio.Event()
+    started = asyncio.Event()
+
+    async def stuck(calls: list[tuple[Script, str, list[Any]]]) -> list[Any]:
+        started.set()
+        await never.wait()
+        raise AssertionError("never answered")
+
+    engine._batcher._send_many = stuck
+    batcher = engine._batcher
+    futures = [asyncio.ensure_future(batcher.call(engine.scripts.acquire, budget.key(t), ["x"])) for t in TENANTS[:2]]
+    await started.wait()
+    (sender,) = [task for task in batcher._sending if not task.done()]
+    for future in futures:
+        future.cancel()
+    await asyncio.sleep(0.01)
+    assert not sender.done(), "kept on the wire: its callers clean up after it"
+    acquire = engine.scripts.acquire
+    assert not await engine.quiesce(acquire, budget.key(TENANTS[0]), timeout=0.01)
+    await asyncio.sleep(0.01)
+    assert not sender.done(), "the other slot's quiesce has not run out"
+    assert not await engine.quiesce(acquire, budget.key(TENANTS[1]), timeout=0.01)
+    for _ in range(100):
+        if sender.done():
+            break
+        await asyncio.sleep(0.01)
+    assert sender.done(), "abandoned once both slots' waits ran out"
+    assert await engine.quiesce(acquire, budget.key(TENANTS[0]), timeout=0)

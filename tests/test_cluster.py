@@ -2,8 +2,8 @@
 
 Two layers:
 
-- The core, waiting, fleet, calendar, scopes, quote and event-trail suites
-  (tests/test_core.py, test_waiting.py, test_fleet.py, test_calendar.py,
+- The batching, core, waiting, fleet, calendar, scopes, quote and event-trail suites
+  (tests/test_batching.py, test_core.py, test_waiting.py, test_fleet.py, test_calendar.py,
   test_scopes.py, test_quote.py, test_event_trail.py, test_runs.py) run again here,
   unchanged, with the fixtures ``make_budget``,
   ``real_url`` and ``server_url`` pointed at the cluster (a
@@ -38,6 +38,7 @@ from redis.crc import key_slot
 from slowburn_redis import Budget, BudgetTimeout, PermissionDenied
 from slowburn_redis.connection import connect_url
 from tests import (
+    test_batching,
     test_calendar,
     test_core,
     test_event_trail,
@@ -57,6 +58,7 @@ pytestmark = pytest.mark.cluster
 # every test function found in this module's namespace, with the fixtures of
 # this module, so they run against the cluster.
 for _suite in (
+    test_batching,
     test_core,
     test_waiting,
     test_fleet,
