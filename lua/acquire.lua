@@ -30,7 +30,9 @@
 --                                             denied; retry_at_ms (NOW's timeline, so
 --                                             retry_at_ms - now_ms is true in seconds
 --                                             of TIME) is -1 when only a
---                                             notification can help; reason is
+--                                             notification can help, or (wait mode)
+--                                             when an earlier waiter stands ahead
+--                                             in one of its queues; reason is
 --                                             'capacity' or 'queue'; ticket is '' in
 --                                             reject mode; limit_amount is the amount
 --                                             of limit_key (in its units)
@@ -110,6 +112,10 @@ end
 
 -- Queue the waiter (a newcomer under its reservation id, so a client that never
 -- read this reply can still give up the place) or move it to the limits it now waits on.
+-- No stampede: only a waiter that stands first in every queue it joins gets a
+-- retry time; one behind an earlier waiter gets -1 and sleeps until a
+-- notification names it (drop_ticket wakes the next head when a head leaves
+-- or is admitted), so a refill is retried by the queue heads alone, in order.
 local function enqueue(id, agent, priority, ticket, record, queue_ttl, v)
   local rank, created
   if ticket == '' then
@@ -133,7 +139,7 @@ local function enqueue(id, agent, priority, ticket, record, queue_ttl, v)
   redis.call('HSET', K.queue, ticket, queue_record(rank, created, v.blocked))
   redis.call('ZADD', K.queue_expiry, LEASE_NOW + queue_ttl, ticket)
   waiting = true
-  return {0, ticket, NOW, v.retry_at, v.first, v.reason, v.first_amount}
+  return {0, ticket, NOW, v.behind and -1 or v.retry_at, v.first, v.reason, v.first_amount}
 end
 
 -- Announce (once per run) that the run's caps or time are spent.

@@ -847,13 +847,15 @@ end
 
 -- Check every needed limit for capacity and for earlier waiters (`waiting`:
 -- anyone is queued); returns the verdict: blocked limit keys (empty: admit),
--- the limits out of capacity, the retry time, the first limit and why, and the
--- limits passed in advisory mode. It charges nothing: windows are only read
--- through the cache (advance); a lease retry time becomes a promise
--- (LEASE_PROMISE) that only a writing script stores.
+-- the limits out of capacity, the retry time, the first limit and why, the
+-- limits passed in advisory mode, and `behind`: an earlier waiter stands
+-- ahead of this request in one of its queues (a queued waiter then retries
+-- only when a notification names it: see enqueue). It charges nothing:
+-- windows are only read through the cache (advance); a lease retry time
+-- becomes a promise (LEASE_PROMISE) that only a writing script stores.
 local function check(needed, mode, ticket, rank, waiting)
   local v = {blocked = {}, full = {}, retry_at = 0, forever = false, first = '', first_amount = 0, reason = '',
-             over = {}}
+             over = {}, behind = false}
   for _, n in ipairs(needed) do
     n.state = advance(n.L, NOW)
     local t = n.state.t
@@ -866,6 +868,7 @@ local function check(needed, mode, ticket, rank, waiting)
     elseif full then
       v.over[#v.over + 1] = n.L.lk
     end
+    if behind then v.behind = true end
     if mode ~= 'advisory' and (full or behind) then
       v.blocked[#v.blocked + 1] = n.L.lk
       if v.first == '' or (full and v.reason ~= 'capacity') then
