@@ -131,11 +131,15 @@ local function enqueue(id, agent, priority, ticket, record, queue_ttl, v)
       if not still[lk] then
         local was_head = queue_head(lk) == ticket
         redis.call('ZREM', blocked_key(lk), ticket)
+        forget_head(lk)
         if was_head then heads_of({lk}, wake) end
       end
     end
   end
-  for _, lk in ipairs(v.blocked) do redis.call('ZADD', blocked_key(lk), rank, ticket) end
+  for _, lk in ipairs(v.blocked) do
+    redis.call('ZADD', blocked_key(lk), rank, ticket)
+    forget_head(lk)
+  end
   redis.call('HSET', K.queue, ticket, queue_record(rank, created, v.blocked))
   redis.call('ZADD', K.queue_expiry, LEASE_NOW + queue_ttl, ticket)
   waiting = true

@@ -634,7 +634,14 @@ end
 -- a head whose queue record is gone (a ghost) or whose place expired is
 -- dropped here, by the first script that meets it, so nothing outside the
 -- library's own bookkeeping can hold a queue up.
-local function queue_head(lk)
+-- A script asks for the same heads several times (check, then drop_ticket
+-- when it admits): the answer is kept per limit until the script changes that
+-- queue (forget_head), so a repeated question costs no command.
+local head_memo = {}  -- lk -> {ticket, rank}, or false for an empty queue
+
+local function forget_head(lk) head_memo[lk] = nil end
+
+local function queue_head_uncached(lk)
   local key = blocked_key(lk)
   local skipped = 0  -- dead heads passed over without dropping them (READ_ONLY)
   for _ = 1, PURGE_BATCH do
@@ -655,6 +662,17 @@ local function queue_head(lk)
   return nil
 end
 
+local function queue_head(lk)
+  local memo = head_memo[lk]
+  if memo == nil then
+    local ticket, rank = queue_head_uncached(lk)
+    memo = ticket and {ticket, rank} or false
+    head_memo[lk] = memo
+  end
+  if memo then return memo[1], memo[2] end
+  return nil
+end
+
 -- Remove a ticket from the queue and from every blocked set it sits in; the
 -- tickets that became the head of one of those sets are appended to `wake`.
 local function drop_ticket(ticket, wake)
@@ -662,13 +680,22 @@ local function drop_ticket(ticket, wake)
   local lks = info and parse_queue_record(info).lks or {}
   local was_head = {}
   for _, lk in ipairs(lks) do  -- before the record goes, while queue_head still counts it as live
-    local first = redis.call('ZRANGE', blocked_key(lk), 0, 0)[1]
-    was_head[lk] = first == ticket or queue_head(lk) == ticket  -- an expired head counts too
+    local memo = head_memo[lk]
+    if memo and memo[1] == ticket then
+      was_head[lk] = true
+    else
+      local first = redis.call('ZRANGE', blocked_key(lk), 0, 0)[1]
+      was_head[lk] = first == ticket or queue_head(lk) == ticket  -- an expired head counts too
+    end
   end
   redis.call('HDEL', K.queue, ticket)
   redis.call('ZREM', K.queue_expiry, ticket)
+  for lk, memo in pairs(head_memo) do  -- a head it was, wherever it stood, is no longer live
+    if memo and memo[1] == ticket then head_memo[lk] = nil end
+  end
   for _, lk in ipairs(lks) do
     redis.call('ZREM', blocked_key(lk), ticket)
+    forget_head(lk)
     if was_head[lk] then
       local nxt = queue_head(lk)
       if nxt then wake[#wake + 1] = nxt end
