@@ -93,7 +93,7 @@ local function admit(id, agent, model, needed, amounts_text, lease_ttl, ticket, 
   end
   add_lease(id, expiry)
   if ticket ~= '' then
-    drop_ticket(ticket, wake)
+    drop_ticket(ticket, wake, record)
     publish_event('resumed', {agent = agent, ticket = ticket, waited_ms = NOW - record.created})
   end
   return {1, id, NOW, expiry + LEASE_SHIFT, table.concat(over, ' ')}

@@ -675,9 +675,13 @@ end
 
 -- Remove a ticket from the queue and from every blocked set it sits in; the
 -- tickets that became the head of one of those sets are appended to `wake`.
-local function drop_ticket(ticket, wake)
-  local info = redis.call('HGET', K.queue, ticket)
-  local lks = info and parse_queue_record(info).lks or {}
+-- `record` is the ticket's parsed queue record when the caller read it already.
+local function drop_ticket(ticket, wake, record)
+  if not record then
+    local info = redis.call('HGET', K.queue, ticket)
+    record = info and parse_queue_record(info)
+  end
+  local lks = record and record.lks or {}
   local was_head = {}
   for _, lk in ipairs(lks) do  -- before the record goes, while queue_head still counts it as live
     local memo = head_memo[lk]
