@@ -69,9 +69,11 @@ end
 -- Charge every needed limit, record the reservation and its lease, leave the queue.
 local function admit(id, agent, model, needed, amounts_text, lease_ttl, ticket, record, over, run)
   local charges = {}
+  local full_at = {}  -- limits this admission left without a unit: when the next head may retry
   for _, n in ipairs(run and run.needed or {}) do needed[#needed + 1] = n end
   for _, n in ipairs(needed) do
     local _, gen, t = charge(n.L, n.state, n.amt, NOW, agent)
+    if t >= n.L.a then full_at[n.L.lk] = {n = n, t = t} end
     local prefix = n.L.charge_prefix  -- built once per limit per script
     if not prefix then
       prefix = n.L.lk .. '|' .. fmt(n.L.w) .. '|'
@@ -93,7 +95,10 @@ local function admit(id, agent, model, needed, amounts_text, lease_ttl, ticket, 
   end
   add_lease(id, expiry)
   if ticket ~= '' then
-    drop_ticket(ticket, wake, record)
+    for lk, f in pairs(full_at) do  -- a concurrency slot returns at the soonest lease expiry (or a settle's wake)
+      full_at[lk] = f.n.L.d == 'concurrency' and room_at(f.n, f.t) or refill_at(f.n.L, f.t + 1 - f.n.L.a, NOW)
+    end
+    drop_ticket(ticket, wake, record, full_at)
     publish_event('resumed', {agent = agent, ticket = ticket, waited_ms = NOW - record.created})
   end
   return {1, id, NOW, expiry + LEASE_SHIFT, table.concat(over, ' ')}

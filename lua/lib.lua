@@ -676,7 +676,10 @@ end
 -- Remove a ticket from the queue and from every blocked set it sits in; the
 -- tickets that became the head of one of those sets are appended to `wake`.
 -- `record` is the ticket's parsed queue record when the caller read it already.
-local function drop_ticket(ticket, wake, record)
+-- `full_at` (optional) maps a limit key that has no unit left to the time (NOW)
+-- its first unit returns: the new head of that queue is woken then, not now
+-- ("<ticket>@<ms from now>" in `wake`), since it could only be denied now.
+local function drop_ticket(ticket, wake, record, full_at)
   if not record then
     local info = redis.call('HGET', K.queue, ticket)
     record = info and parse_queue_record(info)
@@ -702,7 +705,12 @@ local function drop_ticket(ticket, wake, record)
     forget_head(lk)
     if was_head[lk] then
       local nxt = queue_head(lk)
-      if nxt then wake[#wake + 1] = nxt end
+      local at = full_at and full_at[lk]
+      if nxt and at and at > NOW then
+        wake[#wake + 1] = nxt .. '@' .. fmt(at - NOW)
+      elseif nxt then
+        wake[#wake + 1] = nxt
+      end
     end
   end
 end

@@ -1,8 +1,9 @@
 """Sleeping until the budget refills: one pub/sub connection per process.
 
 A `WakeHub` holds one subscription per tenant that has waiters in this
-process, and routes each wake notification (a list of queue tickets, or
-``*`` for all) to the local waiters it names. It also runs the heartbeat that
+process, and routes each wake notification (a list of queue tickets, each
+possibly with the time its waiter may retry, or ``*`` for all) to the local
+waiters it names. It also runs the heartbeat that
 keeps the waiters' queue places alive and wakes any waiter that stands first
 in its queues with no timed retry of its own (the safety net for a
 notification lost while disconnected).
@@ -57,9 +58,23 @@ class Waiter:
         self.timed = False
         self.refreshed_at = asyncio.get_running_loop().time()
         self._event = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
 
     def wake(self) -> None:
         self._event.set()
+
+    def wake_in(self, seconds: float) -> None:
+        """Wake at the latest `seconds` from now (a notification naming the time the waiter may retry)."""
+        self.timed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, seconds), self._event.set)
+
+    def forget(self) -> None:
+        """Cancel a pending `wake_in` (the waiter left)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     async def sleep(self, seconds: float | None) -> bool:
         """Sleep up to `seconds` (None: until woken). True if woken by a notification."""
@@ -73,6 +88,7 @@ class Waiter:
             return False
         finally:
             self._event.clear()
+            self.forget()  # it retries now: a later wake_in would only be a second retry
 
 
 class SharedReads:
@@ -170,6 +186,7 @@ class WakeHub:
 
     def leave(self, waiter: Waiter) -> None:
         """Forget a waiter (admitted, timed out or cancelled)."""
+        waiter.forget()
         waiters = self._tenants.get(waiter.tenant)
         if waiters is not None:
             waiters.discard(waiter)
@@ -226,9 +243,25 @@ class WakeHub:
             self._beater = asyncio.get_running_loop().create_task(self._beat())
 
     def _wake_tenant(self, tenant: str, tickets: list[str] | None) -> None:
+        """Wake the tenant's waiters that `tickets` names (None: all; a waiter without a ticket: always).
+
+        A ticket may carry a time, ``<ticket>@<ms>``: that waiter may retry
+        only then (its queue is out of capacity until then), so it is woken
+        then, unless something else wakes it first.
+        """
+        later: dict[str, float] = {}
+        now: set[str] = set()
+        for item in tickets or ():
+            ticket, _, ms = item.partition("@")
+            if ms.isdigit():
+                later[ticket] = int(ms) / 1000
+            else:
+                now.add(ticket)
         for waiter in list(self._tenants.get(tenant, ())):
-            if tickets is None or waiter.ticket in tickets or not waiter.ticket:
+            if tickets is None or waiter.ticket in now or not waiter.ticket:
                 waiter.wake()
+            elif waiter.ticket in later:
+                waiter.wake_in(later[waiter.ticket])
 
     async def _connect(self) -> None:
         self._pubsub = self._open_pubsub()

@@ -83,7 +83,12 @@ async def test_only_the_queue_head_gets_a_retry_time(budget: Budget) -> None:
 
 
 async def test_freed_capacity_for_k_wakes_exactly_the_k_heads_in_order(budget: Budget) -> None:
-    """Two slots freed, six waiters: the first two are admitted in order, the third retries once, nobody else."""
+    """Two slots freed, six waiters: exactly the first two retry and are admitted, in order; nobody else retries.
+
+    The second admission leaves no slot, so the next head is told to retry when
+    the soonest lease ends (ten minutes away) rather than now; a slot returned
+    earlier wakes it (and it alone).
+    """
     await budget.set_limits(T, ["concurrency 3"])
     held = [await budget.acquire(T, "holder", lease_ttl=600) for _ in range(3)]
     agents = [f"w{i}" for i in range(6)]
@@ -92,18 +97,41 @@ async def test_freed_capacity_for_k_wakes_exactly_the_k_heads_in_order(budget: B
     for reservation in held[:2]:
         await reservation.release()
     admitted = [await asyncio.wait_for(tasks[0], 30), await asyncio.wait_for(tasks[1], 30)]
-    # The third, now the head, was woken by the second's admission and found no slot.
-    await eventually(lambda: attempts.by_agent["w2"] == 1, what="the new head's retry")
     await asyncio.sleep(0.2)  # room for any wrong retry to show (none may come: nothing else changes)
-    assert dict(attempts.by_agent) == {"w0": 1, "w1": 1, "w2": 1}
+    assert dict(attempts.by_agent) == {"w0": 1, "w1": 1}
     assert [r.agent for r in admitted] == ["w0", "w1"]
     assert not any(t.done() for t in tasks[2:])
-    for task in tasks[2:]:
+    await held[2].release()  # one more slot: the next head, and only it
+    admitted.append(await asyncio.wait_for(tasks[2], 30))
+    await asyncio.sleep(0.2)
+    assert dict(attempts.by_agent) == {"w0": 1, "w1": 1, "w2": 1}
+    assert not any(t.done() for t in tasks[3:])
+    for task in tasks[3:]:
         task.cancel()
-    await asyncio.gather(*tasks[2:], return_exceptions=True)
-    for r in [*admitted, held[2]]:
+    await asyncio.gather(*tasks[3:], return_exceptions=True)
+    for r in admitted:
         await r.release()
     assert await queued(budget) == 0
+
+
+async def test_the_head_after_an_admission_that_spent_the_window_waits_for_the_refill(budget: Budget) -> None:
+    """An admission that takes the window's last unit tells the next head when to retry, not to retry now."""
+    await budget.set_limits(T, ["requests 3/hour"])
+    holder = await budget.acquire(T, "holder", requests=3)
+    agents = [f"w{i}" for i in range(4)]
+    tasks = await queue_up(budget, agents)
+    attempts = Attempts(budget)
+    with capture_logs() as logs:
+        await holder.commit(requests=2)  # one unit back: w0 is admitted and takes it
+        first = await asyncio.wait_for(tasks[0], 30)
+        await asyncio.sleep(0.2)
+    assert dict(attempts.by_agent) == {"w0": 1}  # w1 was not woken to be denied
+    assert first.agent == "w0" and not any(t.done() for t in tasks[1:])
+    assert not [e for e in logs if e["event"] == "budget.paused"]
+    for task in tasks[1:]:
+        task.cancel()
+    await asyncio.gather(*tasks[1:], return_exceptions=True)
+    await first.commit()
 
 
 async def test_a_refund_chain_admits_the_waiters_in_fifo_order(budget: Budget) -> None:
@@ -184,3 +212,22 @@ async def test_many_waiters_time_out_on_the_frozen_clock_without_an_extra_round(
     results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
     assert all(isinstance(r, BudgetTimeout) for r in results)
     assert await queued(budget) == 0
+
+
+async def test_a_wake_with_a_time_wakes_its_waiter_then_and_plain_wakes_at_once() -> None:
+    """``<ticket>@<ms>`` sets the waiter's retry time; a plain ticket wakes at once; others sleep on."""
+
+    async def refresh(tenant: str, tickets: list[str]) -> tuple[list[str], list[str]]:
+        return [], []
+
+    hub = WakeHub(lambda: None, refresh, channel=lambda tenant: tenant, heartbeat=LONG)
+    later, now, other = Waiter(T), Waiter(T), Waiter(T)
+    for waiter, ticket in ((later, "later"), (now, "now"), (other, "other")):
+        waiter.ticket = ticket
+    hub._tenants[T] = {later, now, other}
+    hub._by_channel[T] = T
+    hub._dispatch({"type": "message", "channel": T, "data": "later@20 now"})
+    assert now._event.is_set() and not later._event.is_set() and not other._event.is_set()
+    assert later.timed
+    assert await asyncio.wait_for(later.sleep(None), 30)  # woken by its time, not by a timeout
+    assert not other._event.is_set()
