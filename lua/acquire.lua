@@ -145,7 +145,7 @@ local function enqueue(id, agent, priority, ticket, record, queue_ttl, v)
     redis.call('ZADD', blocked_key(lk), rank, ticket)
     forget_head(lk)
   end
-  redis.call('HSET', K.queue, ticket, queue_record(rank, created, v.blocked))
+  redis.call('HSET', K.queue, ticket, queue_record(rank, created, v.blocked, v.spent_at))
   redis.call('ZADD', K.queue_expiry, LEASE_NOW + queue_ttl, ticket)
   waiting = true
   return {0, ticket, NOW, v.behind and -1 or v.retry_at, v.first, v.reason, v.first_amount}

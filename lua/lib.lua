@@ -619,15 +619,24 @@ end
 
 local drop_ticket_later = {}  -- expired heads met by queue_head, dropped whole by purge_met_tickets
 
--- A queue record (the value of a ticket in K.queue) is "<rank>|<created_ms>|<LK> <LK> ...":
--- the waiter's rank in every blocked set, when it first queued, and the limits it waits on.
+-- A queue record (the value of a ticket in K.queue) is
+-- "<rank>|<created_ms>|<LK> <LK> ...|<at> <at> ...": the waiter's rank in every
+-- blocked set, when it first queued, the limits it waits on and, for each, when
+-- (NOW) that limit's first unit returns if it had none left at the waiter's
+-- last denial (0: it had some, or waits on an earlier waiter there).
 local function parse_queue_record(text)
-  local rank, created, lks = string.match(text, '^([^|]*)|([^|]*)|?(.*)$')
-  return {rank = tonumber(rank), created = tonumber(created), lks = split(lks or '', ' ')}
+  local rank, created, lks, ats = string.match(text, '^([^|]*)|([^|]*)|?([^|]*)|?(.*)$')
+  local record = {rank = tonumber(rank), created = tonumber(created), lks = split(lks or '', ' '), spent_at = {}}
+  for i, at in ipairs(split(ats or '', ' ')) do
+    if record.lks[i] then record.spent_at[record.lks[i]] = tonumber(at) end
+  end
+  return record
 end
 
-local function queue_record(rank, created, lks)
-  return fmt(rank) .. '|' .. fmt(created) .. '|' .. table.concat(lks, ' ')
+local function queue_record(rank, created, lks, spent_at)
+  local ats = {}
+  for i, lk in ipairs(lks) do ats[i] = fmt(spent_at and spent_at[lk] or 0) end
+  return fmt(rank) .. '|' .. fmt(created) .. '|' .. table.concat(lks, ' ') .. '|' .. table.concat(ats, ' ')
 end
 
 -- The first live waiter blocked on `lk` and its rank. The queue heals itself:
@@ -676,14 +685,18 @@ end
 -- Remove a ticket from the queue and from every blocked set it sits in; the
 -- tickets that became the head of one of those sets are appended to `wake`.
 -- `record` is the ticket's parsed queue record when the caller read it already.
--- `full_at` (optional) maps a limit key that has no unit left to the time (NOW)
--- its first unit returns: the new head of that queue is woken then, not now
+-- `full_at` maps a limit key that has no unit left to the time (NOW) its first
+-- unit returns: the new head of that queue is woken then, not now
 -- ("<ticket>@<ms from now>" in `wake`), since it could only be denied now.
+-- Without it (a waiter leaves, or its place expired), the record's spent_at
+-- says the same while it lies ahead: nothing but time frees a spent limit,
+-- and a refund meanwhile wakes the head itself (heads_of).
 local function drop_ticket(ticket, wake, record, full_at)
   if not record then
     local info = redis.call('HGET', K.queue, ticket)
     record = info and parse_queue_record(info)
   end
+  full_at = full_at or (record and record.spent_at)
   local lks = record and record.lks or {}
   local was_head = {}
   for _, lk in ipairs(lks) do  -- before the record goes, while queue_head still counts it as live
@@ -894,7 +907,7 @@ end
 -- becomes a promise (LEASE_PROMISE) that only a writing script stores.
 local function check(needed, mode, ticket, rank, waiting)
   local v = {blocked = {}, full = {}, retry_at = 0, forever = false, first = '', first_amount = 0, reason = '',
-             over = {}, behind = false}
+             over = {}, behind = false, spent_at = {}}
   for _, n in ipairs(needed) do
     n.state = advance(n.L, NOW)
     local t = n.state.t
@@ -916,6 +929,10 @@ local function check(needed, mode, ticket, rank, waiting)
       if full then
         v.full[#v.full + 1] = n
         local at = room_at(n, t)
+        if t >= n.L.a then  -- not one unit left: when the first returns (drop_ticket's timed wakes)
+          local first = n.L.d == 'concurrency' and at or refill_at(n.L, t + 1 - n.L.a, NOW)
+          if first then v.spent_at[n.L.lk] = first end
+        end
         if at then v.retry_at = math.max(v.retry_at, at) else v.forever = true end
         if at and n.L.d == 'concurrency' then v.lease_at = at end
       else

@@ -231,3 +231,26 @@ async def test_a_wake_with_a_time_wakes_its_waiter_then_and_plain_wakes_at_once(
     assert later.timed
     assert await asyncio.wait_for(later.sleep(None), 30)  # woken by its time, not by a timeout
     assert not other._event.is_set()
+
+
+async def test_a_head_leaving_a_spent_window_hands_its_retry_time_on_instead_of_a_retry(budget: Budget) -> None:
+    """The head times out on a window with no unit left: the next waiter is told when, and does not retry now.
+
+    (When units remain, the next waiter is woken at once: test_waiting's
+    test_timed_out_head_wakes_the_next_waiter.)
+    """
+    await budget.set_limits(T, ["requests 1/hour"])
+    await (await budget.acquire(T)).commit()
+    head = spawn(budget.acquire(T, "head", timeout=0.3))
+    await wait_queued(budget, 1)
+    second = spawn(budget.acquire(T, "second"))
+    await wait_queued(budget, 2)
+    attempts = Attempts(budget)
+    with pytest.raises(BudgetTimeout):
+        await asyncio.wait_for(head, 30)
+    await wait_queued(budget, 1)
+    await asyncio.sleep(0.2)  # room for a wrong retry to show
+    assert dict(attempts.by_agent) == {}
+    assert not second.done()
+    await budget.reset(T)  # capacity back at once: the reset wakes it
+    await (await asyncio.wait_for(second, 30)).commit()
