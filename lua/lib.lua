@@ -45,7 +45,8 @@
 --                          "id"), the last TRAIL_MAXLEN kept (exact trim)
 --   B:admin         string last admin action; written first by set_limits and
 --                          reset, so a worker ACL user is refused before any change
--- Channels: B:wake (tickets to retry, or "*"), B:events (JSON events).
+-- Channels: B:wake (tickets to retry, a ticket as "<ticket>@<ms>" to retry that
+-- many ms from now, or "*" for all), B:events (JSON events).
 --
 -- Amounts are integers in the dimension's unit (usd in nano-dollars). Lua
 -- numbers are doubles, exact to 2^53; they are written back with fmt().
