@@ -270,6 +270,10 @@ def idle_load(settings: Settings, limiter: str, processes: int, waiters: int, ho
             "bench.peers:set_slowburn_limits", n=1, url=settings.url, tenants=[tenant], limits=["tokens 100/hour"]
         )
         settings.fleet.run("bench.waiting:spend_job", n=1, url=settings.url, tenant=tenant)
+        # Loaded up front: a first heartbeat in the measured window would add its one-time SCRIPT LOAD.
+        from slowburn_redis.scripts import Script
+
+        client.script_load(Script("refresh").source)
     setup = 3.0 if settings.quick else 5.0
     settle = 3.0 if limiter == "slowburn" else 0.0  # room to settle (below)
     end_at = time.time() + setup + settle + hold + 1.0
