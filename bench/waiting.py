@@ -1,9 +1,12 @@
-"""Section 3, waiting: wake latency after a refund and after window expiry, and Redis load while waiters sleep."""
+"""Section 3, waiting: wake latency after a refund and after window expiry, Redis load while waiters sleep,
+and Redis commands per admission for crowds of waiters (no stampede)."""
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import itertools
 import random
 import threading
 import time
@@ -15,6 +18,8 @@ from bench.helpers import ClientRequests, Settings, calls_delta, command_calls, 
 
 EXPIRY_WINDOW_S = 3  # the bucket resolution of slowburn is window/60 = 50 ms
 IDLE_HOLD_S = 10.0
+CROWD_TIMEOUT_S = 8.0  # the saturated crowd's timeout: about the time its queues take to drain (10 s)
+CROWD_TIMEOUT_QUICK_S = 3.0  # --quick: the run is too short for 8 s timeouts to come due
 
 
 # --- wake after a refunding commit, across processes ----------------------------------------------
@@ -71,6 +76,53 @@ def refund_wakes(settings: Settings) -> dict[str, Any]:
     out["goal_p99_under_5ms"] = out["p99_ms"] < 5.0
     out["measured_from"] = "just before the holder's commit call (includes its round trip) to the waiter's admission"
     return out
+
+
+# --- the physical floor of a wake: one raw PUBLISH to a subscriber in another process ---------------
+
+
+async def hop_job(*, index: int, url: str, channel: str, rounds: int) -> dict[str, Any]:
+    """Worker 1 subscribes (redis-py async pub/sub); worker 0 publishes `rounds` messages, 3-5 ms apart.
+
+    Each message carries the publisher's time.monotonic() taken just before its PUBLISH call; the
+    subscriber records the hop (CLOCK_MONOTONIC is one clock for every process of the machine).
+    """
+    client = redis.asyncio.Redis.from_url(url, decode_responses=True)
+    hops: list[float] = []
+    try:
+        if index == 0:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                subscribed = dict(await client.pubsub_numsub(channel))
+                if subscribed.get(channel, 0) >= 1:
+                    break
+                await asyncio.sleep(0.01)
+            for _ in range(rounds):
+                await asyncio.sleep(0.003 + random.random() * 0.002)
+                await client.publish(channel, repr(time.monotonic()))
+            await client.publish(channel, "end")
+        else:
+            pubsub = client.pubsub()
+            await pubsub.subscribe(channel)
+            deadline = time.monotonic() + 30 + rounds * 0.01
+            while time.monotonic() < deadline:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is None:
+                    continue
+                if message["data"] == "end":
+                    break
+                hops.append((time.monotonic() - float(message["data"])) * 1000)
+            await pubsub.aclose()
+    finally:
+        await client.aclose()
+    return {"hops_ms": hops}
+
+
+def publish_hops(settings: Settings, rounds: int) -> dict[str, Any]:
+    channel = f"bench-hop-{int(time.time())}"
+    _, subscriber = settings.fleet.run("bench.waiting:hop_job", n=2, url=settings.url, channel=channel, rounds=rounds)
+    hops = subscriber["hops_ms"]
+    return {"hops": len(hops), **latency_summary(hops), "max_ms": max(hops) if hops else None}
 
 
 # --- wake after window expiry ---------------------------------------------------------------------
@@ -218,8 +270,13 @@ def idle_load(settings: Settings, limiter: str, processes: int, waiters: int, ho
             "bench.peers:set_slowburn_limits", n=1, url=settings.url, tenants=[tenant], limits=["tokens 100/hour"]
         )
         settings.fleet.run("bench.waiting:spend_job", n=1, url=settings.url, tenant=tenant)
+        # Loaded up front: a first heartbeat in the measured window would add its one-time SCRIPT LOAD.
+        from slowburn_redis.scripts import Script
+
+        client.script_load(Script("refresh").source)
     setup = 3.0 if settings.quick else 5.0
-    end_at = time.time() + setup + hold + 1.0
+    settle = 3.0 if limiter == "slowburn" else 0.0  # room to settle (below)
+    end_at = time.time() + setup + settle + hold + 1.0
     result: list[Any] = []
     thread = threading.Thread(
         target=lambda: result.append(
@@ -244,6 +301,16 @@ def idle_load(settings: Settings, limiter: str, processes: int, waiters: int, ho
         while time.time() < deadline and client.hlen(qkey) < waiters:
             time.sleep(0.05)
         queued = client.hlen(qkey)
+        # Queued is not settled: a waiter's first denial may still be followed by its retry
+        # after subscribing. Wait until no script ran for a moment (bounded), then measure.
+        settle_until = time.time() + settle
+        last = command_calls(client).get("evalsha", 0)
+        while time.time() < settle_until:
+            time.sleep(0.3)
+            now = command_calls(client).get("evalsha", 0)
+            if now == last:
+                break
+            last = now
     else:
         time.sleep(setup)
     with ClientRequests(settings.url) as requests:
@@ -281,14 +348,217 @@ async def spend_job(*, index: int, url: str, tenant: str) -> None:
         await r.commit()
 
 
+# --- commands per admission for a crowd of waiters -----------------------------------------------
+
+
+async def crowd_job(
+    *,
+    index: int,
+    url: str,
+    tenants: list[str],
+    per_tenant: int,
+    processes: int,
+    estimate: dict[str, float],
+    hold_s: float,
+    wait_timeout: float | None,
+    start_at: float,
+    end_at: float,
+) -> dict[str, Any]:
+    """This process's share of `per_tenant` waiters on each tenant: acquire, hold `hold_s`, commit, again.
+
+    Returns the wall times of its admissions, and for each BudgetTimeout how late it was raised past
+    the timeout (seconds).
+    """
+    from slowburn_redis import Budget, BudgetTimeout
+
+    budget = Budget.from_url(url, prefix="bench")
+    admitted: list[float] = []
+    late: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def waiter(tenant: str, delay: float) -> None:
+        await sleep_until(start_at + delay)
+        while time.time() < end_at:
+            t0 = loop.time()
+            try:
+                r = await budget.acquire(tenant, timeout=wait_timeout, **estimate)  # type: ignore[arg-type]
+            except BudgetTimeout:
+                late.append(loop.time() - t0 - (wait_timeout or 0.0))
+                continue
+            admitted.append(time.time())
+            if hold_s:
+                await asyncio.sleep(hold_s)
+            await r.commit()
+
+    mine = [t for t in tenants for j in range(per_tenant) if j % processes == index]
+    rng = random.Random(index)
+    tasks = [asyncio.create_task(waiter(t, rng.random() * 0.2)) for t in mine]
+    await sleep_until(end_at)
+    for task in tasks:
+        task.cancel()
+    done, pending = await asyncio.wait(tasks, timeout=30)  # a stuck cleanup must not lose the figures
+    errors = [
+        f"{type(exc).__name__}: {exc}"
+        for task in done
+        if not task.cancelled() and (exc := task.exception()) is not None
+    ]
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(budget.aclose(), 30)
+    return {
+        "admitted": admitted,
+        "late_s": late,
+        "errors": len(errors),
+        "first_error": errors[0] if errors else "",
+        "stuck_after_cancel": len(pending),
+    }
+
+
+def crowd(
+    settings: Settings,
+    *,
+    name: str,
+    tenants: int,
+    per_tenant: int,
+    limits: list[str],
+    estimate: dict[str, float],
+    hold_s: float = 0.0,
+    timeout: float | None = None,
+    warm_s: float,
+    interval_s: float,
+) -> dict[str, Any]:
+    """Redis commands per admission (INFO commandstats, commands run inside scripts included) while
+    `per_tenant` waiters on each of `tenants` tenants, spread over the fleet, acquire and commit in a loop.
+
+    After `warm_s`, settings.reps consecutive intervals of `interval_s` are measured; the figure is
+    their median. Also: the commands that dominate (per admission, summed over the intervals).
+    """
+    client = redis.Redis.from_url(settings.url, decode_responses=True)
+    names = [f"crowd-{name}-{i}-{int(time.time())}" for i in range(tenants)]
+    settings.fleet.run("bench.peers:set_slowburn_limits", n=1, url=settings.url, tenants=names, limits=limits)
+    processes = settings.processes
+    start_at = time.time() + 1.5
+    end_at = start_at + warm_s + settings.reps * interval_s + 0.3
+    result: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: result.append(
+            settings.fleet.run(
+                "bench.waiting:crowd_job",
+                n=processes,
+                url=settings.url,
+                tenants=names,
+                per_tenant=per_tenant,
+                processes=processes,
+                estimate=estimate,
+                hold_s=hold_s,
+                wait_timeout=timeout,
+                start_at=start_at,
+                end_at=end_at,
+                timeout=end_at - time.time() + 75,
+            )
+        ),
+        daemon=True,
+    )
+    thread.start()
+    marks: list[tuple[float, dict[str, int]]] = []
+    for k in range(settings.reps + 1):
+        at = start_at + warm_s + k * interval_s
+        time.sleep(max(0.0, at - time.time()))
+        marks.append((time.time(), command_calls(client)))
+    thread.join(timeout=end_at - time.time() + 120)
+    client.close()
+    if not result:
+        raise RuntimeError(f"crowd {name}: the fleet did not answer")
+    admitted = sorted(t for r in result[0] for t in r["admitted"])
+    late = [s for r in result[0] for s in r["late_s"]]
+    per_admission: list[float] = []
+    total: dict[str, int] = {}
+    total_admissions = 0
+    for (t0, before), (t1, after) in itertools.pairwise(marks):
+        delta = calls_delta(before, after)
+        n = bisect.bisect_left(admitted, t1) - bisect.bisect_left(admitted, t0)
+        if n:
+            per_admission.append(sum(delta.values()) / n)
+        total_admissions += n
+        for command, calls in delta.items():
+            total[command] = total.get(command, 0) + calls
+    top = sorted(total.items(), key=lambda kv: -kv[1])[:8]
+    span = marks[-1][0] - marks[0][0]
+    return {
+        "tenants": tenants,
+        "waiters_per_tenant": per_tenant,
+        "limits": limits,
+        "estimate": estimate,
+        "timeout_s": timeout,
+        "commands_per_admission": median(per_admission),
+        "commands_per_admission_runs": per_admission,
+        "admissions_per_s": total_admissions / span if span else None,
+        "top_commands_per_admission": {c: round(n / max(1, total_admissions), 1) for c, n in top},
+        "timeouts": len(late),
+        "max_late_past_timeout_ms": max(late) * 1000 if late else None,
+        "p50_late_past_timeout_ms": median(late) * 1000 if late else None,
+        "errors": sum(r["errors"] for r in result[0]),
+        "stuck_after_cancel": sum(r["stuck_after_cancel"] for r in result[0]),
+        "first_error": next((r["first_error"] for r in result[0] if r["first_error"]), ""),
+    }
+
+
+def crowds(settings: Settings) -> dict[str, Any]:
+    """Rows 2 and 3 of issue 16: commands per admission, flat in the crowd, and deadlines held."""
+    # A window frees the units charged together all at once: admissions come in bursts one window
+    # (2 s) apart, in phase with the start. Each interval is one window long and starts half-way
+    # between two bursts, so that each holds one burst whole.
+    small, large = (
+        crowd(
+            settings,
+            name=f"w{n}",
+            tenants=10,
+            per_tenant=n,
+            limits=["requests 10/2s"],
+            estimate={"requests": 1},
+            warm_s=3.1,
+            interval_s=2.0,
+        )
+        for n in (10, 60)
+    )
+    flat = large["commands_per_admission"] / small["commands_per_admission"]
+    saturated = crowd(
+        settings,
+        name="sat",
+        tenants=100,
+        per_tenant=20,
+        limits=["usd 0.05/10s", "concurrency 2"],
+        estimate={"usd": 0.0025},
+        hold_s=0.8,
+        timeout=CROWD_TIMEOUT_QUICK_S if settings.quick else CROWD_TIMEOUT_S,
+        warm_s=2.0 if settings.quick else 3.0,
+        interval_s=3.0,
+    )
+    return {
+        "window_10_per_tenant": small,
+        "window_60_per_tenant": large,
+        "flat_ratio_60_vs_10": flat,
+        "goal_window_at_most_60_and_flat": max(small["commands_per_admission"], large["commands_per_admission"]) <= 60
+        and flat <= 1.5,
+        "saturated_2000": saturated,
+        "goal_saturated_at_most_60": saturated["commands_per_admission"] <= 60,
+    }
+
+
 # --- the section ----------------------------------------------------------------------------------
 
 
 def run(settings: Settings) -> dict[str, Any]:
     hold = 3.0 if settings.quick else IDLE_HOLD_S
-    out: dict[str, Any] = {"refund": refund_wakes(settings), "expiry": expiry_wakes(settings)}
+    refund = refund_wakes(settings)
+    hop = publish_hops(settings, refund["wakes"])
+    refund["raw_publish_hop"] = hop
+    refund["p99_vs_raw_hop"] = refund["p99_ms"] / hop["p99_ms"] if hop["hops"] else None
+    refund["goal_p99_within_5x_of_raw_hop"] = refund["p99_vs_raw_hop"] is not None and refund["p99_vs_raw_hop"] <= 5
+    refund["goal_p99_under_3ms"] = refund["p99_ms"] < 3.0
+    out: dict[str, Any] = {"refund": refund, "expiry": expiry_wakes(settings)}
     idle = idle_load(settings, "slowburn", settings.processes, 1000, hold)
     idle["goal_under_10_per_s"] = idle["commands_per_s"] < 10
+    idle["goal_under_5_per_s"] = idle["commands_per_s"] < 5
     out["idle"] = {"slowburn": idle}
     peer_waiters = 200 if settings.quick else 1000
     for peer in ("pyrate", "throttled"):
@@ -298,4 +568,5 @@ def run(settings: Settings) -> dict[str, Any]:
         "throttled": "blocking limit() sleeps retry_after in 0.2-0.5 s chunks, then retries; no wake on refund",
         "limits": "no blocking wait: the caller polls (e.g. get_window_stats / hit in a loop)",
     }
+    out["crowds"] = crowds(settings)
     return out

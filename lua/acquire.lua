@@ -33,7 +33,9 @@
 --                                             denied; retry_at_ms (NOW's timeline, so
 --                                             retry_at_ms - now_ms is true in seconds
 --                                             of TIME) is -1 when only a
---                                             notification can help; reason is
+--                                             notification can help, or (wait mode)
+--                                             when an earlier waiter stands ahead
+--                                             in one of its queues; reason is
 --                                             'capacity' or 'queue'; ticket is '' in
 --                                             reject mode; limit_amount is the amount
 --                                             of limit_key (in its units)
@@ -70,9 +72,11 @@ end
 -- Charge every needed limit, record the reservation and its lease, leave the queue.
 local function admit(id, agent, model, needed, amounts_text, lease_ttl, ticket, record, over, run)
   local charges = {}
+  local full_at = {}  -- limits this admission left without a unit: when the next head may retry
   for _, n in ipairs(run and run.needed or {}) do needed[#needed + 1] = n end
   for _, n in ipairs(needed) do
     local _, gen, t = charge(n.L, n.state, n.amt, NOW, agent)
+    if t >= n.L.a then full_at[n.L.lk] = {n = n, t = t} end
     local prefix = n.L.charge_prefix  -- built once per limit per script
     if not prefix then
       prefix = n.L.lk .. '|' .. fmt(n.L.w) .. '|'
@@ -94,7 +98,10 @@ local function admit(id, agent, model, needed, amounts_text, lease_ttl, ticket, 
   end
   add_lease(id, expiry)
   if ticket ~= '' then
-    drop_ticket(ticket, wake)
+    for lk, f in pairs(full_at) do  -- a concurrency slot returns at the soonest lease expiry (or a settle's wake)
+      full_at[lk] = f.n.L.d == 'concurrency' and room_at(f.n, f.t) or refill_at(f.n.L, f.t + 1 - f.n.L.a, NOW)
+    end
+    drop_ticket(ticket, wake, record, full_at)
     publish_event('resumed', {agent = agent, ticket = ticket, waited_ms = NOW - record.created})
   end
   return {1, id, NOW, expiry + LEASE_SHIFT, table.concat(over, ' ')}
@@ -113,6 +120,10 @@ end
 
 -- Queue the waiter (a newcomer under its reservation id, so a client that never
 -- read this reply can still give up the place) or move it to the limits it now waits on.
+-- No stampede: only a waiter that stands first in every queue it joins gets a
+-- retry time; one behind an earlier waiter gets -1 and sleeps until a
+-- notification names it (drop_ticket wakes the next head when a head leaves
+-- or is admitted), so a refill is retried by the queue heads alone, in order.
 local function enqueue(id, agent, priority, ticket, record, queue_ttl, v)
   local rank, created
   if ticket == '' then
@@ -128,15 +139,19 @@ local function enqueue(id, agent, priority, ticket, record, queue_ttl, v)
       if not still[lk] then
         local was_head = queue_head(lk) == ticket
         redis.call('ZREM', blocked_key(lk), ticket)
+        forget_head(lk)
         if was_head then heads_of({lk}, wake) end
       end
     end
   end
-  for _, lk in ipairs(v.blocked) do redis.call('ZADD', blocked_key(lk), rank, ticket) end
-  redis.call('HSET', K.queue, ticket, queue_record(rank, created, v.blocked))
+  for _, lk in ipairs(v.blocked) do
+    redis.call('ZADD', blocked_key(lk), rank, ticket)
+    forget_head(lk)
+  end
+  redis.call('HSET', K.queue, ticket, queue_record(rank, created, v.blocked, v.spent_at))
   redis.call('ZADD', K.queue_expiry, LEASE_NOW + queue_ttl, ticket)
   waiting = true
-  return {0, ticket, NOW, v.retry_at, v.first, v.reason, v.first_amount}
+  return {0, ticket, NOW, v.behind and -1 or v.retry_at, v.first, v.reason, v.first_amount}
 end
 
 -- Announce (once per run) that the run's caps or time are spent.

@@ -51,7 +51,8 @@
 --                          "id"), the last TRAIL_MAXLEN kept (exact trim)
 --   B:admin         string last admin action; written first by set_limits and
 --                          reset, so a worker ACL user is refused before any change
--- Channels: B:wake (tickets to retry, or "*"), B:events (JSON events).
+-- Channels: B:wake (tickets to retry, a ticket as "<ticket>@<ms>" to retry that
+-- many ms from now, or "*" for all), B:events (JSON events).
 --
 -- Amounts are integers in the dimension's unit (usd in nano-dollars). Lua
 -- numbers are doubles, exact to 2^53; they are written back with fmt().
@@ -677,22 +678,38 @@ end
 
 local drop_ticket_later = {}  -- expired heads met by queue_head, dropped whole by purge_met_tickets
 
--- A queue record (the value of a ticket in K.queue) is "<rank>|<created_ms>|<LK> <LK> ...":
--- the waiter's rank in every blocked set, when it first queued, and the limits it waits on.
+-- A queue record (the value of a ticket in K.queue) is
+-- "<rank>|<created_ms>|<LK> <LK> ...|<at> <at> ...": the waiter's rank in every
+-- blocked set, when it first queued, the limits it waits on and, for each, when
+-- (NOW) that limit's first unit returns if it had none left at the waiter's
+-- last denial (0: it had some, or waits on an earlier waiter there).
 local function parse_queue_record(text)
-  local rank, created, lks = string.match(text, '^([^|]*)|([^|]*)|?(.*)$')
-  return {rank = tonumber(rank), created = tonumber(created), lks = split(lks or '', ' ')}
+  local rank, created, lks, ats = string.match(text, '^([^|]*)|([^|]*)|?([^|]*)|?(.*)$')
+  local record = {rank = tonumber(rank), created = tonumber(created), lks = split(lks or '', ' '), spent_at = {}}
+  for i, at in ipairs(split(ats or '', ' ')) do
+    if record.lks[i] then record.spent_at[record.lks[i]] = tonumber(at) end
+  end
+  return record
 end
 
-local function queue_record(rank, created, lks)
-  return fmt(rank) .. '|' .. fmt(created) .. '|' .. table.concat(lks, ' ')
+local function queue_record(rank, created, lks, spent_at)
+  local ats = {}
+  for i, lk in ipairs(lks) do ats[i] = fmt(spent_at and spent_at[lk] or 0) end
+  return fmt(rank) .. '|' .. fmt(created) .. '|' .. table.concat(lks, ' ') .. '|' .. table.concat(ats, ' ')
 end
 
 -- The first live waiter blocked on `lk` and its rank. The queue heals itself:
 -- a head whose queue record is gone (a ghost) or whose place expired is
 -- dropped here, by the first script that meets it, so nothing outside the
 -- library's own bookkeeping can hold a queue up.
-local function queue_head(lk)
+-- A script asks for the same heads several times (check, then drop_ticket
+-- when it admits): the answer is kept per limit until the script changes that
+-- queue (forget_head), so a repeated question costs no command.
+local head_memo = {}  -- lk -> {ticket, rank}, or false for an empty queue
+
+local function forget_head(lk) head_memo[lk] = nil end
+
+local function queue_head_uncached(lk)
   local key = blocked_key(lk)
   local skipped = 0  -- dead heads passed over without dropping them (READ_ONLY)
   for _ = 1, PURGE_BATCH do
@@ -713,23 +730,59 @@ local function queue_head(lk)
   return nil
 end
 
+local function queue_head(lk)
+  local memo = head_memo[lk]
+  if memo == nil then
+    local ticket, rank = queue_head_uncached(lk)
+    memo = ticket and {ticket, rank} or false
+    head_memo[lk] = memo
+  end
+  if memo then return memo[1], memo[2] end
+  return nil
+end
+
 -- Remove a ticket from the queue and from every blocked set it sits in; the
 -- tickets that became the head of one of those sets are appended to `wake`.
-local function drop_ticket(ticket, wake)
-  local info = redis.call('HGET', K.queue, ticket)
-  local lks = info and parse_queue_record(info).lks or {}
+-- `record` is the ticket's parsed queue record when the caller read it already.
+-- `full_at` maps a limit key that has no unit left to the time (NOW) its first
+-- unit returns: the new head of that queue is woken then, not now
+-- ("<ticket>@<ms from now>" in `wake`), since it could only be denied now.
+-- Without it (a waiter leaves, or its place expired), the record's spent_at
+-- says the same while it lies ahead: nothing but time frees a spent limit,
+-- and a refund meanwhile wakes the head itself (heads_of).
+local function drop_ticket(ticket, wake, record, full_at)
+  if not record then
+    local info = redis.call('HGET', K.queue, ticket)
+    record = info and parse_queue_record(info)
+  end
+  full_at = full_at or (record and record.spent_at)
+  local lks = record and record.lks or {}
   local was_head = {}
   for _, lk in ipairs(lks) do  -- before the record goes, while queue_head still counts it as live
-    local first = redis.call('ZRANGE', blocked_key(lk), 0, 0)[1]
-    was_head[lk] = first == ticket or queue_head(lk) == ticket  -- an expired head counts too
+    local memo = head_memo[lk]
+    if memo and memo[1] == ticket then
+      was_head[lk] = true
+    else
+      local first = redis.call('ZRANGE', blocked_key(lk), 0, 0)[1]
+      was_head[lk] = first == ticket or queue_head(lk) == ticket  -- an expired head counts too
+    end
   end
   redis.call('HDEL', K.queue, ticket)
   redis.call('ZREM', K.queue_expiry, ticket)
+  for lk, memo in pairs(head_memo) do  -- a head it was, wherever it stood, is no longer live
+    if memo and memo[1] == ticket then head_memo[lk] = nil end
+  end
   for _, lk in ipairs(lks) do
     redis.call('ZREM', blocked_key(lk), ticket)
+    forget_head(lk)
     if was_head[lk] then
       local nxt = queue_head(lk)
-      if nxt then wake[#wake + 1] = nxt end
+      local at = full_at and full_at[lk]
+      if nxt and at and at > NOW then
+        wake[#wake + 1] = nxt .. '@' .. fmt(at - NOW)
+      elseif nxt then
+        wake[#wake + 1] = nxt
+      end
     end
   end
 end
@@ -905,13 +958,15 @@ end
 
 -- Check every needed limit for capacity and for earlier waiters (`waiting`:
 -- anyone is queued); returns the verdict: blocked limit keys (empty: admit),
--- the limits out of capacity, the retry time, the first limit and why, and the
--- limits passed in advisory mode. It charges nothing: windows are only read
--- through the cache (advance); a lease retry time becomes a promise
--- (LEASE_PROMISE) that only a writing script stores.
+-- the limits out of capacity, the retry time, the first limit and why, the
+-- limits passed in advisory mode, and `behind`: an earlier waiter stands
+-- ahead of this request in one of its queues (a queued waiter then retries
+-- only when a notification names it: see enqueue). It charges nothing:
+-- windows are only read through the cache (advance); a lease retry time
+-- becomes a promise (LEASE_PROMISE) that only a writing script stores.
 local function check(needed, mode, ticket, rank, waiting)
   local v = {blocked = {}, full = {}, retry_at = 0, forever = false, first = '', first_amount = 0, reason = '',
-             over = {}}
+             over = {}, behind = false, spent_at = {}}
   for _, n in ipairs(needed) do
     n.state = advance(n.L, NOW)
     local t = n.state.t
@@ -924,6 +979,7 @@ local function check(needed, mode, ticket, rank, waiting)
     elseif full then
       v.over[#v.over + 1] = n.L.lk
     end
+    if behind then v.behind = true end
     if mode ~= 'advisory' and (full or behind) then
       v.blocked[#v.blocked + 1] = n.L.lk
       if v.first == '' or (full and v.reason ~= 'capacity') then
@@ -932,6 +988,10 @@ local function check(needed, mode, ticket, rank, waiting)
       if full then
         v.full[#v.full + 1] = n
         local at = room_at(n, t)
+        if t >= n.L.a then  -- not one unit left: when the first returns (drop_ticket's timed wakes)
+          local first = n.L.d == 'concurrency' and at or refill_at(n.L, t + 1 - n.L.a, NOW)
+          if first then v.spent_at[n.L.lk] = first end
+        end
         if at then v.retry_at = math.max(v.retry_at, at) else v.forever = true end
         if at and n.L.d == 'concurrency' then v.lease_at = at end
       else

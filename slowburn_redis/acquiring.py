@@ -12,6 +12,7 @@ place given up, after the interrupted script has been answered.
 from __future__ import annotations
 
 import asyncio
+import random
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -46,6 +47,19 @@ CLEANUP_GRACE = 5.0
 
 SUMMARY_WAIT = 2.0
 """Seconds a RunExhausted waits for the run's summary (then it is raised without one)."""
+
+RETRY_SPREAD = 0.05
+"""A timed retry sleeps its retry time plus a random part of up to this fraction of it (at most
+`RETRY_SPREAD_MAX` seconds): the queue heads of many tenants whose windows refill at the same
+moment do not retry in the same instant. Never earlier than the retry time."""
+
+RETRY_SPREAD_MAX = 0.005
+"""Seconds a timed retry is spread by at most (see `RETRY_SPREAD`)."""
+
+
+def spread(retry_in: float) -> float:
+    """`retry_in` plus a random part of up to `RETRY_SPREAD` of it, at most `RETRY_SPREAD_MAX` seconds."""
+    return retry_in + random.random() * min(RETRY_SPREAD * retry_in, RETRY_SPREAD_MAX)
 
 
 @dataclass(frozen=True)
@@ -95,6 +109,7 @@ class AcquireCall:
         self._paused_at: float | None = None
         self._in_flight = False
         self._deadline: float | None = None
+        self._listening: int | None = None  # WakeHub.listening before the first attempt
 
     async def run(self) -> Reservation:
         """Attempt until admitted; raise LimitsMissing, RequestTooLarge, BudgetExhausted (reject), BudgetTimeout..."""
@@ -102,6 +117,10 @@ class AcquireCall:
         timeout = self.request.timeout
         deadline = None if timeout is None else loop.time() + timeout
         self._deadline = deadline
+        self._listening = self._hub.listening(self.request.tenant)
+        if self._listening is not None:
+            # Already subscribed: listen for this request's ticket from its first attempt on.
+            self._waiter = self._hub.register(self.request.tenant, self._rid)
         try:
             while True:
                 reply = await self._attempt(deadline)
@@ -212,35 +231,63 @@ class AcquireCall:
         """Raise in reject mode; else join the wake channel (first denial) or sleep until woken, refilled or late."""
         request = self.request
         self._ticket = reply.ticket
-        retry_in = reply.retry_in
         if request.mode == "reject":
             log.info("acquire.denied", tenant=request.tenant, agent=request.agent, limit=reply.limit_key)
             raise self._exhausted(reply)
-        if self._waiter is None:
+        if self._paused_at is None:
             # Subscribe first, then try once more: a refill between the
-            # denial and the subscription is not missed.
-            # Bounded by the deadline: a subscription that never confirms must not outlive the wait.
-            self._waiter = await bounded(self._hub.join(request.tenant), deadline, what="subscribing to wakes")
+            # denial and the subscription is not missed. Unless this process
+            # was subscribed before the first attempt was sent (its waiter
+            # registered then, under the ticket a newcomer gets: its id) and
+            # still is: then no wake can have been missed, and it sleeps at once.
+            joined = self._waiter is None
+            if joined:
+                # Bounded by the deadline: a subscription that never confirms must not outlive the wait.
+                self._waiter = await bounded(self._hub.join(request.tenant), deadline, what="subscribing to wakes")
+            assert self._waiter is not None
             self._waiter.ticket = self._ticket
             self._paused_at = asyncio.get_running_loop().time()
-            log.info(
-                "budget.paused",
-                tenant=request.tenant,
-                agent=request.agent,
-                limit=reply.limit_key,
-                limit_text=describe_limit_key(reply.limit_key, reply.limit_amount),
-                reason=reply.reason,
-                retry_in=retry_in,
-            )
-            return
-        self._waiter.ticket = self._ticket
+            self._log_paused(reply)
+            if joined or self._listening != self._hub.listening(request.tenant):
+                return
+        await self._sleep(reply, deadline)
+
+    def _log_paused(self, reply: protocol.Denied) -> None:
+        request = self.request
+        log.info(
+            "budget.paused",
+            tenant=request.tenant,
+            agent=request.agent,
+            limit=reply.limit_key,
+            limit_text=describe_limit_key(reply.limit_key, reply.limit_amount),
+            reason=reply.reason,
+            retry_in=reply.retry_in,
+        )
+
+    async def _sleep(self, reply: protocol.Denied, deadline: float | None) -> None:
+        """Sleep until woken, the retry time (spread) or the deadline; raise BudgetTimeout at the deadline."""
+        waiter = self._waiter
+        assert waiter is not None
+        retry_in = reply.retry_in
+        loop = asyncio.get_running_loop()
+        waiter.ticket = self._ticket
+        waiter.refreshed_at = loop.time()  # the attempt refreshed the place
+        waiter.timed = retry_in is not None
+        if retry_in is not None:
+            retry_in = spread(retry_in)
+        until_deadline = False
         if deadline is not None:
-            left = deadline - asyncio.get_running_loop().time()
+            left = deadline - loop.time()
             if left <= 0:
                 raise await self._timed_out(reply)
-            retry_in = left if retry_in is None else min(retry_in, left)
-        await self._waiter.sleep(retry_in)
-        self._ticket = self._waiter.ticket
+            until_deadline = retry_in is None or left <= retry_in
+            retry_in = left if until_deadline else retry_in
+        woken = await waiter.sleep(retry_in)
+        self._ticket = waiter.ticket
+        if until_deadline and not woken:
+            # The deadline came before the retry time and nothing woke the
+            # waiter: another attempt could only be denied again.
+            raise await self._timed_out(reply)
 
     def _exhausted(self, reply: protocol.Denied) -> BudgetExhausted:
         request = self.request
@@ -259,8 +306,11 @@ class AcquireCall:
         request, limit_key = self.request, reply.limit_key
         try:
             # The deadline has passed: one short attempt (resilience.FINAL_ATTEMPT), never a wait.
+            # The waiters of a tenant timing out together share one read (WakeHub.reads).
             now = asyncio.get_running_loop().time()
-            snapshot: Status | None = await bounded(self._snapshot(request.tenant, request.agent), now)
+            snapshot: Status | None = await self._hub.reads.read(
+                (request.tenant, request.agent), lambda: bounded(self._snapshot(request.tenant, request.agent), now)
+            )
         except Exception:  # the error to raise is the timeout, not a failed snapshot
             snapshot = None
         log.info("budget.timeout", tenant=request.tenant, agent=request.agent, limit=limit_key, timeout=request.timeout)

@@ -40,7 +40,7 @@ SCRIPT_NAMES = (
     "quote",
     "run",
 )
-BATCHED = frozenset({"acquire", "settle"})
+BATCHED = frozenset({"acquire", "settle", "leave"})
 """Scripts whose ARGV may hold several requests, answered with a list of replies (see `slowburn_redis.batching`)."""
 
 _JOINED_FIELDS = {"acquire": 10, "settle": 4}
