@@ -156,9 +156,13 @@ class Engine:
 
     async def _post_many(self, calls: list[tuple[Script, str, list[Any]]]) -> list[Any]:
         """Run several batched calls as one pipeline (`scripts.run_many`); the caller holds one `_in_flight` slot."""
-        if self._closing:  # only batched scripts come here, and a closing Budget sends none of them
-            raise BudgetClosed(f"budget {self.description} is closed")
-        return await run_many(self.client, calls)
+        if not self._closing:
+            return await run_many(self.client, calls)
+        # Closing: only a waiter's last leave goes out (as in `_post`); every other call fails on its own.
+        closed = BudgetClosed(f"budget {self.description} is closed")
+        leaves = [call for call in calls if call[0] is self.scripts.leave]
+        replies = iter(await run_many(self.client, leaves) if leaves else [])
+        return [next(replies) if call[0] is self.scripts.leave else closed for call in calls]
 
     async def _guarded(
         self,

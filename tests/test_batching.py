@@ -14,7 +14,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from slowburn_redis import Budget, BudgetExhausted, InvalidInput, RedisUnavailable, protocol
+from slowburn_redis import Budget, BudgetClosed, BudgetExhausted, InvalidInput, RedisUnavailable, protocol
 from slowburn_redis.batching import MAX_BATCH, MAX_PIPELINE
 from slowburn_redis.scripts import Script
 
@@ -529,3 +529,24 @@ async def test_an_orphaned_acquire_pipeline_is_abandoned_once_quiesce_of_its_slo
         await asyncio.sleep(0.01)
     assert sender.done(), "abandoned once both slots' waits ran out"
     assert await engine.quiesce(acquire, budget.key(TENANTS[0]), timeout=0)
+
+
+async def test_a_closing_engine_sends_the_leaves_of_a_pipeline_and_refuses_its_other_calls(budget: Budget) -> None:
+    engine = budget.engine
+    await loaded(budget)
+    await engine.client.script_load(engine.scripts.leave.source)
+    client = counting(budget)
+    acquire = protocol.acquire_args(
+        reservation_id="r1", agent=None, mode="reject", priority=0, ticket="", lease_ms=60_000,
+        queue_ms=30_000, estimate={"usd": 1},
+    )  # fmt: skip
+    engine.begin_close()
+    results = await asyncio.gather(
+        engine.run(engine.scripts.leave, budget.keys("t-a").base, ["gone-a"]),
+        engine.run(engine.scripts.leave, budget.keys("t-b").base, ["gone-b"]),
+        engine.run(engine.scripts.acquire, budget.keys("t-c").base, acquire),
+        return_exceptions=True,
+    )
+    assert not isinstance(results[0], BaseException) and not isinstance(results[1], BaseException)
+    assert isinstance(results[2], BudgetClosed)
+    assert client.scripts == [["leave", "leave"]], "only the leaves went out, together"
