@@ -83,8 +83,10 @@ class Budget:
 
     `prefix` starts every key. `lease_ttl` (seconds) is how long a reservation
     holds its concurrency slot without a commit, release or `extend`.
-    `heartbeat` is how often a waiting process refreshes its queue places,
-    which expire after three heartbeats. `ledger_maxlen` bounds each tenant's
+    `heartbeat` sets the pace of a waiting process's upkeep: each beat it
+    refreshes the queue places no attempt refreshed for 1.5 heartbeats (so
+    about one refresh per tenant every two beats), and a place expires after
+    three heartbeats without one. `ledger_maxlen` bounds each tenant's
     ledger stream (approximately). `test_clock` loads scripts whose clock can
     be moved forward (see `slowburn_redis.testing`); never use it in production.
 

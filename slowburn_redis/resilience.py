@@ -24,8 +24,10 @@ most about ``2 * FINAL_ATTEMPT`` after its deadline: its own attempt is cut
 at the deadline, then its cleanup waits up to `FINAL_ATTEMPT` for that
 attempt's batch to be answered (`slowburn_redis.batching.Batcher.quiesce`),
 then sends the release and the leave together, one final attempt each (an
-acquire with ``timeout=0``, or a waiter woken at its deadline, adds its own
-one final attempt: about ``3 * FINAL_ATTEMPT``); ``bench/deadlines.py``
+acquire with ``timeout=0``, or a waiter woken by a notification at its
+deadline, adds its own one final attempt: about ``3 * FINAL_ATTEMPT``; a
+waiter whose own timer reaches the deadline raises `BudgetTimeout` without
+another attempt); ``bench/deadlines.py``
 measures it. Without any deadline (no timeout, ``retry_timeout=None``) an
 attempt is bounded by the socket timeouts of `slowburn_redis.connection`
 and retried until Redis answers.
