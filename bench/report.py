@@ -487,9 +487,11 @@ def cluster(d: dict[str, Any]) -> list[str]:
         "(INFO cpu, user+sys, every node) per admission is what the model scales.",
         "",
         *table(["tenants", "calls/s", "server CPU µs/admission", "busiest node's share", "p99 ms"], rows),
-        f"- Shape check: CPU per admission spread / one node = "
-        f"{num(d['spread_over_one_node_cpu_per_admission'], 2)} (the cost is per call, not per node or tenant); "
-        f"throughput spread / one node = {num(d['spread_over_one_node_throughput'], 2)}.",
+        f"- Shape check: the busiest node took {num(100 * s['spread']['busiest_node_share'])} % of the admissions "
+        f"(a third is even); CPU per admission spread / one node = "
+        f"{num(d['spread_over_one_node_cpu_per_admission'], 2)} (a client's pipeline splits by node, so each node "
+        "reads shorter pipelines; the model uses the spread figure); throughput spread / one node = "
+        f"{num(d['spread_over_one_node_throughput'], 2)} (client-bound here).",
         f"- Bytes per tenant (limits, windows, clock, ledger and trail after one call): "
         f"{num(d['bytes_per_tenant']['one_node'])}.",
         f"- Model: one node at {num(100 * m['utilisation'])} % of a core admits "
