@@ -145,17 +145,44 @@ class _Loop:
             loop.create_task(portal.serve(call), context=call.context)
 
     def stop(self) -> None:
-        """Stop the loop, wait for its thread, and close the loop (once the thread has ended)."""
+        """Finish the loop's tasks, stop it, wait for its thread, and close the loop (once the thread has ended).
+
+        Tasks still on the loop (a library's background worker started by a
+        call, such as litellm's logging worker) are cancelled and given up to
+        `STOP_GRACE` s to end, and async generators are closed, as
+        `asyncio.run` does: nothing is left pending on a closed loop.
+        """
         if self.forked:
             return
         if threading.get_ident() == self.thread.ident:  # from a callback of the loop itself: it stops after it
             self.loop.stop()
             return
         if self.loop.is_running() and self.thread.is_alive():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(timeout=STOP_GRACE)
+            self.loop.call_soon_threadsafe(self._finish_soon)
+            self.thread.join(timeout=2 * STOP_GRACE + 1)
+            if self.thread.is_alive():  # the tasks did not end: stop regardless
+                self.loop.call_soon_threadsafe(self.loop.stop)
+                self.thread.join(timeout=STOP_GRACE)
         if not self.thread.is_alive() and not self.loop.is_closed():
             self.loop.close()
+
+    def _finish_soon(self) -> None:
+        self.loop.create_task(self._finish())
+
+    async def _finish(self) -> None:
+        """The loop's last task: cancel every other task, wait for them, close async generators, stop."""
+        try:
+            current = asyncio.current_task()
+            tasks = [task for task in asyncio.all_tasks() if task is not current]
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=STOP_GRACE)
+            await asyncio.wait_for(self.loop.shutdown_asyncgens(), STOP_GRACE)
+        except Exception:  # a generator that would not close: stopping matters more
+            pass
+        finally:
+            self.loop.stop()
 
 
 _shared: _Loop | None = None

@@ -269,3 +269,25 @@ def test_a_twin_that_fails_to_build_leaves_no_loop_behind(no_twin_open: None) ->
 
     with pytest.raises(RuntimeError, match="cannot build"):
         SyncBudget(broken)
+
+
+def test_the_last_close_ends_the_tasks_a_call_left_on_the_loop(no_twin_open: None) -> None:
+    """A background task started on the portal loop (a library's worker) is cancelled and ends before the loop closes."""
+    twin = Budget.embedded().sync()
+    ended = threading.Event()
+
+    async def worker() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            ended.set()
+
+    async def start_worker() -> asyncio.Task[None]:
+        return asyncio.get_running_loop().create_task(worker())
+
+    task = twin.call(start_worker())
+    loop = twin.portal.loop
+    twin.close()
+    assert ended.is_set(), "the worker's cleanup ran before the loop closed"
+    assert task.cancelled()
+    assert loop.is_closed()
