@@ -272,7 +272,7 @@ def test_a_twin_that_fails_to_build_leaves_no_loop_behind(no_twin_open: None) ->
 
 
 def test_the_last_close_ends_the_tasks_a_call_left_on_the_loop(no_twin_open: None) -> None:
-    """A background task started on the portal loop (a library's worker) is cancelled and ends before the loop closes."""
+    """A task a call started on the portal loop (a library's worker) is cancelled and ends before the loop closes."""
     twin = Budget.embedded().sync()
     ended = threading.Event()
 
