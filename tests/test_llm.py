@@ -186,14 +186,24 @@ async def test_timeout_keeps_the_estimate(budget: Budget, llm: BudgetedLLM) -> N
     assert (nano(usd_used), usd_reserved) == (int(entry["est_usd"]), 0)
 
 
-async def test_cancelled_call_keeps_the_estimate(budget: Budget, llm: BudgetedLLM) -> None:
+async def test_cancelled_call_keeps_the_estimate(
+    budget: Budget, llm: BudgetedLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In flight means the provider was called: the client has read its admission. (Seeing the reservation
+    # in Redis is not enough: a cancel landing while the acquire's reply is still on its way releases it.)
+    provider_called = asyncio.Event()
+    original = litellm.acompletion
+
+    async def tracked(*args: Any, **kwargs: Any) -> Any:
+        provider_called.set()
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(litellm, "acompletion", tracked)
     task = asyncio.ensure_future(
         llm.acompletion(QUESTION, max_tokens=200, mock_response=mock_reply(MODEL, QUESTION, ANSWER), mock_delay=30)
     )
-    for _ in range(200):  # until the call is admitted and in flight
-        if (await used(budget, "usd"))[1] > 0:
-            break
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(provider_called.wait(), 60)
+    assert (await used(budget, "usd"))[1] > 0
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
