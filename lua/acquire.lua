@@ -98,8 +98,8 @@ local function admit(id, agent, model, needed, amounts_text, lease_ttl, ticket, 
   end
   add_lease(id, expiry)
   if ticket ~= '' then
-    for lk, f in pairs(full_at) do  -- a concurrency slot returns at the soonest lease expiry (or a settle's wake)
-      full_at[lk] = f.n.L.d == 'concurrency' and room_at(f.n, f.t) or refill_at(f.n.L, f.t + 1 - f.n.L.a, NOW)
+    for lk, f in pairs(full_at) do  -- when its first unit returns (a concurrency slot: or a settle's wake)
+      full_at[lk] = room_at(f.n, f.t, 1)
     end
     drop_ticket(ticket, wake, record, full_at)
     publish_event('resumed', {agent = agent, ticket = ticket, waited_ms = NOW - record.created})

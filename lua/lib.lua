@@ -939,10 +939,12 @@ local function needs(limits, amounts, mode)
   return needed
 end
 
--- When (NOW) a limit that is full will have room for `n` again; nil for never by itself.
--- A concurrency slot returns when the soonest lease expires (on the lease
--- clock, which runs with NOW: the expiry on NOW's timeline is score + LEASE_SHIFT).
-local function room_at(n, t)
+-- When (NOW) a limit that is full, at total `t`, will have room for `amt`
+-- units again (default: the request's n.amt; 1: when its first unit returns);
+-- nil for never by itself. A concurrency slot returns when the soonest lease
+-- expires (on the lease clock, which runs with NOW: the expiry on NOW's
+-- timeline is score + LEASE_SHIFT), whatever the amount.
+local function room_at(n, t, amt)
   if n.L.d == 'concurrency' then
     local soonest
     if READ_ONLY then  -- expired leases stay in the set: the soonest one still running
@@ -953,7 +955,7 @@ local function room_at(n, t)
     end
     return soonest[2] and tonumber(soonest[2]) + LEASE_SHIFT or nil
   end
-  return refill_at(n.L, t + n.amt - n.L.a, NOW)
+  return refill_at(n.L, t + (amt or n.amt) - n.L.a, NOW)
 end
 
 -- Check every needed limit for capacity and for earlier waiters (`waiting`:
@@ -989,7 +991,8 @@ local function check(needed, mode, ticket, rank, waiting)
         v.full[#v.full + 1] = n
         local at = room_at(n, t)
         if t >= n.L.a then  -- not one unit left: when the first returns (drop_ticket's timed wakes)
-          local first = n.L.d == 'concurrency' and at or refill_at(n.L, t + 1 - n.L.a, NOW)
+          local first = at  -- the same answer, unless a window request asks for more than one unit
+          if n.L.d ~= 'concurrency' and n.amt ~= 1 then first = room_at(n, t, 1) end
           if first then v.spent_at[n.L.lk] = first end
         end
         if at then v.retry_at = math.max(v.retry_at, at) else v.forever = true end
