@@ -98,8 +98,6 @@ class Batcher:
     ) -> None:
         if not 1 <= max_batch <= BATCH_LIMIT:
             raise ValueError(f"max_batch must be from 1 to {BATCH_LIMIT}")
-        if max_pipeline < 1:
-            raise ValueError("max_pipeline must be at least 1")
         self._send = send
         self._send_many = send_many
         self._max_batch = max_batch
@@ -118,6 +116,17 @@ class Batcher:
         """The callers of the batches each sending task has on the wire now."""
         self._held: dict[asyncio.Task[Any], set[_Slot]] = {}
         """Per sending task: the slots of its quiesced batches whose `quiesce` wait has not run out yet."""
+
+    @property
+    def max_pipeline(self) -> int:
+        """Script calls per pipeline at most (1: none); settable, it applies from the next turn."""
+        return self._max_pipeline
+
+    @max_pipeline.setter
+    def max_pipeline(self, size: int) -> None:
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"max_pipeline (Engine.pipeline_size) must be a positive integer, not {size!r}")
+        self._max_pipeline = size
 
     async def call(self, script: Script, key: str, args: Sequence[Any]) -> Any:
         """Run one request of `script` on `key` (in a batch) and return its own reply."""

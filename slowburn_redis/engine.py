@@ -104,8 +104,6 @@ class Engine:
 
     @pipeline_size.setter
     def pipeline_size(self, size: int) -> None:
-        if not isinstance(size, int) or size < 1:
-            raise ValueError(f"pipeline_size must be a positive integer, not {size!r}")
         self._batcher.max_pipeline = size
 
     @property
@@ -148,21 +146,28 @@ class Engine:
         async with self._in_flight:
             return await self._post(script, key, args)
 
+    def _refused(self, script: Script) -> BudgetClosed | None:
+        """The error a call of `script` gets now: once closing, every script but a waiter's last leave."""
+        if self._closing and script is not self.scripts.leave:
+            return BudgetClosed(f"budget {self.description} is closed")
+        return None
+
     async def _post(self, script: Script, key: str, args: list[Any]) -> Any:
         """Run `script` now; the caller holds a slot of `_in_flight` (the batcher takes it for a batch)."""
-        if self._closing and script is not self.scripts.leave:
-            raise BudgetClosed(f"budget {self.description} is closed")
+        refused = self._refused(script)
+        if refused is not None:
+            raise refused
         return await script(self.client, key, args)
 
     async def _post_many(self, calls: list[tuple[Script, str, list[Any]]]) -> list[Any]:
-        """Run several batched calls as one pipeline (`scripts.run_many`); the caller holds one `_in_flight` slot."""
-        if not self._closing:
-            return await run_many(self.client, calls)
-        # Closing: only a waiter's last leave goes out (as in `_post`); every other call fails on its own.
-        closed = BudgetClosed(f"budget {self.description} is closed")
-        leaves = [call for call in calls if call[0] is self.scripts.leave]
-        replies = iter(await run_many(self.client, leaves) if leaves else [])
-        return [next(replies) if call[0] is self.scripts.leave else closed for call in calls]
+        """Run several batched calls as one pipeline (`scripts.run_many`); the caller holds one `_in_flight` slot.
+
+        The calls `_refused` fail on their own; the others go out.
+        """
+        refusals = [self._refused(script) for script, _, _ in calls]
+        sent = [call for call, refused in zip(calls, refusals, strict=True) if refused is None]
+        replies = iter(await run_many(self.client, sent) if sent else [])
+        return [next(replies) if refused is None else refused for refused in refusals]
 
     async def _guarded(
         self,
