@@ -152,8 +152,7 @@ class WakeHub:
 
     async def join(self, tenant: str) -> Waiter:
         """A new waiter for `tenant`, returned once this process is subscribed to its wakes."""
-        waiter = Waiter(tenant)
-        self._tenants.setdefault(tenant, set()).add(waiter)
+        waiter = self._add(tenant)
         channel = self._channel(tenant)
         try:
             async with self._lock:
@@ -179,8 +178,12 @@ class WakeHub:
         ticket is its reservation id) that arrives before its reply is kept
         (the waiter's next sleep returns at once).
         """
-        waiter = Waiter(tenant)
+        waiter = self._add(tenant)
         waiter.ticket = ticket
+        return waiter
+
+    def _add(self, tenant: str) -> Waiter:
+        waiter = Waiter(tenant)
         self._tenants.setdefault(tenant, set()).add(waiter)
         return waiter
 
