@@ -41,6 +41,7 @@ from slowburn_redis.limits import Limit
 from slowburn_redis.reservation import Reservation, Settlement
 from slowburn_redis.runs import SyncRunScope
 from slowburn_redis.status import Status
+from slowburn_redis.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from slowburn_redis.budget import Budget, Mode
@@ -56,6 +57,8 @@ CANCEL_REPEAT = 0.25
 """Seconds between deliveries of a cancellation the coroutine has not acted on."""
 STOP_GRACE = 5.0
 """Seconds closing a portal waits for its calls still running, once cancelled (and for the loop thread)."""
+_STOP_ATTEMPTS = round(STOP_GRACE / 0.1)
+"""`STOP_GRACE` in `tasks.cancel_and_wait` attempts (each cancels again and waits 0.1 s)."""
 
 
 class _Call:
@@ -173,11 +176,9 @@ class _Loop:
         """The loop's last task: cancel every other task, wait for them, close async generators, stop."""
         try:
             current = asyncio.current_task()
-            tasks = [task for task in asyncio.all_tasks() if task is not current]
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                await asyncio.wait(tasks, timeout=STOP_GRACE)
+            await cancel_and_wait(
+                [task for task in asyncio.all_tasks() if task is not current], attempts=_STOP_ATTEMPTS
+            )
             await asyncio.wait_for(self.loop.shutdown_asyncgens(), STOP_GRACE)
         except Exception:  # a generator that would not close: stopping matters more
             pass
@@ -343,12 +344,7 @@ class Portal:
 
             def cancel_running() -> None:
                 tasks = [call.task for call in self._running if call.task is not None]
-                for task in tasks:
-                    task.cancel()
-                if not tasks:
-                    cancelled.set()
-                    return
-                waiter = asyncio.ensure_future(asyncio.wait(tasks, timeout=STOP_GRACE))
+                waiter = asyncio.ensure_future(cancel_and_wait(tasks, attempts=_STOP_ATTEMPTS))
                 waiter.add_done_callback(lambda _: cancelled.set())
 
             self.loop.call_soon_threadsafe(cancel_running)
