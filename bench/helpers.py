@@ -327,6 +327,25 @@ class Fleet:
             results[index] = value
         return [results[i] for i in range(count)]
 
+    def start(self, job: str, *, n: int | None = None, timeout: float = 120.0, **kwargs: Any) -> Callable[[float], Any]:
+        """Run `job` as `run` does, from a background thread, so the caller can sample Redis meanwhile.
+
+        Returns `wait(limit)`: it waits up to `limit` seconds for the job and
+        gives its results, or None if it failed or did not end (the thread
+        reports the error).
+        """
+        result: list[Any] = []
+        thread = threading.Thread(
+            target=lambda: result.append(self.run(job, n=n, timeout=timeout, **kwargs)), daemon=True
+        )
+        thread.start()
+
+        def wait(limit: float) -> Any:
+            thread.join(timeout=limit)
+            return result[0] if result else None
+
+        return wait
+
     def close(self) -> None:
         for inbox in self._inboxes:
             inbox.put(None)

@@ -8,7 +8,6 @@ import bisect
 import contextlib
 import itertools
 import random
-import threading
 import time
 from typing import Any
 
@@ -277,23 +276,16 @@ def idle_load(settings: Settings, limiter: str, processes: int, waiters: int, ho
     setup = 3.0 if settings.quick else 5.0
     settle = 3.0 if limiter == "slowburn" else 0.0  # room to settle (below)
     end_at = time.time() + setup + settle + hold + 1.0
-    result: list[Any] = []
-    thread = threading.Thread(
-        target=lambda: result.append(
-            settings.fleet.run(
-                "bench.waiting:idle_job",
-                n=processes,
-                url=settings.url,
-                limiter=limiter,
-                tenant=tenant,
-                waiters=waiters // processes,
-                end_at=end_at,
-                timeout=setup + hold + 60,
-            )
-        ),
-        daemon=True,
+    finished = settings.fleet.start(
+        "bench.waiting:idle_job",
+        n=processes,
+        url=settings.url,
+        limiter=limiter,
+        tenant=tenant,
+        waiters=waiters // processes,
+        end_at=end_at,
+        timeout=setup + hold + 60,
     )
-    thread.start()
     queued = None
     if limiter == "slowburn":
         qkey = f"bench:{{{tenant}}}:q"
@@ -319,7 +311,7 @@ def idle_load(settings: Settings, limiter: str, processes: int, waiters: int, ho
         time.sleep(hold)
         after = command_calls(client)
         measured = time.monotonic() - t0
-    thread.join(timeout=setup + hold + 90)
+    result = finished(setup + hold + 90)
     stale = client.hlen(f"bench:{{{tenant}}}:q") if limiter == "slowburn" else None
     client.close()
     delta = calls_delta(before, after)
@@ -333,9 +325,9 @@ def idle_load(settings: Settings, limiter: str, processes: int, waiters: int, ho
         "commands": delta,
         "client_requests_per_s": requests.total / measured,
         "client_requests": requests.counts,
-        "admitted_during_hold": sum(r["admitted"] for r in result[0]) if result else None,
-        "failed_waits": sum(r["failed"] for r in result[0]) if result else None,
-        "first_failure": next((r["first_failure"] for r in result[0] if r["first_failure"]), "") if result else "",
+        "admitted_during_hold": sum(r["admitted"] for r in result) if result else None,
+        "failed_waits": sum(r["failed"] for r in result) if result else None,
+        "first_failure": next((r["first_failure"] for r in result if r["first_failure"]), "") if result else "",
         "queue_places_left_after_cancel": stale,
     }
 
@@ -438,38 +430,31 @@ def crowd(
     processes = settings.processes
     start_at = time.time() + 1.5
     end_at = start_at + warm_s + settings.reps * interval_s + 0.3
-    result: list[Any] = []
-    thread = threading.Thread(
-        target=lambda: result.append(
-            settings.fleet.run(
-                "bench.waiting:crowd_job",
-                n=processes,
-                url=settings.url,
-                tenants=names,
-                per_tenant=per_tenant,
-                processes=processes,
-                estimate=estimate,
-                hold_s=hold_s,
-                wait_timeout=timeout,
-                start_at=start_at,
-                end_at=end_at,
-                timeout=end_at - time.time() + 75,
-            )
-        ),
-        daemon=True,
+    finished = settings.fleet.start(
+        "bench.waiting:crowd_job",
+        n=processes,
+        url=settings.url,
+        tenants=names,
+        per_tenant=per_tenant,
+        processes=processes,
+        estimate=estimate,
+        hold_s=hold_s,
+        wait_timeout=timeout,
+        start_at=start_at,
+        end_at=end_at,
+        timeout=end_at - time.time() + 75,
     )
-    thread.start()
     marks: list[tuple[float, dict[str, int]]] = []
     for k in range(settings.reps + 1):
         at = start_at + warm_s + k * interval_s
         time.sleep(max(0.0, at - time.time()))
         marks.append((time.time(), command_calls(client)))
-    thread.join(timeout=end_at - time.time() + 120)
+    result = finished(end_at - time.time() + 120)
     client.close()
     if not result:
         raise RuntimeError(f"crowd {name}: the fleet did not answer")
-    admitted = sorted(t for r in result[0] for t in r["admitted"])
-    late = [s for r in result[0] for s in r["late_s"]]
+    admitted = sorted(t for r in result for t in r["admitted"])
+    late = [s for r in result for s in r["late_s"]]
     per_admission: list[float] = []
     total: dict[str, int] = {}
     total_admissions = 0
@@ -496,9 +481,9 @@ def crowd(
         "timeouts": len(late),
         "max_late_past_timeout_ms": max(late) * 1000 if late else None,
         "p50_late_past_timeout_ms": median(late) * 1000 if late else None,
-        "errors": sum(r["errors"] for r in result[0]),
-        "stuck_after_cancel": sum(r["stuck_after_cancel"] for r in result[0]),
-        "first_error": next((r["first_error"] for r in result[0] if r["first_error"]), ""),
+        "errors": sum(r["errors"] for r in result),
+        "stuck_after_cancel": sum(r["stuck_after_cancel"] for r in result),
+        "first_error": next((r["first_error"] for r in result if r["first_error"]), ""),
     }
 
 
