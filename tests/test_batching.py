@@ -123,23 +123,32 @@ async def every_slot_taken(budget: Budget) -> AsyncIterator[None]:
             slots.release()
 
 
+async def give_up_while_waiting_for_a_slot(budget: Budget, gone: list[str], kept: str | None = None) -> Any:
+    """Acquires for the tenants `gone` (usd 0.1 each) and `kept` (usd 0.2) wait for a slot of the cap on calls
+    in flight, every slot taken; those of `gone` are cancelled before one frees. `kept`'s reservation, or None."""
+    async with every_slot_taken(budget):
+        gone_tasks = [asyncio.create_task(budget.acquire(t, usd=0.1)) for t in gone]
+        kept_task = asyncio.create_task(budget.acquire(kept, usd=0.2)) if kept else None
+        for _ in range(10):  # the calls leave the batcher and wait for a slot
+            await asyncio.sleep(0)
+        assert budget.engine._batcher._sending, "the calls are waiting to be sent"
+        for task in gone_tasks:
+            task.cancel()
+        await asyncio.sleep(0)
+    reservation = await kept_task if kept_task else None
+    for task in gone_tasks:
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    return reservation
+
+
 async def test_a_batch_whose_callers_all_gave_up_while_it_waited_for_a_connection_is_not_sent(
     budget: Budget,
 ) -> None:
     """Every slot of the cap on calls in flight is taken: the batch waits; its callers give up; nothing is sent."""
     await budget.set_limits(T, ["usd 1/hour"])
     calls = Calls(budget)
-    async with every_slot_taken(budget):
-        tasks = [asyncio.create_task(budget.acquire(T, usd=0.1)) for _ in range(3)]
-        for _ in range(10):  # the batch leaves the batcher and waits for a slot
-            await asyncio.sleep(0)
-        assert budget.engine._batcher._sending, "the batch is waiting to be sent"
-        for task in tasks:
-            task.cancel()
-        await asyncio.sleep(0)
-    for task in tasks:
-        with pytest.raises(asyncio.CancelledError):
-            await task
+    await give_up_while_waiting_for_a_slot(budget, [T] * 3)
     assert calls.of("acquire") == [], "nothing was sent for callers that all gave up"
     status = await budget.status(T)
     assert [s.used + s.reserved for s in status.limits] == [0]
@@ -148,18 +157,7 @@ async def test_a_batch_whose_callers_all_gave_up_while_it_waited_for_a_connectio
 async def test_a_batch_with_one_caller_left_is_sent_for_that_caller_only(budget: Budget) -> None:
     await budget.set_limits(T, ["usd 1/hour"])
     calls = Calls(budget)
-    async with every_slot_taken(budget):
-        gone = [asyncio.create_task(budget.acquire(T, usd=0.1)) for _ in range(2)]
-        kept = asyncio.create_task(budget.acquire(T, usd=0.2))
-        for _ in range(10):
-            await asyncio.sleep(0)
-        for task in gone:
-            task.cancel()
-        await asyncio.sleep(0)
-    reservation = await kept
-    for task in gone:
-        with pytest.raises(asyncio.CancelledError):
-            await task
+    reservation = await give_up_while_waiting_for_a_slot(budget, [T] * 2, T)
     assert calls.of("acquire") == [1]
     status = await budget.status(T)
     assert [s.used + s.reserved for s in status.limits] == [pytest.approx(0.2)]
@@ -428,17 +426,7 @@ async def test_a_pipeline_whose_callers_all_gave_up_while_it_waited_is_not_sent(
         await budget.set_limits(tenant, ["usd 1/hour"])
     await loaded(budget)
     client = counting(budget)
-    async with every_slot_taken(budget):
-        tasks = [asyncio.create_task(budget.acquire(t, usd=0.1)) for t in TENANTS[:3]]
-        for _ in range(10):  # the pipeline leaves the batcher and waits for a slot
-            await asyncio.sleep(0)
-        assert budget.engine._batcher._sending, "the pipeline is waiting to be sent"
-        for task in tasks:
-            task.cancel()
-        await asyncio.sleep(0)
-    for task in tasks:
-        with pytest.raises(asyncio.CancelledError):
-            await task
+    await give_up_while_waiting_for_a_slot(budget, TENANTS[:3])
     assert client.sent("acquire") == 0, "nothing was sent for callers that all gave up"
     for tenant in TENANTS[:3]:
         assert [s.used + s.reserved for s in (await budget.status(tenant)).limits] == [0]
@@ -449,18 +437,7 @@ async def test_a_pipeline_with_one_caller_left_sends_that_call_only(budget: Budg
         await budget.set_limits(tenant, ["usd 1/hour"])
     await loaded(budget)
     client = counting(budget)
-    async with every_slot_taken(budget):
-        gone = [asyncio.create_task(budget.acquire(t, usd=0.1)) for t in TENANTS[:2]]
-        kept = asyncio.create_task(budget.acquire(TENANTS[2], usd=0.2))
-        for _ in range(10):
-            await asyncio.sleep(0)
-        for task in gone:
-            task.cancel()
-        await asyncio.sleep(0)
-    reservation = await kept
-    for task in gone:
-        with pytest.raises(asyncio.CancelledError):
-            await task
+    reservation = await give_up_while_waiting_for_a_slot(budget, TENANTS[:2], TENANTS[2])
     assert [names for names in client.scripts if "acquire" in names] == [["acquire"]], "one call left: sent plainly"
     for tenant in TENANTS[:2]:
         assert [s.used + s.reserved for s in (await budget.status(tenant)).limits] == [0]
