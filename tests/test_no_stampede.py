@@ -11,6 +11,7 @@ so that nothing but a notification (or their own deadline) can wake them.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -46,6 +47,34 @@ class Attempts:
             return await status(tenant, agent=agent)
 
         budget.status = counting_status  # type: ignore[method-assign]
+
+
+async def wakes_delivered(budget: Budget) -> None:
+    """Return once every wake published so far has reached this process's waiters and the retries it caused are sent.
+
+    A marker published now is dispatched after every earlier message of the
+    channel (pub/sub keeps the order of publication); a few loop turns then
+    let a woken waiter's task run up to its attempt (which `Attempts` counts).
+    """
+    hub = budget._hub
+    marker = f"barrier-{secrets.token_hex(4)}"
+    seen = asyncio.Event()
+    dispatch = hub._dispatch
+
+    def spy(message: dict[str, Any]) -> None:
+        dispatch(message)
+        data = message.get("data")
+        if (data.decode() if isinstance(data, bytes) else data) == marker:
+            seen.set()
+
+    hub._dispatch = spy  # type: ignore[method-assign]
+    try:
+        await budget.engine.publish(budget.keys(T).wake_channel, marker)
+        await asyncio.wait_for(seen.wait(), 30)
+    finally:
+        hub._dispatch = dispatch  # type: ignore[method-assign]
+    for _ in range(10):
+        await asyncio.sleep(0)
 
 
 @pytest.fixture
@@ -97,13 +126,13 @@ async def test_freed_capacity_for_k_wakes_exactly_the_k_heads_in_order(budget: B
     for reservation in held[:2]:
         await reservation.release()
     admitted = [await asyncio.wait_for(tasks[0], 30), await asyncio.wait_for(tasks[1], 30)]
-    await asyncio.sleep(0.2)  # room for any wrong retry to show (none may come: nothing else changes)
+    await wakes_delivered(budget)  # any wrong retry has been sent by now (nothing else changes)
     assert dict(attempts.by_agent) == {"w0": 1, "w1": 1}
     assert [r.agent for r in admitted] == ["w0", "w1"]
     assert not any(t.done() for t in tasks[2:])
     await held[2].release()  # one more slot: the next head, and only it
     admitted.append(await asyncio.wait_for(tasks[2], 30))
-    await asyncio.sleep(0.2)
+    await wakes_delivered(budget)
     assert dict(attempts.by_agent) == {"w0": 1, "w1": 1, "w2": 1}
     assert not any(t.done() for t in tasks[3:])
     for task in tasks[3:]:
@@ -124,7 +153,7 @@ async def test_the_head_after_an_admission_that_spent_the_window_waits_for_the_r
     with capture_logs() as logs:
         await holder.commit(requests=2)  # one unit back: w0 is admitted and takes it
         first = await asyncio.wait_for(tasks[0], 30)
-        await asyncio.sleep(0.2)
+        await wakes_delivered(budget)
     assert dict(attempts.by_agent) == {"w0": 1}  # w1 was not woken to be denied
     assert first.agent == "w0" and not any(t.done() for t in tasks[1:])
     assert not [e for e in logs if e["event"] == "budget.paused"]
@@ -249,7 +278,7 @@ async def test_a_head_leaving_a_spent_window_hands_its_retry_time_on_instead_of_
     with pytest.raises(BudgetTimeout):
         await asyncio.wait_for(head, 30)
     await wait_queued(budget, 1)
-    await asyncio.sleep(0.2)  # room for a wrong retry to show
+    await wakes_delivered(budget)  # a wrong retry has been sent by now
     assert dict(attempts.by_agent) == {}
     assert not second.done()
     await budget.reset(T)  # capacity back at once: the reset wakes it
