@@ -74,13 +74,15 @@ class Story:
         self.calls_since_spent: int | None = None
         self.done = asyncio.Event()
 
-    def called(self, tenant: str, name: str) -> None:
+    def admitted(self, tenant: str, name: str) -> None:
         if tenant == SMALL:
-            # Not spent after all (a wait timed out on a slow machine, or a refund made room):
-            # count the enterprise's calls again from the next time every startup agent waits.
+            # Not spent after all (a smaller estimate fit, or a refund made room): this call is in
+            # flight, so count the enterprise's calls again from the next time every startup agent waits.
             self.waiting.discard(name)
             self.calls_since_spent = None
-        elif self.calls_since_spent is not None:
+
+    def called(self, tenant: str, name: str) -> None:
+        if tenant != SMALL and self.calls_since_spent is not None:
             self.calls_since_spent += 1
             if self.calls_since_spent >= self.after:
                 self.done.set()
@@ -120,6 +122,7 @@ async def agent(
             story.spent(tenant, name)
             continue
         waiting = False
+        story.admitted(tenant, name)
         await asyncio.sleep(rng.uniform(0.05, 0.2))  # the "LLM call"
         output_tokens = rng.randint(100, MAX_OUTPUT_TOKENS)
         cost = input_tokens * USD_PER_INPUT_TOKEN + output_tokens * USD_PER_OUTPUT_TOKEN
