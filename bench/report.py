@@ -341,7 +341,11 @@ def tenants(d: dict[str, Any]) -> list[str]:
     for label, procs in (("1p", "1 process"), ("fleet", "4 processes")):
         x = s[label]
         us = x.get("server_us_per_request", {})
-        for mode, suffix in (("pipelined", ""), ("not pipelined", "_unpipelined")):
+        for mode, suffix in (
+            ("calls shared by tenants", ""),
+            ("a call per tenant, pipelined", "_call_per_tenant"),
+            ("a call per tenant, not pipelined", "_unpipelined"),
+        ):
             if f"all_tenants{suffix}_per_s" not in x:
                 continue
             rows.append(
@@ -361,16 +365,17 @@ def tenants(d: dict[str, Any]) -> list[str]:
         "## 5. Scale of tenants",
         "",
         f"{num(d['tenants'])} tenants, each with {', '.join(d['limits'])}; acquire+commit on a random tenant per "
-        "call, against the same three limits on one tenant; with cross-tenant pipelining (the calls of every "
-        "tenant ready in one loop turn in one pipeline) and without it (`Engine.pipeline_size = 1`: one round "
-        "trip per script call; one tenant's calls go out the same either way), in the same run. "
+        "call, against the same three limits on one tenant, in the same run: the default (the requests of the "
+        "tenants ready in one loop turn share script calls, up to 8 tenants and 8 requests a call), one call per "
+        "tenant in one pipeline (`Engine.tenants_per_call = 1`, as on a Redis Cluster), and one round trip per "
+        "call (`Engine.pipeline_size = 1` too); one tenant's calls go out the same either way. "
         "Server µs: Redis's time in scripts (INFO commandstats) per "
         "request (an acquire or a commit).",
         "",
         *table(
             [
                 "processes",
-                "cross-tenant",
+                "tenants' calls",
                 "one tenant calls/s",
                 "random tenant calls/s",
                 "ratio",
@@ -385,8 +390,8 @@ def tenants(d: dict[str, Any]) -> list[str]:
     if per_script:
         lines += [
             "",
-            "Per script, from 1 process (acquires for up to 1 s, then their commits; a random tenant's call "
-            "carries one request):",
+            "Per script, from 1 process (acquires for up to 1 s, then their commits; a random tenant has one "
+            "request in a call):",
             "",
             *table(
                 ["load", "acquire µs/request", "requests/acquire call", "commit µs/request", "requests/commit call"],

@@ -1,10 +1,13 @@
 """Section 5, scale of tenants: throughput and memory with 10,000 tenants of 3 limits each.
 
 acquire+commit on a random tenant per call against the same calls on one
-tenant, with cross-tenant pipelining (the default) and without it
-(``Engine.pipeline_size = 1``: every script call its own round trip, as
-before pipelining), side by side in one run; Redis's own time per request
-(INFO commandstats) for the whole load and, from one process, per script.
+tenant, in three ways side by side in one run: the default (the tenants ready
+in one loop turn share script calls, each call serving up to
+`slowburn_redis.batching.MAX_TENANTS` of them); one call per tenant in one
+pipeline (``Engine.tenants_per_call = 1``, as on a Redis Cluster); and one
+round trip per call (``Engine.pipeline_size = 1`` as well, as before issue
+16). Redis's own time per request (INFO commandstats) for the whole load
+and, from one process, per script.
 """
 
 from __future__ import annotations
@@ -56,28 +59,45 @@ async def setup_job(*, index: int, url: str, first: int, count: int, tasks: int,
         await budget.aclose()
 
 
-KINDS = {
-    "one_tenant": (1, True),
-    "all_tenants": (0, True),
-    "all_tenants_unpipelined": (0, False),
+KINDS: dict[str, tuple[int, bool, bool]] = {
+    "one_tenant": (1, True, True),
+    "all_tenants": (0, True, True),
+    "all_tenants_call_per_tenant": (0, True, False),
+    "all_tenants_unpipelined": (0, False, False),
 }
-"""Each load: (tenants, 0 for all of them; cross-tenant pipelining on).
+"""Each load: (tenants, 0 for all of them; cross-tenant pipelining on; tenants sharing script calls).
 
-One tenant needs no run without pipelining: a slot's batches never share a
-pipeline (`slowburn_redis.batching`), so its calls go out the same either way."""
-SPLIT_KINDS = ("one_tenant", "all_tenants")
-"""The loads measured per script (pipelining changes the round trips, not what a script costs Redis)."""
+One tenant needs no other runs: a slot's batches never share a pipeline or a
+call with another batch of its tenant (`slowburn_redis.batching`), so its
+calls go out the same either way."""
+SPLIT_KINDS = ("one_tenant", "all_tenants", "all_tenants_call_per_tenant")
+"""The loads measured per script."""
+
+
+def configure(budget: Any, pipelined: bool, shared: bool) -> None:
+    """Turn cross-tenant pipelining and calls shared by tenants off as `pipelined` and `shared` say."""
+    if not pipelined:
+        budget.engine.pipeline_size = 1
+    if not shared:
+        budget.engine.tenants_per_call = 1
 
 
 async def load_job(
-    *, index: int, url: str, tenants: int, tasks: int, start_at: float, duration: float, pipelined: bool = True
+    *,
+    index: int,
+    url: str,
+    tenants: int,
+    tasks: int,
+    start_at: float,
+    duration: float,
+    pipelined: bool = True,
+    shared: bool = True,
 ) -> dict[str, Any]:
     """acquire+commit on a random tenant among the first `tenants` each call (1: always the same one)."""
     from slowburn_redis import Budget
 
     budget = Budget.from_url(url, prefix="bench")
-    if not pipelined:
-        budget.engine.pipeline_size = 1
+    configure(budget, pipelined, shared)
     rng = random.Random(index)
 
     def pick() -> str:
@@ -94,14 +114,13 @@ async def load_job(
 
 
 async def split_job(
-    *, index: int, url: str, tenants: int, tasks: int, duration: float, pipelined: bool = True
+    *, index: int, url: str, tenants: int, tasks: int, duration: float, pipelined: bool = True, shared: bool = True
 ) -> dict[str, Any]:
     """Redis's time per request of each script: acquires for `duration`, then their commits (run alone)."""
     from slowburn_redis import Budget
 
     budget = Budget.from_url(url, prefix="bench")
-    if not pipelined:
-        budget.engine.pipeline_size = 1
+    configure(budget, pipelined, shared)
     info = redis.Redis.from_url(url)
     rng = random.Random(1000 + index)
     held: list[Any] = []
@@ -176,7 +195,7 @@ def run(settings: Settings) -> dict[str, Any]:
     split: dict[str, list[dict[str, Any]]] = {kind: [] for kind in SPLIT_KINDS}
     for _ in range(settings.reps):
         for label, n in (("1p", 1), ("fleet", settings.processes)):
-            for kind, (tenants, pipelined) in KINDS.items():
+            for kind, (tenants, pipelined, shared) in KINDS.items():
                 calls0, usec0 = script_server_time(client)
                 results = settings.fleet.run(
                     "bench.tenants:load_job",
@@ -187,6 +206,7 @@ def run(settings: Settings) -> dict[str, Any]:
                     start_at=settings.start_at(1.0),
                     duration=settings.duration,
                     pipelined=pipelined,
+                    shared=shared,
                 )
                 calls1, usec1 = script_server_time(client)
                 merged = merge_loads(results)
@@ -194,7 +214,7 @@ def run(settings: Settings) -> dict[str, Any]:
                 merged["requests_per_script"] = ratio(2 * merged["ops"], calls1 - calls0)
                 runs[label][kind].append(merged)
         for kind in SPLIT_KINDS:
-            tenants, pipelined = KINDS[kind]
+            tenants, pipelined, shared = KINDS[kind]
             (result,) = settings.fleet.run(
                 "bench.tenants:split_job",
                 n=1,
@@ -203,6 +223,7 @@ def run(settings: Settings) -> dict[str, Any]:
                 tasks=settings.tasks,
                 duration=min(1.0, settings.duration / 2),
                 pipelined=pipelined,
+                shared=shared,
             )
             split[kind].append(result)
     client.close()
@@ -214,6 +235,9 @@ def run(settings: Settings) -> dict[str, Any]:
             "all_tenants_per_s": figures["all_tenants"],
             "all_over_one": ratio(figures["all_tenants"], figures["one_tenant"]),
             "all_tenants_p99_ms": median(r["p99_ms"] for r in kinds["all_tenants"]),
+            "all_tenants_call_per_tenant_per_s": figures["all_tenants_call_per_tenant"],
+            "all_over_one_call_per_tenant": ratio(figures["all_tenants_call_per_tenant"], figures["one_tenant"]),
+            "all_tenants_call_per_tenant_p99_ms": median(r["p99_ms"] for r in kinds["all_tenants_call_per_tenant"]),
             "all_tenants_unpipelined_per_s": figures["all_tenants_unpipelined"],
             "all_over_one_unpipelined": ratio(figures["all_tenants_unpipelined"], figures["one_tenant"]),
             "all_tenants_unpipelined_p99_ms": median(r["p99_ms"] for r in kinds["all_tenants_unpipelined"]),

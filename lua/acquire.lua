@@ -1,10 +1,12 @@
 -- acquire.lua: reserve an estimate against every limit that applies, all or
 -- nothing, in FIFO order (within a priority) behind earlier waiters.
 --
--- KEYS[1]  tenant base key "<prefix>:{<tenant>}"
+-- KEYS[1]  tenant base key "<prefix>:{<tenant>}"; KEYS[2..] more tenants
+--          served by the same call (lib.lua "tenants")
 -- ARGV     one request per argument (a client sends the requests of one
 --          tenant that are ready together as one batch; they run in order,
---          each all or nothing on its own). A request is one string of
+--          each all or nothing on its own); with several keys ARGV[1] says
+--          how many requests are each tenant's. A request is one string of
 --          fields joined by single spaces (names hold no spaces):
 --   id        reservation id (client-made; a retried acquire with the same
 --             id returns the first admission instead of charging twice; an
@@ -25,7 +27,7 @@
 --   amounts   the rest of the string, "dim=int dim=int ..." (usd in
 --             nano-dollars)
 --
--- Reply: a list with one reply per request, in order, each one of:
+-- Reply: a list with one reply per request, in order (tenant after tenant), each one of:
 --   {1, id, now_ms, lease_expiry_ms, over}    admitted; `over` is a space-joined list of
 --                                             limit keys exceeded (advisory mode only);
 --                                             lease_expiry_ms is on NOW's timeline
@@ -52,14 +54,22 @@
 --                                             run's keys expired); judged before any
 --                                             queue, so such a request never waits
 --
--- Clock: stores the tenant's clock (clock_commit, lib.lua) unless every
--- request was refused for missing limits, so such a tenant gets no key.
+-- Clock: stores each tenant's clock (clock_commit, lib.lua) unless every
+-- request of that tenant was refused for missing limits, so such a tenant gets no key.
 
-local wake = {}
-purge_leases(NOW, LEASE_NOW, wake)
-local waiting = anyone_waiting()
-if waiting then purge_tickets(LEASE_NOW, wake) end
-local limits_of = limits_memo()
+-- The open tenant's state for the script (set by open_acquire for each tenant
+-- of the call): tickets to wake, whether anyone waits, its limits, and
+-- whether any request found limits.
+local wake, waiting, limits_of, stored_any
+
+local function open_acquire()
+  wake = {}
+  purge_leases(NOW, LEASE_NOW, wake)
+  waiting = anyone_waiting()
+  if waiting then purge_tickets(LEASE_NOW, wake) end
+  limits_of = limits_memo()
+  stored_any = false  -- did any request find limits? A batch refused whole as missing stores nothing
+end
 
 -- The waiter's rank: kept from its queue record, or, for a newcomer, after
 -- every waiter of its priority.
@@ -161,8 +171,6 @@ local function announce_run_spent(run, agent, reply)
                                   amount = reply[4], used = reply[5], requested = reply[6]})
 end
 
-local stored_any = false  -- did any request find limits? A batch refused whole as missing stores nothing
-
 -- The run's verdict on the request (nil when it names no run): the reply
 -- refusing it, or nil and the run with the caps it needs (run.needed).
 local function run_check(limits, amounts, mode, over)
@@ -208,16 +216,20 @@ local function acquire(id, agent, model, run_id, mode, priority, ticket, lease_t
   return enqueue(id, agent, priority, ticket, record, queue_ttl, v)
 end
 
-local replies = {}
-for _, request in ipairs(ARGV) do
-  local id, agent, model, run, mode, priority, ticket, lease_ttl, queue_ttl, amounts =
-    string.match(request, '^(%S+) (%S*) (%S*) (%S*) (%S+) (%S+) (%S*) (%S+) (%S+) (.*)$')
-  if not id then return redis.error_reply('malformed acquire request ' .. request) end
-  replies[#replies + 1] = acquire(id, agent, model, run, mode, tonumber(priority), ticket, tonumber(lease_ttl),
-                                  tonumber(queue_ttl), amounts)
-end
-purge_met_tickets(wake)
-if stored_any then clock_commit() end
-flush_writes()
-publish_wake(wake)
-return replies
+return serve_tenants(function(first, last)
+  open_acquire()
+  local replies = {}
+  for i = first, last do
+    local request = ARGV[i]
+    local id, agent, model, run, mode, priority, ticket, lease_ttl, queue_ttl, amounts =
+      string.match(request, '^(%S+) (%S*) (%S*) (%S*) (%S+) (%S+) (%S*) (%S+) (%S+) (.*)$')
+    if not id then return redis.error_reply('malformed acquire request ' .. request) end
+    replies[#replies + 1] = acquire(id, agent, model, run, mode, tonumber(priority), ticket, tonumber(lease_ttl),
+                                    tonumber(queue_ttl), amounts)
+  end
+  purge_met_tickets(wake)
+  if stored_any then clock_commit() end
+  flush_writes()
+  publish_wake(wake)
+  return replies
+end)

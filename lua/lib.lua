@@ -57,14 +57,18 @@
 -- Amounts are integers in the dimension's unit (usd in nano-dollars). Lua
 -- numbers are doubles, exact to 2^53; they are written back with fmt().
 
-local B = KEYS[1]
--- The tenant's keys and channels (slowburn_redis/keys.py names the same suffixes;
--- tests/test_keys.py checks that they agree).
-local K = {
-  limits = B .. ':limits', agents = B .. ':agents', queue = B .. ':q', queue_expiry = B .. ':qexp',
-  sequence = B .. ':seq', leases = B .. ':leases', ledger = B .. ':ledger', admin = B .. ':admin',
-  clock = B .. ':clock', wake = B .. ':wake', events = B .. ':events', trail = B .. ':trail',
-}
+-- The open tenant: its base key B and its keys and channels K (set by
+-- open_tenant, at the end of this file, for KEYS[1] and, in a call that
+-- serves several tenants, for each in turn: see "tenants" there).
+local B, K
+local function tenant_keys(base)
+  -- slowburn_redis/keys.py names the same suffixes; tests/test_keys.py checks that they agree
+  return {
+    limits = base .. ':limits', agents = base .. ':agents', queue = base .. ':q', queue_expiry = base .. ':qexp',
+    sequence = base .. ':seq', leases = base .. ':leases', ledger = base .. ':ledger', admin = base .. ':admin',
+    clock = base .. ':clock', wake = base .. ':wake', events = base .. ':events', trail = base .. ':trail',
+  }
+end
 local function window_key(lk) return B .. ':w:' .. lk end
 local function blocked_key(lk) return B .. ':b:' .. lk end
 local function reservation_key(id) return B .. ':r:' .. id end
@@ -140,7 +144,7 @@ local READ_ONLY = false
 -- clock ---------------------------------------------------------------------
 --
 -- NOW, the tenant's clock, never runs backward and never stands still. The
--- clock prelude gives TIME_MS (the server's TIME, or the test clock); B:clock
+-- clock prelude's time_ms gives TIME_MS (the server's TIME, or the test clock); B:clock
 -- keeps an offset o and a mark m (the largest NOW a writing script served):
 --
 --   NOW = TIME_MS + o,  and when that is below m (TIME stepped back: an NTP
@@ -176,26 +180,39 @@ local READ_ONLY = false
 -- announced). Status computes the same NOW, read-only, and writes nothing.
 local CLOCK_JUMP_MS = 30000         -- a gap between two scripts of a tenant beyond this does not age leases
 local CLOCK_BACK_EVENT_MS = 1000    -- a back step beyond this is announced
-local clock_saved = redis.call('HMGET', K.clock, 'o', 'm', 's', 'p')
-local CLOCK_OFFSET = tonumber(clock_saved[1]) or 0
-local CLOCK_MARK = tonumber(clock_saved[2])
-local LEASE_SHIFT_BEFORE = tonumber(clock_saved[3]) or 0
-local LEASE_SHIFT = LEASE_SHIFT_BEFORE
-local LEASE_PROMISE = tonumber(clock_saved[4]) or 0  -- latest concurrency retry promised (lease clock)
-local CLOCK_STEP = 0                -- the step seen: < 0 back, > CLOCK_JUMP_MS a forward jump, else 0
-local NOW = TIME_MS + CLOCK_OFFSET
-if CLOCK_MARK ~= nil then
-  if NOW < CLOCK_MARK then
-    CLOCK_STEP = NOW - CLOCK_MARK
-    CLOCK_OFFSET = CLOCK_OFFSET + CLOCK_MARK - NOW
-    NOW = CLOCK_MARK
-  elseif NOW - CLOCK_MARK > CLOCK_JUMP_MS then
-    CLOCK_STEP = NOW - CLOCK_MARK
-    local allowed = math.max(CLOCK_MARK - LEASE_SHIFT + CLOCK_JUMP_MS, LEASE_PROMISE)
-    if NOW - LEASE_SHIFT > allowed then LEASE_SHIFT = NOW - allowed end
+local TIME_MS                       -- the clock prelude's time (time_ms) for the open tenant
+local CLOCK_OFFSET, CLOCK_MARK      -- o and m as read
+local LEASE_SHIFT_BEFORE            -- s as read
+local LEASE_SHIFT                   -- s from now on
+local LEASE_PROMISE                 -- latest concurrency retry promised (lease clock)
+local CLOCK_STEP                    -- the step seen: < 0 back, > CLOCK_JUMP_MS a forward jump, else 0
+local NOW
+local LEASE_NOW                     -- the lease clock: B:leases scores and reservations' x are on it
+
+-- Read the open tenant's clock and compute NOW and LEASE_NOW (open_tenant).
+local function read_clock()
+  TIME_MS = time_ms(B)
+  local saved = redis.call('HMGET', K.clock, 'o', 'm', 's', 'p')
+  CLOCK_OFFSET = tonumber(saved[1]) or 0
+  CLOCK_MARK = tonumber(saved[2])
+  LEASE_SHIFT_BEFORE = tonumber(saved[3]) or 0
+  LEASE_SHIFT = LEASE_SHIFT_BEFORE
+  LEASE_PROMISE = tonumber(saved[4]) or 0
+  CLOCK_STEP = 0
+  NOW = TIME_MS + CLOCK_OFFSET
+  if CLOCK_MARK ~= nil then
+    if NOW < CLOCK_MARK then
+      CLOCK_STEP = NOW - CLOCK_MARK
+      CLOCK_OFFSET = CLOCK_OFFSET + CLOCK_MARK - NOW
+      NOW = CLOCK_MARK
+    elseif NOW - CLOCK_MARK > CLOCK_JUMP_MS then
+      CLOCK_STEP = NOW - CLOCK_MARK
+      local allowed = math.max(CLOCK_MARK - LEASE_SHIFT + CLOCK_JUMP_MS, LEASE_PROMISE)
+      if NOW - LEASE_SHIFT > allowed then LEASE_SHIFT = NOW - allowed end
+    end
   end
+  LEASE_NOW = NOW - LEASE_SHIFT
 end
-local LEASE_NOW = NOW - LEASE_SHIFT  -- the lease clock: B:leases scores and reservations' x are on it
 
 local function split(s, sep)
   local out = {}
@@ -418,7 +435,7 @@ local function bucket_width(L) return math.ceil(L.w / L.n) end
 -- a bucket index), ttl (a bucket was born: refresh the key's TTL). A
 -- calendar window also has p and e (its period, nil before its first charge);
 -- its cur is the period start once charged.
-local cached, cache_order = {}, {}
+local cached, cache_order  -- (open_tenant empties them for each tenant)
 
 local function window(L)
   local w = cached[L.key]
@@ -465,7 +482,7 @@ end
 
 -- Leases are written like windows: one ZADD and one ZREM per script.
 -- `expiry` is on the lease clock (LEASE_NOW + ttl).
-local lease_adds, lease_drops = {}, {}
+local lease_adds, lease_drops  -- (emptied by open_tenant)
 local function add_lease(id, expiry)
   lease_adds[#lease_adds + 1] = expiry
   lease_adds[#lease_adds + 1] = id
@@ -676,7 +693,7 @@ end
 
 -- queue -------------------------------------------------------------------
 
-local drop_ticket_later = {}  -- expired heads met by queue_head, dropped whole by purge_met_tickets
+local drop_ticket_later  -- expired heads met by queue_head, dropped whole by purge_met_tickets (open_tenant)
 
 -- A queue record (the value of a ticket in K.queue) is
 -- "<rank>|<created_ms>|<LK> <LK> ...|<at> <at> ...": the waiter's rank in every
@@ -705,7 +722,7 @@ end
 -- A script asks for the same heads several times (check, then drop_ticket
 -- when it admits): the answer is kept per limit until the script changes that
 -- queue (forget_head), so a repeated question costs no command.
-local head_memo = {}  -- lk -> {ticket, rank}, or false for an empty queue
+local head_memo  -- lk -> {ticket, rank}, or false for an empty queue (emptied by open_tenant)
 
 local function forget_head(lk) head_memo[lk] = nil end
 
@@ -814,7 +831,7 @@ end
 -- window_ms 0 and bucket = the period start, for a calendar period). String building and parsing is
 -- most of a script's cost, so one pattern reads a charge and each limit key
 -- is taken apart once per script.
-local charged_limits = {}
+local charged_limits  -- lk -> L, per tenant (open_tenant)
 local function parse_charges(s)
   local out = {}
   if not s then return out end
@@ -1009,3 +1026,54 @@ local function check(needed, mode, ticket, rank, waiting)
   end
   return v
 end
+
+-- tenants -------------------------------------------------------------------
+--
+-- Every script serves the tenant of KEYS[1], opened below. The batched
+-- scripts (acquire, settle, leave) also serve several tenants in one call, so
+-- that the work every call does first (this library's set-up, the script's
+-- start-up) is paid once for them all: KEYS[i] is the i-th tenant's base key
+-- and, with more than one key, ARGV[1] is "n1 n2 ..." (how many of the
+-- arguments that follow are the i-th tenant's, in KEYS order). serve_tenants
+-- opens each tenant in turn (its clock, keys and caches are its own, as in a
+-- call of its own) and the reply is every tenant's replies, in order. On a
+-- Redis Cluster the keys of one call share a slot, so there a call serves one
+-- tenant.
+
+-- Make `base` the open tenant: its keys, its clock, empty caches.
+local function open_tenant(base)
+  B, K = base, tenant_keys(base)
+  read_clock()
+  cached, cache_order = {}, {}
+  lease_adds, lease_drops = {}, {}
+  drop_ticket_later, head_memo, charged_limits = {}, {}, {}
+end
+
+-- Run serve(first, last) for each tenant of the call with the range of ARGV
+-- holding its arguments; the concatenation of the lists of replies it returns
+-- (an error reply from serve is the call's reply).
+local function serve_tenants(serve)
+  if #KEYS == 1 then return serve(1, #ARGV) end
+  local counts = split(ARGV[1] or '', ' ')
+  local total = 0
+  for i, n in ipairs(counts) do
+    counts[i] = tonumber(n)
+    if not counts[i] or counts[i] < 0 then counts = {} break end
+    total = total + counts[i]
+  end
+  if #counts ~= #KEYS or total ~= #ARGV - 1 then
+    return redis.error_reply('malformed tenant counts ' .. tostring(ARGV[1]) .. ' for ' .. #KEYS .. ' keys and '
+      .. (#ARGV - 1) .. ' arguments')
+  end
+  local replies, first = {}, 2
+  for i, base in ipairs(KEYS) do
+    if i > 1 then open_tenant(base) end
+    local out = serve(first, first + counts[i] - 1)
+    if out.err then return out end
+    for _, reply in ipairs(out) do replies[#replies + 1] = reply end
+    first = first + counts[i]
+  end
+  return replies
+end
+
+open_tenant(KEYS[1])

@@ -1,9 +1,11 @@
 -- settle.lua: commit a reservation's actual cost, or release it (refund).
 -- Idempotent: a reservation is settled once; later calls change nothing.
 --
--- KEYS[1]  tenant base key "<prefix>:{<tenant>}"
+-- KEYS[1]  tenant base key "<prefix>:{<tenant>}"; KEYS[2..] more tenants
+--          served by the same call (lib.lua "tenants")
 -- ARGV     one or more settlements of 4 arguments each (a batch, run in
---          order, each on its own):
+--          order, each on its own; with several keys ARGV[1] says how many
+--          arguments are each tenant's, 4 per settlement):
 -- ARGV[1]  "<reservation id> <kind> <maxlen> <actual>" joined by single
 --          spaces: kind is 'commit' or 'release'; maxlen the ledger stream's
 --          max length (approximate trim), 0 to write no entry; actual the
@@ -16,7 +18,7 @@
 --          exceeded its estimate; a release writes an entry only when given)
 -- ARGV[4]  caller metadata, a JSON object as a string ('' for none)
 --
--- Reply: a list with one reply per settlement, in order, each one of:
+-- Reply: a list with one reply per settlement, in order (tenant after tenant), each one of:
 --   {1, state, overrun, ledger_id}  settled now; state 'committed' or
 --                                   'released'; overrun "dim=int ..." charged
 --                                   beyond the estimate; ledger_id or ''
@@ -38,11 +40,16 @@
 -- amounts on the run (per dimension and per model) and refreshes the run's
 -- TTL. A run whose keys expired is left alone.
 
-clock_commit()
-local wake = {}
-purge_leases(NOW, LEASE_NOW, wake)
-local limits_of = limits_memo()
-local waiting = anyone_waiting()  -- settling queues nobody: true or false for the whole batch
+-- The open tenant's state for the script (open_settle, for each tenant of the call).
+local wake, limits_of, waiting
+
+local function open_settle()
+  clock_commit()
+  wake = {}
+  purge_leases(NOW, LEASE_NOW, wake)
+  limits_of = limits_memo()
+  waiting = anyone_waiting()  -- settling queues nobody: true or false for the whole batch
+end
 
 -- What each dimension finally costs: the actual where given, else the
 -- estimate; a release costs nothing; concurrency is always returned.
@@ -183,13 +190,17 @@ local function settle(id, kind, actual, maxlen, model, outcome, meta)
   return {1, state, table.concat(over, ' '), ledger_id}
 end
 
-local replies = {}
-for i = 1, #ARGV, 4 do
-  local id, kind, maxlen, actual = string.match(ARGV[i], '^(%S+) (%S+) (%S+) ?(.*)$')
-  if not id then return redis.error_reply('malformed settle request ' .. ARGV[i]) end
-  replies[#replies + 1] = settle(id, kind, parse_amounts(actual), tonumber(maxlen), ARGV[i + 1], ARGV[i + 2],
-                                 ARGV[i + 3])
-end
-flush_writes()
-publish_wake(wake)
-return replies
+return serve_tenants(function(first, last)
+  if (last - first + 1) % 4 ~= 0 then return redis.error_reply('a settlement takes 4 arguments') end
+  open_settle()
+  local replies = {}
+  for i = first, last, 4 do
+    local id, kind, maxlen, actual = string.match(ARGV[i], '^(%S+) (%S+) (%S+) ?(.*)$')
+    if not id then return redis.error_reply('malformed settle request ' .. ARGV[i]) end
+    replies[#replies + 1] = settle(id, kind, parse_amounts(actual), tonumber(maxlen), ARGV[i + 1], ARGV[i + 2],
+                                   ARGV[i + 3])
+  end
+  flush_writes()
+  publish_wake(wake)
+  return replies
+end)

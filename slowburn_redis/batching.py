@@ -1,4 +1,4 @@
-"""Coalescing concurrent script calls: one tenant's requests into one EVALSHA, the tenants' calls into one pipeline.
+"""Coalescing concurrent script calls: one tenant's requests into one batch, the tenants' batches into shared calls.
 
 The acquire and settle scripts take any number of requests (their ARGV is the
 requests' arguments one after another) and reply with one reply per request,
@@ -7,10 +7,14 @@ callers submit for the same script and tenant key within one turn of the event
 loop into one call (a batch): one script run, and the work every run does
 first (the clock, expired leases, the tenant's limits) done once. The batches
 of every script and tenant gathered in that turn then travel together, as one
-pipeline (`send_many`; at most `max_pipeline` calls each, more pipelines at
-once for more, and never two calls of one tenant in one pipeline, so one
-tenant's calls go out side by side as before): one round trip for all of
-them, each call still its own atomic script run on its own tenant.
+pipeline (`send_many`; at most `max_pipeline` batches each, more pipelines
+at once for more, and never two batches of one tenant in one pipeline, so
+one tenant's calls go out side by side as before): one round trip for all
+of them. In a pipeline, the batches of one script for different tenants
+share one call (lib.lua "tenants": at most `max_tenants` tenants and
+`max_batch` requests a call; 1 tenant on a Redis Cluster), which pays the
+script's start-up once for them all; each tenant is still served on its
+own (its clock, its limits, its replies), each request all or nothing.
 Everything goes out on the next turn of the loop, so no request waits for a
 batch or a pipeline to fill. A pipeline of one call is sent as a plain call. ``Budget(batch_size=1)`` sends every
 request as a call of its own (pipelined with other tenants' calls of its turn).
@@ -32,9 +36,11 @@ out.
 A pipeline that fails as a whole (the connection failed) fails every
 request it carries with the same error, and a call that fails on its own
 (a script error, a refusal of that call) fails every request of its batch
-and nothing else; each caller then applies its own retry policy, and a
-retried request is simply batched again (every script is idempotent under a
-retry).
+and nothing else: a call serving several tenants that Redis answers with an
+error is sent once more as one call per tenant, so each tenant gets its own
+outcome (the tenants it served before the error get their first replies
+again: every batched script is idempotent under a retry). Each caller then
+applies its own retry policy, and a retried request is simply batched again.
 """
 
 from __future__ import annotations
@@ -43,11 +49,15 @@ import asyncio
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
-from slowburn_redis.scripts import Script
+from redis.exceptions import ResponseError
+
+from slowburn_redis.protocol import tenants_args
+from slowburn_redis.scripts import Call, Script
 from slowburn_redis.tasks import abandon
 
-Send = Callable[[Script, str, list[Any]], Awaitable[Any]]
-SendMany = Callable[[list[tuple[Script, str, list[Any]]]], Awaitable[list[Any]]]
+Send = Callable[[Script, Sequence[str], Sequence[Any]], Awaitable[Any]]
+"""Run one script call (its KEYS, its ARGV) and return its reply."""
+SendMany = Callable[[list[Call]], Awaitable[list[Any]]]
 """Run several script calls in one round trip: each call's reply, or the exception it alone failed with, in order."""
 
 MAX_BATCH = 8
@@ -61,6 +71,14 @@ fleet on 2 cores about 10% less (see bench/ceiling.py)."""
 
 BATCH_LIMIT = 64
 """The largest batch a Budget accepts (`batch_size`)."""
+
+MAX_TENANTS = 8
+"""Tenants one script call serves at most (lib.lua "tenants"): the batches of one script ready in one turn for
+different tenants travel as one call, up to `max_batch` requests in all.
+
+Every call pays a fixed start-up in Redis (the script library's set-up, before its first tenant), about a
+quarter of a one-request call: a call serving eight one-request tenants pays it once. A Redis Cluster
+needs the keys of one call in one slot, so there each call serves one tenant (`Batcher(max_tenants=1)`)."""
 
 MAX_PIPELINE = 8
 """Script calls per pipeline at most: more ready in one turn go out as several pipelines at once.
@@ -82,8 +100,9 @@ class Batcher:
     none) is held for each send; a batch whose callers all gave up while it
     waited for it is dropped unsent. `quiesced` names the scripts whose
     orphaned sends stay on the wire until a `quiesce` wait for them runs out
-    (see the module docstring). `max_pipeline` (1: no pipelining) may be
-    changed at any time; it applies from the next turn.
+    (see the module docstring). `max_pipeline` (1: no pipelining) and
+    `max_tenants` (1: a call per tenant) may be changed at any time; they
+    apply from the next turn.
     """
 
     def __init__(
@@ -93,6 +112,7 @@ class Batcher:
         send_many: SendMany | None = None,
         max_batch: int = MAX_BATCH,
         max_pipeline: int = MAX_PIPELINE,
+        max_tenants: int = MAX_TENANTS,
         gate: asyncio.Semaphore | None = None,
         quiesced: Collection[str] = (),
     ) -> None:
@@ -102,6 +122,7 @@ class Batcher:
         self._send_many = send_many
         self._max_batch = max_batch
         self.max_pipeline = max_pipeline
+        self.max_tenants = max_tenants
         self._gate = gate
         self._quiesced = frozenset(quiesced)
         self._pending: dict[_Slot, list[tuple[Sequence[Any], asyncio.Future[Any]]]] = {}
@@ -127,6 +148,17 @@ class Batcher:
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"max_pipeline (Engine.pipeline_size) must be a positive integer, not {size!r}")
         self._max_pipeline = size
+
+    @property
+    def max_tenants(self) -> int:
+        """Tenants one script call serves at most (1: a call per tenant); settable, it applies from the next turn."""
+        return self._max_tenants
+
+    @max_tenants.setter
+    def max_tenants(self, count: int) -> None:
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(f"max_tenants (Engine.tenants_per_call) must be a positive integer, not {count!r}")
+        self._max_tenants = count
 
     async def call(self, script: Script, key: str, args: Sequence[Any]) -> Any:
         """Run one request of `script` on `key` (in a batch) and return its own reply."""
@@ -275,14 +307,21 @@ class Batcher:
         current = asyncio.current_task()
         if current is not None:
             self._watch(current, live)
-        calls = [
-            (script, key, [arg for args, _ in batch for arg in script.request(args)]) for (script, key), batch in live
-        ]
+        carried = self._calls_of(live)
         try:
-            if len(calls) == 1 or self._send_many is None:
-                results: list[Any] = [await self._send(*calls[0])]
-            else:
-                results = await self._send_many(calls)
+            results = await self._send_calls(carried)
+            # A call serving several tenants that failed on its own (a script error of one of them) goes out
+            # again as one call per tenant, so each gets its own outcome (every batched script is idempotent).
+            apart = [
+                [batch]
+                for batches, result in zip(carried, results, strict=True)
+                if _shared_failure(batches, result)
+                for batch in batches
+            ]
+            if apart:
+                kept = [(b, r) for b, r in zip(carried, results, strict=True) if not _shared_failure(b, r)]
+                carried = [b for b, _ in kept] + apart
+                results = [r for _, r in kept] + await self._send_calls(apart)
         except BaseException as exc:
             for _, batch in live:
                 _fail(batch, exc)
@@ -293,13 +332,48 @@ class Batcher:
             if current is not None:
                 self._callers.pop(current, None)
                 self._held.pop(current, None)
-        if len(results) != len(live):
-            error = RuntimeError(f"{len(live)} script calls were answered with {len(results)} replies")
-            for _, batch in live:
-                _fail(batch, error)
-            return
-        for ((script, _), batch), replies in zip(live, results, strict=True):
-            _deliver(script, batch, replies)
+        for batches, replies in zip(carried, results, strict=True):
+            _deliver_call(batches, replies)
+
+    def _calls_of(self, batches: list[_Batch]) -> list[list[_Batch]]:
+        """The script calls that carry `batches`: the batches of one script for several tenants share a call.
+
+        A call serves at most `max_tenants` tenants and `max_batch` requests in all (a batch alone may hold
+        up to `max_batch`): as much work in one script run as one tenant's full batch.
+        """
+        calls: list[list[_Batch]] = []
+        filling: dict[Script, tuple[list[_Batch], int]] = {}
+        for batch in batches:
+            script, size = batch[0][0], len(batch[1])
+            open_call = filling.get(script)
+            if open_call is not None:
+                carried, requests = open_call
+                if len(carried) < self._max_tenants and requests + size <= self._max_batch:
+                    carried.append(batch)
+                    filling[script] = (carried, requests + size)
+                    continue
+            calls.append([batch])
+            filling[script] = (calls[-1], size)
+        return calls
+
+    async def _send_calls(self, carried: list[list[_Batch]]) -> list[Any]:
+        """Send one call per entry of `carried` in one round trip: each call's reply, or the error it alone got.
+
+        Raises when the round trip failed as a whole (the connection).
+        """
+        calls = [_call(batches) for batches in carried]
+        if len(calls) > 1 and self._send_many is not None:
+            results = await self._send_many(calls)
+            if len(results) != len(calls):
+                raise RuntimeError(f"{len(calls)} script calls were answered with {len(results)} replies")
+            return results
+        out: list[Any] = []
+        for call in calls:
+            try:
+                out.append(await self._send(*call))
+            except ResponseError as exc:  # the call's own failure, like a pipeline's entry
+                out.append(exc)
+        return out
 
     async def aclose(self) -> None:
         """Wait for the batches already sent."""
@@ -316,6 +390,40 @@ def _fail(batch: list[tuple[Sequence[Any], asyncio.Future[Any]]], exc: BaseExcep
             future.set_exception(exc)
         else:
             future.cancel()
+
+
+def _call(batches: list[_Batch]) -> Call:
+    """The wire call carrying `batches` (of one script): one tenant's KEYS and ARGV, or several (lib.lua "tenants")."""
+    script = batches[0][0][0]
+    parts = [[arg for args, _ in batch for arg in script.request(args)] for _, batch in batches]
+    if len(batches) == 1:
+        return script, (batches[0][0][1],), parts[0]
+    return script, tuple(key for (_, key), _ in batches), tenants_args(parts)
+
+
+def _shared_failure(batches: list[_Batch], result: Any) -> bool:
+    """Whether `result` is the failure of a call serving several tenants, as Redis answered it."""
+    return len(batches) > 1 and isinstance(result, ResponseError)
+
+
+def _deliver_call(batches: list[_Batch], replies: Any) -> None:
+    """Give each batch of a call its own replies: the call's list cut at the batches' lengths, in order."""
+    if len(batches) == 1 or isinstance(replies, BaseException):
+        for (script, _), batch in batches:
+            _deliver(script, batch, replies)
+        return
+    script = batches[0][0][0]
+    if not isinstance(replies, list) or len(replies) != sum(len(batch) for _, batch in batches):
+        for _, batch in batches:
+            _fail(
+                batch,
+                RuntimeError(f"script {script.name} answered a call serving {len(batches)} tenants with {replies!r}"),
+            )
+        return
+    start = 0
+    for _, batch in batches:
+        _deliver(script, batch, replies[start : start + len(batch)])
+        start += len(batch)
 
 
 def _deliver(script: Script, batch: list[tuple[Sequence[Any], asyncio.Future[Any]]], replies: Any) -> None:

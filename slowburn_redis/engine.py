@@ -25,18 +25,18 @@ behind.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import structlog
 from redis.exceptions import RedisError
 
 from slowburn_redis.acl import permission_error
-from slowburn_redis.batching import MAX_BATCH, Batcher
+from slowburn_redis.batching import MAX_BATCH, MAX_TENANTS, Batcher
 from slowburn_redis.connection import MAX_CONNECTIONS
 from slowburn_redis.errors import BudgetClosed
 from slowburn_redis.resilience import Backoff, OnUnavailable, Resilience
-from slowburn_redis.scripts import Clock, Script, Scripts, run_many
+from slowburn_redis.scripts import Call, Clock, Script, Scripts, run_many
 from slowburn_redis.tasks import cancel_and_wait
 
 log = structlog.get_logger("slowburn_redis")
@@ -89,6 +89,8 @@ class Engine:
             max_batch=batch_size,
             gate=self._in_flight,
             quiesced=[self.scripts.acquire.name],
+            # The keys of one call must share a slot on a cluster: there a call serves one tenant.
+            max_tenants=1 if _is_cluster(client) else MAX_TENANTS,
         )
         self._closing = False
         self.eviction_check: asyncio.Task[dict[str, str | None]] | None = None
@@ -105,6 +107,18 @@ class Engine:
     @pipeline_size.setter
     def pipeline_size(self, size: int) -> None:
         self._batcher.max_pipeline = size
+
+    @property
+    def tenants_per_call(self) -> int:
+        """Tenants one batched script call serves at most (`slowburn_redis.batching.MAX_TENANTS`; 1 on a cluster).
+
+        Settable, for benchmarks that compare calls serving several tenants with one call per tenant.
+        """
+        return self._batcher.max_tenants
+
+    @tenants_per_call.setter
+    def tenants_per_call(self, count: int) -> None:
+        self._batcher.max_tenants = count
 
     @property
     def closing(self) -> bool:
@@ -144,7 +158,7 @@ class Engine:
     async def _send(self, script: Script, key: str, args: list[Any]) -> Any:
         """One unbatched call of `script`, in its slot of the cap on calls in flight."""
         async with self._in_flight:
-            return await self._post(script, key, args)
+            return await self._post(script, (key,), args)
 
     def _refused(self, script: Script) -> BudgetClosed | None:
         """The error a call of `script` gets now: once closing, every script but a waiter's last leave."""
@@ -152,14 +166,14 @@ class Engine:
             return BudgetClosed(f"budget {self.description} is closed")
         return None
 
-    async def _post(self, script: Script, key: str, args: list[Any]) -> Any:
+    async def _post(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run `script` now; the caller holds a slot of `_in_flight` (the batcher takes it for a batch)."""
         refused = self._refused(script)
         if refused is not None:
             raise refused
-        return await script(self.client, key, args)
+        return await script(self.client, keys, args)
 
-    async def _post_many(self, calls: list[tuple[Script, str, list[Any]]]) -> list[Any]:
+    async def _post_many(self, calls: list[Call]) -> list[Any]:
         """Run several batched calls as one pipeline (`scripts.run_many`); the caller holds one `_in_flight` slot.
 
         The calls `_refused` fail on their own; the others go out.
@@ -327,3 +341,8 @@ async def _read_eviction_policy(run: Callable[..., Awaitable[Any]]) -> str | Non
         return None
     policy = info.get("maxmemory_policy") if isinstance(info, dict) else None
     return None if policy is None else str(policy)
+
+
+def _is_cluster(client: Any) -> bool:
+    """Whether `client` speaks to a Redis Cluster (redis-py's RedisCluster, or a wrapper of one)."""
+    return getattr(client, "get_nodes", None) is not None

@@ -109,6 +109,16 @@ def settle_args(
     return [reservation_id, kind, ledger_maxlen, format_amounts(actual), model, outcome, meta]
 
 
+def tenants_args(parts: Sequence[Sequence[Any]]) -> list[Any]:
+    """The ARGV of one call of a batched script serving several tenants (lib.lua "tenants").
+
+    `parts` holds each tenant's arguments, in the order of the call's KEYS:
+    first how many of the arguments are each tenant's, space-joined, then
+    all of them in that order.
+    """
+    return [" ".join(str(len(part)) for part in parts), *(arg for part in parts for arg in part)]
+
+
 def limits_json(limits: list[Limit], *, now_ms: int | None = None) -> str:
     """The limits of one scope as set_limits.lua stores them; '' clears the scope.
 

@@ -24,8 +24,12 @@ from typing import Any, Literal
 
 from redis.exceptions import NoScriptError
 
-Call = tuple["Script", str, Sequence[str | int]]
-"""One script call: the script, KEYS[1] and its ARGV."""
+Call = tuple["Script", Sequence[str], Sequence[str | int]]
+"""One script call: the script, its KEYS and its ARGV.
+
+KEYS is one tenant's base key, or several for a call of a batched script
+that serves several tenants (lib.lua "tenants", `protocol.tenants_args`).
+"""
 
 SCRIPT_NAMES = (
     "acquire",
@@ -99,13 +103,13 @@ class Script:
             return list(args)
         return [" ".join(map(str, args[: self._joined])), *args[self._joined :]]
 
-    async def __call__(self, client: Any, key: str, args: Sequence[str | int]) -> Any:
-        """Run the script on `client` with KEYS[1] = `key`."""
+    async def __call__(self, client: Any, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        """Run the script on `client` with these KEYS (one tenant's base key, or several: see `Call`)."""
         try:
-            reply = await client.evalsha(self.sha, 1, key, *args)
+            reply = await client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
             await client.script_load(self.source)
-            reply = await client.evalsha(self.sha, 1, key, *args)
+            reply = await client.evalsha(self.sha, len(keys), *keys, *args)
         return decode(reply)
 
 
@@ -134,9 +138,9 @@ async def run_many(client: Any, calls: Sequence[Call]) -> list[Any]:
 
 async def _pipeline(client: Any, calls: Sequence[Call]) -> list[Any]:
     pipe = client.pipeline(transaction=False)
-    for script, key, args in calls:
+    for script, keys, args in calls:
         # The raw command: redis-py's ClusterPipeline blocks its evalsha method, yet routes the command by its key.
-        pipe.execute_command("EVALSHA", script.sha, 1, key, *args)
+        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
     results = list(await pipe.execute(raise_on_error=False))
     if len(results) != len(calls):
         raise RuntimeError(f"a pipeline of {len(calls)} script calls was answered with {len(results)} replies")

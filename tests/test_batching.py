@@ -7,48 +7,71 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from slowburn_redis import Budget, BudgetClosed, BudgetExhausted, InvalidInput, RedisUnavailable, protocol
-from slowburn_redis.batching import MAX_BATCH, MAX_PIPELINE
-from slowburn_redis.scripts import Script
+from slowburn_redis import (
+    Budget,
+    BudgetClosed,
+    BudgetExhausted,
+    InvalidInput,
+    RedisUnavailable,
+    Reservation,
+    protocol,
+)
+from slowburn_redis.batching import MAX_BATCH, MAX_PIPELINE, MAX_TENANTS
+from slowburn_redis.scripts import Call, Script
+from slowburn_redis.testing import freeze_clock
+from tests.test_waiting import wait_queued
 
 T = "acme"
 
 
 class Calls:
-    """Records every script call a Budget's batcher sends: (script name, key, number of requests).
+    """Records every script call a Budget's batcher sends: (script name, key, number of requests) per tenant served.
 
-    `trips` holds the number of script calls of each round trip (a plain call or a pipeline).
+    `trips` holds the number of script calls of each round trip (a plain call or a pipeline), and
+    `tenants_per_call` the number of tenants each call served.
     """
 
     def __init__(self, budget: Budget) -> None:
         self.sent: list[tuple[str, str, int]] = []
         self.trips: list[int] = []
+        self.tenants_per_call: list[int] = []
         batcher = budget.engine._batcher
         real, real_many = batcher._send, batcher._send_many
         assert real_many is not None
 
-        async def send(script: Script, key: str, args: list[Any]) -> Any:
-            replies = await real(script, key, args)
-            self.sent.append((script.name, key, len(replies)))
+        async def send(script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+            replies = await real(script, keys, args)
+            self.record(script, keys, args, replies)
             self.trips.append(1)
             return replies
 
-        async def send_many(calls: list[tuple[Script, str, list[Any]]]) -> list[Any]:
+        async def send_many(calls: list[Call]) -> list[Any]:
             results = await real_many(calls)
-            for (script, key, _), replies in zip(calls, results, strict=True):
-                self.sent.append((script.name, key, len(replies) if isinstance(replies, list) else -1))
+            for (script, keys, args), replies in zip(calls, results, strict=True):
+                self.record(script, keys, args, replies)
             self.trips.append(len(calls))
             return results
 
         batcher._send = send
         batcher._send_many = send_many
+
+    def record(self, script: Script, keys: Sequence[str], args: Sequence[Any], replies: Any) -> None:
+        """One entry per tenant the call served: its requests (-1 when the call failed)."""
+        self.tenants_per_call.append(len(keys))
+        if len(keys) == 1:
+            self.sent.append((script.name, keys[0], len(replies) if isinstance(replies, list) else -1))
+            return
+        width = 4 if script.name == "settle" else 1  # arguments per request (the scripts' headers)
+        for key, count in zip(keys, str(args[0]).split(), strict=True):
+            self.sent.append((script.name, key, int(count) // width if isinstance(replies, list) else -1))
 
     def of(self, name: str) -> list[int]:
         return [n for script, _, n in self.sent if script == name]
@@ -291,7 +314,9 @@ async def loaded(budget: Budget) -> None:
         await budget.engine.client.script_load(script.source)
 
 
-def counting(budget: Budget) -> CountingClient:
+def counting(budget: Budget, tenants_per_call: int = 1) -> CountingClient:
+    """Count `budget`'s round trips; the pipelining tests send one call per tenant, as on a cluster."""
+    budget.engine.tenants_per_call = tenants_per_call
     scripts = budget.engine.scripts
     names = {script.sha: script.name for script in (scripts.acquire, scripts.settle, scripts.leave, scripts.status)}
     client = CountingClient(budget.engine.client, names)
@@ -450,10 +475,11 @@ async def test_quiesce_waits_for_the_pipeline_that_carries_the_slot(budget: Budg
         await budget.set_limits(tenant, ["usd 1/hour"])
     engine = budget.engine
     gate = asyncio.Event()
+    engine.tenants_per_call = 1  # one call per tenant, in one pipeline
     real_many = engine._batcher._send_many
     assert real_many is not None
 
-    async def held(calls: list[tuple[Script, str, list[Any]]]) -> list[Any]:
+    async def held(calls: list[Call]) -> list[Any]:
         await gate.wait()
         return await real_many(calls)
 
@@ -481,11 +507,12 @@ async def test_an_orphaned_acquire_pipeline_is_abandoned_once_quiesce_of_its_slo
     never = asyncio.Event()
     started = asyncio.Event()
 
-    async def stuck(calls: list[tuple[Script, str, list[Any]]]) -> list[Any]:
+    async def stuck(calls: list[Call]) -> list[Any]:
         started.set()
         await never.wait()
         raise AssertionError("never answered")
 
+    engine.tenants_per_call = 1  # one call per tenant, in one pipeline
     engine._batcher._send_many = stuck
     batcher = engine._batcher
     futures = [asyncio.ensure_future(batcher.call(engine.scripts.acquire, budget.key(t), ["x"])) for t in TENANTS[:2]]
@@ -527,3 +554,129 @@ async def test_a_closing_engine_sends_the_leaves_of_a_pipeline_and_refuses_its_o
     assert not isinstance(results[0], BaseException) and not isinstance(results[1], BaseException)
     assert isinstance(results[2], BudgetClosed)
     assert client.scripts == [["leave", "leave"]], "only the leaves went out, together"
+
+
+# calls serving several tenants ------------------------------------------------------
+
+
+async def test_tenants_share_calls_off_a_cluster_only(budget: Budget) -> None:
+    on_cluster = isinstance(budget.engine.client, RedisCluster)
+    assert budget.engine.tenants_per_call == (1 if on_cluster else MAX_TENANTS)
+    with pytest.raises(ValueError, match="tenants_per_call"):
+        budget.engine.tenants_per_call = 0
+
+
+def sharing(budget: Budget) -> None:
+    """Skip on a Redis Cluster: there each call serves one tenant (the keys of one call must share a slot)."""
+    if budget.engine.tenants_per_call == 1:
+        pytest.skip("a call serves one tenant on a Redis Cluster")
+
+
+async def test_one_call_serves_the_tenants_ready_together(budget: Budget) -> None:
+    for tenant in TENANTS:
+        await budget.set_limits(tenant, ["usd 10/hour", "concurrency 10"])
+    await loaded(budget)
+    sharing(budget)
+    client = counting(budget, tenants_per_call=MAX_TENANTS)
+    reservations = await asyncio.gather(
+        *(budget.acquire(t, f"agent-{t}", usd=0.1 * (i + 1)) for i, t in enumerate(TENANTS))
+    )
+    assert client.trips == [("evalsha", 1)], "one script call for six one-request tenants"
+    assert [r.tenant for r in reservations] == TENANTS  # each caller got its own tenant's reply
+    assert [r.agent for r in reservations] == [f"agent-{t}" for t in TENANTS]
+    client.trips.clear()
+    settled = await asyncio.gather(*(r.commit(usd=0.01 * (i + 1)) for i, r in enumerate(reservations)))
+    assert [s.state for s in settled] == ["committed"] * len(TENANTS)
+    assert client.trips == [("evalsha", 1)]
+    for i, tenant in enumerate(TENANTS):  # each tenant charged its own amount, on its own windows
+        status = await budget.status(tenant)
+        used = {s.limit.dimension: (s.used, s.reserved) for s in status.limits}
+        assert used == {"usd": (pytest.approx(0.01 * (i + 1)), 0), "concurrency": (0, 0)}
+        ledger = await budget.report(tenant)
+        assert ledger.totals.calls == 1
+
+
+async def test_a_call_serves_at_most_max_batch_requests_and_max_tenants_tenants(budget: Budget) -> None:
+    tenants = [f"m{i}" for i in range(MAX_TENANTS + 2)]
+    for tenant in tenants:
+        await budget.set_limits(tenant, ["usd 10/hour"])
+    await loaded(budget)
+    sharing(budget)
+    calls = Calls(budget)
+    # three requests for each of the first three tenants: 9 requests, more than one call carries
+    await asyncio.gather(*(budget.acquire(t, usd=0.1) for t in tenants[:3] for _ in range(3)))
+    assert sorted(calls.tenants_per_call) == [1, 2]
+    assert sorted(n for _, _, n in calls.sent) == [3, 3, 3]
+    calls.tenants_per_call.clear()
+    await asyncio.gather(*(budget.acquire(t, usd=0.1) for t in tenants))  # one request each, ten tenants
+    assert sorted(calls.tenants_per_call) == [2, MAX_TENANTS]
+
+
+async def test_a_script_error_in_a_shared_call_is_sent_again_one_call_per_tenant(budget: Budget) -> None:
+    """The tenants served before the failing one are not charged twice: their requests are idempotent."""
+    for tenant in TENANTS[:3]:
+        await budget.set_limits(tenant, ["usd 10/hour"])
+    await loaded(budget)
+    sharing(budget)
+    client = counting(budget, tenants_per_call=MAX_TENANTS)
+    engine = budget.engine
+    malformed = engine.run(engine.scripts.acquire, budget.key(TENANTS[1]), ["malformed"])
+    results = await asyncio.gather(
+        budget.acquire(TENANTS[0], usd=0.1),
+        malformed,
+        budget.acquire(TENANTS[2], usd=0.1),
+        return_exceptions=True,
+    )
+    assert client.trips == [("evalsha", 1), ("pipeline", 3)], "the shared call, then one call per tenant"
+    assert isinstance(results[1], ResponseError) and "malformed acquire request" in str(results[1])
+    assert [r.tenant for r in (results[0], results[2])] == [TENANTS[0], TENANTS[2]]  # type: ignore[union-attr]
+    status = await budget.status(TENANTS[0])  # served by the shared call before the error, and again: once
+    assert [row.reserved for row in status.limits] == [pytest.approx(0.1)]
+
+
+async def test_each_tenant_of_a_shared_call_is_judged_on_its_own_limits_and_clock(make_budget: Any) -> None:
+    budget = make_budget(test_clock=True)
+    try:
+        await budget.set_limits("spent", ["usd 0.1/hour"])
+        await budget.set_limits("roomy", ["usd 10/hour"])
+        spent_at = await freeze_clock(budget, "spent")
+        await freeze_clock(budget, "roomy", spent_at + 3_600_000 * 24)
+        await (await budget.acquire("spent", usd=0.1)).commit()
+        await loaded(budget)
+        sharing(budget)
+        client = counting(budget, tenants_per_call=MAX_TENANTS)
+        refused, admitted = await asyncio.gather(
+            budget.acquire("spent", usd=0.1, mode="reject"), budget.acquire("roomy", usd=0.1), return_exceptions=True
+        )
+        assert client.trips == [("evalsha", 1)]
+        assert isinstance(refused, BudgetExhausted)
+        assert isinstance(admitted, Reservation) and admitted.admitted_at_ms == spent_at + 3_600_000 * 24
+        await admitted.release()
+    finally:
+        await budget.aclose()
+
+
+async def test_a_waiter_is_woken_by_a_settle_that_shares_a_call_with_other_tenants(budget: Budget) -> None:
+    await budget.set_limits("busy", ["concurrency 1"])
+    await budget.set_limits("other", ["concurrency 5"])
+    held = await budget.acquire("busy")
+    waiter = asyncio.create_task(budget.acquire("busy", timeout=30))
+    await wait_queued(budget, 1, "busy")
+    others = [await budget.acquire("other") for _ in range(3)]
+    sharing(budget)
+    calls = Calls(budget)
+    await asyncio.gather(held.release(), *(r.release() for r in others))
+    assert calls.tenants_per_call == [2], "the releases of both tenants in one call"
+    await (await waiter).release()
+
+
+async def test_malformed_tenant_counts_are_refused_whole(budget: Budget) -> None:
+    sharing(budget)
+    engine = budget.engine
+    script = engine.scripts.leave
+    await engine.client.script_load(script.source)
+    keys = [budget.key("a"), budget.key("b")]
+    for counts in ("1", "1 2", "x 1", "-1 3"):
+        with pytest.raises(ResponseError, match="malformed tenant counts"):
+            await engine.client.evalsha(script.sha, 2, *keys, counts, "t1", "t2")
+    assert await engine.client.evalsha(script.sha, 2, *keys, "1 1", "t1", "t2") == [1, 1]

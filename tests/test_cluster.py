@@ -188,6 +188,19 @@ def test_cluster_url_forms_are_equivalent(cluster: LocalCluster) -> None:
     assert pubsub_c is None  # one server: the client's own pub/sub
 
 
+async def test_a_call_serves_one_tenant_on_a_cluster(
+    spread: dict[int, str], make_budget: Callable[..., Budget]
+) -> None:
+    """The keys of one call must share a slot: off a cluster the tenants ready together share calls, here not."""
+    budget = make_budget()
+    assert budget.engine.tenants_per_call == 1
+    for tenant in spread.values():
+        await budget.set_limits(tenant, ["usd 1/hour"])
+    reservations = await asyncio.gather(*(budget.acquire(t, usd=0.1) for t in spread.values()))
+    assert [r.tenant for r in reservations] == list(spread.values())
+    await asyncio.gather(*(r.commit() for r in reservations))
+
+
 async def test_core_cycle_on_a_tenant_of_each_node(
     cluster: LocalCluster, spread: dict[int, str], make_budget: Callable[..., Budget], prefix: str
 ) -> None:

@@ -11,8 +11,8 @@ LIB = (Path(__file__).resolve().parent.parent / "lua" / "lib.lua").read_text()
 
 
 def test_the_lua_key_table_matches_keys_py() -> None:
-    table = LIB.split("local K = {", 1)[1].split("}", 1)[0]
-    lua = dict(re.findall(r"(\w+) = B \.\. ':(\w+)'", table))
+    table = LIB.split("local function tenant_keys(base)", 1)[1].split("}", 1)[0]
+    lua = dict(re.findall(r"(\w+) = base \.\. ':(\w+)'", table))
     assert lua == {
         "limits": keys.LIMITS,
         "agents": keys.AGENTS,
