@@ -9,6 +9,7 @@ for batched traffic.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import redis
@@ -50,8 +51,8 @@ async def load_job(
         sha = await client.script_load(TRIVIAL_BATCHED_LUA)
         key = f"trivial:{{{tenant}}}"
 
-        async def send(_: Any, key: str, args: list[Any]) -> Any:
-            return await client.evalsha(sha, 1, key, *args)
+        async def send(_: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
+            return await client.evalsha(sha, len(keys), *keys, *args)
 
         batcher = Batcher(send)
         script: Any = _TrivialRequest()
