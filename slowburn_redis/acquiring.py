@@ -243,7 +243,12 @@ class AcquireCall:
             joined = self._waiter is None
             if joined:
                 # Bounded by the deadline: a subscription that never confirms must not outlive the wait.
-                self._waiter = await bounded(self._hub.join(request.tenant), deadline, what="subscribing to wakes")
+                join = asyncio.ensure_future(self._hub.join(request.tenant))
+                try:
+                    self._waiter = await bounded(join, deadline, what="subscribing to wakes")
+                except BaseException:
+                    join.add_done_callback(self._forget_joined)
+                    raise
             assert self._waiter is not None
             self._waiter.ticket = self._ticket
             self._paused_at = asyncio.get_running_loop().time()
@@ -324,6 +329,16 @@ class AcquireCall:
         )
 
     # cleanup ------------------------------------------------------------------------
+
+    def _forget_joined(self, join: asyncio.Task[Waiter]) -> None:
+        """Leave the hub with the waiter of a join whose caller stopped waiting for it (cancelled, or cut).
+
+        A join can finish in the very turn its caller is cancelled: its waiter
+        is then in the hub with nobody to leave it, and `WakeHub.aclose`
+        would wait for it for ever.
+        """
+        if not join.cancelled() and join.exception() is None:
+            self._hub.leave(join.result())
 
     async def _clean_up(self) -> None:
         """Leave nothing behind: release an admission the caller never saw, give up the queue place."""

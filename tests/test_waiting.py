@@ -8,6 +8,7 @@ pub/sub path works, not a retry timer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -624,3 +625,26 @@ async def test_the_heartbeat_survives_an_unexpected_error_and_beats_again() -> N
                 await beater
     assert woken and len(calls) >= 2, calls
     assert [e["event"] for e in logs if e["log_level"] == "error"][:1] == ["heartbeat.error"]
+
+
+async def test_a_waiter_cancelled_as_its_subscription_completes_leaves_the_hub(budget: Budget) -> None:
+    """The join finishes in the very turn its caller is cancelled: its waiter must not stay behind (close hung)."""
+    await budget.set_limits(T, ["concurrency 1"])
+    holder = await budget.acquire(T)
+    hub = budget._hub
+    real_join = hub.join
+    caller: asyncio.Task[Any] | None = None
+
+    async def join_then_cancel_the_caller(tenant: str) -> Any:
+        waiter = await real_join(tenant)
+        assert caller is not None
+        caller.cancel()  # the caller is cancelled while this join completes
+        return waiter
+
+    hub.join = join_then_cancel_the_caller  # type: ignore[method-assign]
+    caller = asyncio.create_task(budget.acquire(T, timeout=30))
+    with contextlib.suppress(asyncio.CancelledError):
+        await caller
+    await eventually(lambda: hub.waiting == 0, what="the cancelled waiter gone from the hub")
+    await holder.release()
+    await asyncio.wait_for(budget.aclose(), 10)  # hung for ever while the waiter stayed behind
