@@ -145,9 +145,7 @@ class Batcher:
 
     @max_pipeline.setter
     def max_pipeline(self, size: int) -> None:
-        if not isinstance(size, int) or size < 1:
-            raise ValueError(f"max_pipeline (Engine.pipeline_size) must be a positive integer, not {size!r}")
-        self._max_pipeline = size
+        self._max_pipeline = _positive(size, "max_pipeline (Engine.pipeline_size)")
 
     @property
     def max_tenants(self) -> int:
@@ -156,9 +154,7 @@ class Batcher:
 
     @max_tenants.setter
     def max_tenants(self, count: int) -> None:
-        if not isinstance(count, int) or count < 1:
-            raise ValueError(f"max_tenants (Engine.tenants_per_call) must be a positive integer, not {count!r}")
-        self._max_tenants = count
+        self._max_tenants = _positive(count, "max_tenants (Engine.tenants_per_call)")
 
     async def call(self, script: Script, key: str, args: Sequence[Any]) -> Any:
         """Run one request of `script` on `key` (in a batch) and return its own reply."""
@@ -312,16 +308,16 @@ class Batcher:
             results = await self._send_calls(carried)
             # A call serving several tenants that failed on its own (a script error of one of them) goes out
             # again as one call per tenant, so each gets its own outcome (every batched script is idempotent).
-            apart = [
-                [batch]
-                for batches, result in zip(carried, results, strict=True)
-                if _shared_failure(batches, result)
-                for batch in batches
-            ]
+            kept: list[tuple[list[_Batch], Any]] = []
+            apart: list[list[_Batch]] = []
+            for batches, result in zip(carried, results, strict=True):
+                if len(batches) > 1 and isinstance(result, ResponseError):
+                    apart.extend([batch] for batch in batches)
+                else:
+                    kept.append((batches, result))
             if apart:
-                kept = [(b, r) for b, r in zip(carried, results, strict=True) if not _shared_failure(b, r)]
-                carried = [b for b, _ in kept] + apart
-                results = [r for _, r in kept] + await self._send_calls(apart)
+                carried = [batches for batches, _ in kept] + apart
+                results = [result for _, result in kept] + await self._send_calls(apart)
         except BaseException as exc:
             for _, batch in live:
                 _fail(batch, exc)
@@ -392,6 +388,13 @@ def _fail(batch: list[tuple[Sequence[Any], asyncio.Future[Any]]], exc: BaseExcep
             future.cancel()
 
 
+def _positive(value: int, name: str) -> int:
+    """`value` when it is a positive integer; else ValueError naming the setting `name`."""
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, not {value!r}")
+    return value
+
+
 def _call(batches: list[_Batch]) -> Call:
     """The wire call carrying `batches` (of one script): one tenant's KEYS and ARGV, or several (lib.lua "tenants")."""
     script = batches[0][0][0]
@@ -399,11 +402,6 @@ def _call(batches: list[_Batch]) -> Call:
     if len(batches) == 1:
         return script, (batches[0][0][1],), parts[0]
     return script, tuple(key for (_, key), _ in batches), tenants_args(parts)
-
-
-def _shared_failure(batches: list[_Batch], result: Any) -> bool:
-    """Whether `result` is the failure of a call serving several tenants, as Redis answered it."""
-    return len(batches) > 1 and isinstance(result, ResponseError)
 
 
 def _deliver_call(batches: list[_Batch], replies: Any) -> None:
